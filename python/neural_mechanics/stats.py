@@ -1,0 +1,156 @@
+"""Per-group statistics of a parameter tensor, its gradient and a velocity, in one fused pass.
+
+The reductions of THEORY.md §2: keep axis 0 of an (out, in, rest) view of the tensor (one group
+per row: the incoming weights of a unit, a channel before BatchNorm) or keep axis 1 in blocks of
+``block`` columns (the outgoing weights of a unit, translation columns, the column blocks of
+Conv -> Flatten -> Linear). The work runs in Rust, in parallel, without copying contiguous input.
+
+Behaviour on awkward input (each tested in tests/test_stats_errors.py):
+
+* dtypes float32, float64, float16 and bfloat16 are read; all arrays of one item share one dtype.
+  Anything else raises :class:`~neural_mechanics.errors.DTypeError` (a TypeError).
+* Shapes: a 0-d tensor, or a gradient / velocity whose shape differs from theta's, raises
+  :class:`~neural_mechanics.errors.ShapeError`; ``block`` with ``axis=0``, an ``axis`` other than
+  0 or 1, or a block that does not divide axis 1 raises
+  :class:`~neural_mechanics.errors.InvalidArgumentError`. Both are ValueErrors.
+* Non-contiguous input raises ShapeError (copying silently would hide a large cost), except
+  torch channels_last tensors with ``axis=0``, which are read without a copy (each row is still
+  one dense block).
+* Empty tensors: each group's sums are 0 (an empty array when there are no groups).
+* NaN or infinity: with ``check_finite=True`` (the default)
+  :class:`~neural_mechanics.errors.NonFiniteError` names the tensor, the group and the array;
+  with ``check_finite=False`` the affected groups' sums are NaN/inf, as numpy's would be.
+* CUDA tensors raise :class:`~neural_mechanics.errors.DeviceError`: reduce them on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import _native
+from .errors import DeviceError, DTypeError, InvalidArgumentError
+
+SUM_NAMES: tuple[str, ...] = tuple(_native.SUM_NAMES)
+_WIDTH_NAMES = {2: SUM_NAMES[:2], 5: SUM_NAMES[:5], 8: SUM_NAMES}
+
+
+def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool]:
+    """A numpy view of ``x`` (no copy) and whether it holds bfloat16 bits."""
+    if isinstance(x, np.ndarray):
+        return x, False
+    torch = _torch_if_tensor(x)
+    if torch is None:
+        raise DTypeError(f"{what}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise DeviceError(
+            f"{what} is on {x.device}; group_stats reads CPU memory. "
+            "Tracking reduces device tensors on the device itself."
+        )
+    t = x.detach()
+    if t.dim() == 4 and axis == 0 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        # Each output channel is still one dense block: a permuted view reads the same rows.
+        t = t.permute(0, 2, 3, 1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), True
+    if t.dtype not in (torch.float32, torch.float64, torch.float16):
+        raise DTypeError(f"{what}: unsupported dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
+    return t.numpy(), False
+
+
+def _torch_if_tensor(x: Any) -> Any:
+    mod = type(x).__module__
+    if not mod.startswith("torch"):
+        return None
+    import torch
+
+    return torch if isinstance(x, torch.Tensor) else None
+
+
+def _check_axis_block(axis: Any, block: Any) -> None:
+    for name, value in (("axis", axis), ("block", block)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InvalidArgumentError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _spec(theta: Any, grad: Any, velocity: Any, axis: int, block: int, index: int) -> tuple:
+    _check_axis_block(axis, block)
+    if velocity is not None and grad is None:
+        raise InvalidArgumentError(f"tensor {index}: a velocity needs a gradient too")
+    t, bf16 = _as_array(theta, f"tensor {index}: theta", axis)
+    arrays = [t]
+    for name, x in (("grad", grad), ("velocity", velocity)):
+        if x is None:
+            arrays.append(None)
+            continue
+        a, b = _as_array(x, f"tensor {index}: {name}", axis)
+        if b != bf16:
+            raise DTypeError(f"tensor {index}: {name} and theta differ in dtype (bfloat16 and another)")
+        arrays.append(a)
+    return (arrays[0], arrays[1], arrays[2], int(axis), int(block), bf16)
+
+
+def _to_dict(sums: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: sums[:, k] for k, name in enumerate(_WIDTH_NAMES[sums.shape[1]])}
+
+
+def group_stats(
+    theta: Any,
+    grad: Any = None,
+    velocity: Any = None,
+    *,
+    axis: int = 0,
+    block: int = 1,
+    check_finite: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-group sums of ``theta`` (and ``grad``, ``velocity``) in one pass.
+
+    Args:
+        theta: the parameter, a numpy array or CPU torch tensor (1-D is viewed as (n, 1, 1),
+            2-D as (out, in, 1), more dimensions as (out, in, rest)).
+        grad, velocity: arrays of theta's shape and dtype, or None. A velocity needs a grad.
+        axis: 0 keeps rows (one group per index of dim 0); 1 keeps columns of dim 1.
+        block: with ``axis=1``, the number of adjacent columns per group (must divide dim 1).
+        check_finite: raise NonFiniteError if a group's sums are not finite.
+
+    Returns:
+        A dict of float64 arrays of length ``groups``: ``sum_theta``, ``sumsq_theta``; with a
+        grad also ``sum_grad``, ``sumsq_grad``, ``dot_theta_grad``; with a velocity also
+        ``sumsq_velocity``, ``dot_theta_velocity``, ``dot_grad_velocity``.
+    """
+    spec = _spec(theta, grad, velocity, axis, block, 0)
+    (sums,) = _native.group_stats_batch([spec], check_finite)
+    return _to_dict(sums)
+
+
+def group_stats_batch(
+    items: Iterable[Mapping[str, Any] | Sequence[Any]],
+    *,
+    check_finite: bool = True,
+    as_arrays: bool = False,
+) -> list[Any]:
+    """Many tensors in one call (one release of the GIL, one parallel region).
+
+    Each item is a mapping with keys ``theta`` and optionally ``grad``, ``velocity``, ``axis``,
+    ``block``, or a tuple ``(theta, grad, velocity, axis, block)`` (trailing entries optional).
+    Returns one dict per item, as :func:`group_stats` does, or with ``as_arrays=True`` one
+    float64 array of shape (groups, sums) per item, columns in the order of ``SUM_NAMES``.
+    """
+    specs = []
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"theta", "grad", "velocity", "axis", "block"}
+            if unknown or "theta" not in item:
+                raise InvalidArgumentError(
+                    f"item {i}: needs key 'theta' and only theta/grad/velocity/axis/block, got {sorted(item)}"
+                )
+            args = (item["theta"], item.get("grad"), item.get("velocity"), item.get("axis", 0), item.get("block", 1))
+        else:
+            seq = tuple(item)
+            if not 1 <= len(seq) <= 5:
+                raise InvalidArgumentError(f"item {i}: expected (theta, grad, velocity, axis, block), got {len(seq)} entries")
+            args = seq + (None, None, 0, 1)[len(seq) - 1 :]
+        specs.append(_spec(*args, index=i))
+    results = _native.group_stats_batch(specs, check_finite)
+    return list(results) if as_arrays else [_to_dict(r) for r in results]

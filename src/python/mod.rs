@@ -1,0 +1,36 @@
+//! The thin pyo3 layer: numpy in, numpy out, the GIL released during the work, every core
+//! error mapped to one class of `neural_mechanics.errors`. Built only with the `python` feature.
+
+use crate::error::Error;
+use pyo3::prelude::*;
+
+mod stats;
+mod theory;
+
+/// Map a core error to the Python exception class of the same meaning (defined in Python so that
+/// each can subclass both NeuralMechanicsError and ValueError/TypeError).
+pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
+    let (class, message) = match err {
+        Error::Shape(m) => ("ShapeError", m),
+        Error::DType(m) => ("DTypeError", m),
+        Error::NonFinite(m) => ("NonFiniteError", m),
+        Error::InvalidArgument(m) => ("InvalidArgumentError", m),
+    };
+    let made = py
+        .import("neural_mechanics.errors")
+        .and_then(|module| module.getattr(class))
+        .and_then(|cls| cls.call1((message,)));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(import_failure) => import_failure,
+    }
+}
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    stats::register(m)?;
+    theory::register(m)?;
+    Ok(())
+}
