@@ -11,6 +11,8 @@ use rayon::ThreadPool;
 use std::sync::{Arc, Mutex};
 
 pub const ENV_VAR: &str = "NEURAL_MECHANICS_NUM_THREADS";
+/// More threads than this is a typo, not a machine: refuse before trying to start them.
+pub const MAX_THREADS: usize = 4096;
 
 struct PoolState {
     pid: u32,
@@ -25,9 +27,10 @@ static REQUESTED: Mutex<usize> = Mutex::new(0);
 fn default_threads() -> Result<usize> {
     if let Ok(text) = std::env::var(ENV_VAR) {
         return match text.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
             _ => Err(Error::InvalidArgument(format!(
-                "{ENV_VAR}={text:?} is not a positive integer"
+                "{ENV_VAR}={text:?} is not a thread count: give an integer from 1 to {MAX_THREADS} \
+                 (or unset it to use every core)"
             ))),
         };
     }
@@ -45,6 +48,11 @@ fn wanted_threads() -> Result<usize> {
 
 /// Set the pool size; 0 goes back to the default (environment variable, else the core count).
 pub fn set_num_threads(n: usize) -> Result<()> {
+    if n > MAX_THREADS {
+        return Err(Error::InvalidArgument(format!(
+            "set_num_threads({n}): at most {MAX_THREADS} threads (0 restores the default)"
+        )));
+    }
     *REQUESTED.lock().unwrap_or_else(|e| e.into_inner()) = n;
     // Validate now (a bad environment variable surfaces here rather than mid-training).
     wanted_threads().map(|_| ())

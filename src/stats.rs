@@ -84,6 +84,14 @@ impl Sums {
     }
 }
 
+/// A shape as Python prints it: (4, 6), (5,), ().
+pub fn fmt_shape(shape: &[usize]) -> String {
+    match shape {
+        [n] => format!("({n},)"),
+        _ => format!("({})", shape.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
 /// The (outer, groups, seg) view of a tensor; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -122,7 +130,8 @@ impl Layout {
             1 => {
                 if inner % block != 0 {
                     return Err(Error::InvalidArgument(format!(
-                        "block={block} does not divide axis 1 of shape {shape:?} (size {inner})"
+                        "block={block} does not divide axis 1 of shape {} (size {inner})",
+                        fmt_shape(shape)
                     )));
                 }
                 Ok(Layout { outer: out, groups: inner / block, seg: block * rest })
@@ -192,9 +201,18 @@ impl Item<'_> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The inner loops: one contiguous segment of 1, 2 or 3 arrays, accumulated into float64 sums.
-// Written as fixed-width lane arrays so that the compiler vectorises them; compiled twice, once
-// for the x86-64 baseline and once with AVX2+FMA, chosen at run time (wheels are generic).
+// The inner loops. Two shapes of work:
+// * segment kernels: one contiguous segment of 1, 2 or 3 arrays summed into float64 registers
+//   (rows, and column blocks whose segment is long). On x86-64 with AVX2+FMA (checked at run
+//   time: wheels are generic x86-64) these are the explicit kernels of `simd`; elsewhere the
+//   portable lane loops below.
+// * column kernels: when segments are short (a Linear's columns: segment length 1), one call per
+//   segment would cost more than the arithmetic. Instead each row of a tile of columns is added
+//   element-wise into per-column float64 accumulators (no reduction inside the loop, so it
+//   vectorises trivially), and the columns are folded into their groups at the end of the tile.
+
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 trait Real: Copy {
     fn f64(self) -> f64;
@@ -212,127 +230,6 @@ impl Real for f64 {
     }
 }
 
-#[inline(always)]
-fn lanes_sum<const W: usize>(a: &[f64; W]) -> f64 {
-    a.iter().sum()
-}
-
-#[inline(always)]
-fn pass1<E: Real, const W: usize>(t: &[E], out: &mut [f64]) {
-    let (mut s, mut ss) = ([0f64; W], [0f64; W]);
-    let tc = t.chunks_exact(W);
-    let tail = tc.remainder();
-    for tt in tc {
-        for l in 0..W {
-            let x = tt[l].f64();
-            s[l] += x;
-            ss[l] += x * x;
-        }
-    }
-    let (mut s0, mut s1) = (lanes_sum(&s), lanes_sum(&ss));
-    for x in tail {
-        let x = x.f64();
-        s0 += x;
-        s1 += x * x;
-    }
-    out[0] += s0;
-    out[1] += s1;
-}
-
-#[inline(always)]
-fn pass2<E: Real, const W: usize>(t: &[E], g: &[E], out: &mut [f64]) {
-    let g = &g[..t.len()];
-    let (mut st, mut stt, mut sg, mut sgg, mut stg) = ([0f64; W], [0f64; W], [0f64; W], [0f64; W], [0f64; W]);
-    let (tc, gc) = (t.chunks_exact(W), g.chunks_exact(W));
-    let (tt_tail, gg_tail) = (tc.remainder(), gc.remainder());
-    for (tt, gg) in tc.zip(gc) {
-        for l in 0..W {
-            let x = tt[l].f64();
-            let y = gg[l].f64();
-            st[l] += x;
-            stt[l] += x * x;
-            sg[l] += y;
-            sgg[l] += y * y;
-            stg[l] += x * y;
-        }
-    }
-    let mut r = [lanes_sum(&st), lanes_sum(&stt), lanes_sum(&sg), lanes_sum(&sgg), lanes_sum(&stg)];
-    for (x, y) in tt_tail.iter().zip(gg_tail) {
-        let (x, y) = (x.f64(), y.f64());
-        r[0] += x;
-        r[1] += x * x;
-        r[2] += y;
-        r[3] += y * y;
-        r[4] += x * y;
-    }
-    for k in 0..5 {
-        out[k] += r[k];
-    }
-}
-
-#[inline(always)]
-fn pass3<E: Real, const W: usize>(t: &[E], g: &[E], v: &[E], out: &mut [f64]) {
-    let n = t.len();
-    let (g, v) = (&g[..n], &v[..n]);
-    let mut acc = [[0f64; W]; 8];
-    let (tc, gc, vc) = (t.chunks_exact(W), g.chunks_exact(W), v.chunks_exact(W));
-    let start_tail = n - tc.remainder().len();
-    for ((tt, gg), vv) in tc.zip(gc).zip(vc) {
-        for l in 0..W {
-            let x = tt[l].f64();
-            let y = gg[l].f64();
-            let z = vv[l].f64();
-            acc[0][l] += x;
-            acc[1][l] += x * x;
-            acc[2][l] += y;
-            acc[3][l] += y * y;
-            acc[4][l] += x * y;
-            acc[5][l] += z * z;
-            acc[6][l] += x * z;
-            acc[7][l] += y * z;
-        }
-    }
-    let mut r = [0f64; 8];
-    for k in 0..8 {
-        r[k] = lanes_sum(&acc[k]);
-    }
-    for i in start_tail..n {
-        let (x, y, z) = (t[i].f64(), g[i].f64(), v[i].f64());
-        r[0] += x;
-        r[1] += x * x;
-        r[2] += y;
-        r[3] += y * y;
-        r[4] += x * y;
-        r[5] += z * z;
-        r[6] += x * z;
-        r[7] += y * z;
-    }
-    for k in 0..8 {
-        out[k] += r[k];
-    }
-}
-
-/// Lane widths: enough independent accumulators to hide the add latency, few enough to stay in
-/// the 16 vector registers (8 sums x 4 lanes of f64 = 8 registers of AVX2).
-const W1: usize = 8;
-const W2: usize = 8;
-const W3: usize = 4;
-
-#[inline(always)]
-fn pass_any<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, out: &mut [f64]) {
-    match (g, v) {
-        (None, _) => pass1::<E, W1>(t, out),
-        (Some(g), None) => pass2::<E, W2>(t, g, out),
-        (Some(g), Some(v)) => pass3::<E, W3>(t, g, v, out),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pass_avx2<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, out: &mut [f64]) {
-    pass_any(t, g, v, out)
-}
-
 #[inline]
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -340,6 +237,7 @@ fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static AVX2: OnceLock<bool> = OnceLock::new();
         *AVX2.get_or_init(|| {
+            // NEURAL_MECHANICS_NO_SIMD=1 forces the portable loops (for comparisons and tests).
             std::env::var_os("NEURAL_MECHANICS_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
@@ -351,16 +249,78 @@ fn has_avx2() -> bool {
     }
 }
 
-fn pass_float<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, out: &mut [f64]) {
+/// Portable segment kernel: W independent lanes per sum hide the add latency.
+const W: usize = 4;
+
+#[inline(always)]
+fn portable_pass<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, out: &mut [f64]) {
+    let n = t.len();
+    let k = out.len();
+    let whole = n - n % W;
+    let get = |a: Option<&[E]>, i: usize| a.map_or(0.0, |a| a[i].f64());
+    let add = |acc: &mut [f64; 8], x: f64, y: f64, z: f64| {
+        acc[0] += x;
+        acc[1] += x * x;
+        acc[2] += y;
+        acc[3] += y * y;
+        acc[4] += x * y;
+        acc[5] += z * z;
+        acc[6] += x * z;
+        acc[7] += y * z;
+    };
+    let mut lanes = [[0f64; 8]; W];
+    for i in (0..whole).step_by(W) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            add(lane, t[i + l].f64(), get(g, i + l), get(v, i + l));
+        }
+    }
+    let mut r = [0f64; 8];
+    for lane in &lanes {
+        for j in 0..8 {
+            r[j] += lane[j];
+        }
+    }
+    for i in whole..n {
+        add(&mut r, t[i].f64(), get(g, i), get(v, i));
+    }
+    for j in 0..k {
+        out[j] += r[j];
+    }
+}
+
+fn pass_f32(t: &[f32], g: Option<&[f32]>, v: Option<&[f32]>, out: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time above).
-        return unsafe { pass_avx2(t, g, v, out) };
+        unsafe {
+            match (g, v) {
+                (None, _) => simd::pass1(t, out),
+                (Some(g), None) => simd::pass2(t, g, out),
+                (Some(g), Some(v)) => simd::pass3(t, g, v, out),
+            }
+        }
+        return;
     }
-    pass_any(t, g, v, out)
+    portable_pass(t, g, v, out)
 }
 
-/// 16-bit inputs are widened to float32 a stack chunk at a time, then reduced as float32.
+fn pass_f64(t: &[f64], g: Option<&[f64]>, v: Option<&[f64]>, out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time above).
+        unsafe {
+            match (g, v) {
+                (None, _) => simd::pass1(t, out),
+                (Some(g), None) => simd::pass2(t, g, out),
+                (Some(g), Some(v)) => simd::pass3(t, g, v, out),
+            }
+        }
+        return;
+    }
+    portable_pass(t, g, v, out)
+}
+
+/// 16-bit inputs are widened to float32 this many elements at a time, then reduced as float32.
 const HALF_CHUNK: usize = 1024;
 
 fn widen(src: Data<'_>, dst: &mut [f32]) {
@@ -375,34 +335,52 @@ fn widen(src: Data<'_>, dst: &mut [f32]) {
     }
 }
 
+/// Float32 scratch for widening 16-bit input: 3 arrays of HALF_CHUNK (one allocation per task).
+struct Scratch(Vec<f32>);
+
+impl Scratch {
+    fn new(item: &Item<'_>) -> Scratch {
+        match item.theta {
+            Data::F16(_) | Data::BF16(_) => Scratch(vec![0f32; 3 * HALF_CHUNK]),
+            _ => Scratch(Vec::new()),
+        }
+    }
+
+    /// Widen [start, start + m) of each given array (m <= HALF_CHUNK) into the scratch.
+    fn widen3(&mut self, t: Data<'_>, g: Option<Data<'_>>, v: Option<Data<'_>>, m: usize) -> (&[f32], Option<&[f32]>, Option<&[f32]>) {
+        let (bt, rest) = self.0.split_at_mut(HALF_CHUNK);
+        let (bg, bv) = rest.split_at_mut(HALF_CHUNK);
+        widen(t, &mut bt[..m]);
+        if let Some(g) = g {
+            widen(g, &mut bg[..m]);
+        }
+        if let Some(v) = v {
+            widen(v, &mut bv[..m]);
+        }
+        (&bt[..m], g.map(|_| &bg[..m]), v.map(|_| &bv[..m]))
+    }
+}
+
 /// Accumulate one contiguous segment [start, end) of the item's arrays into `out`.
-fn reduce_segment(item: &Item<'_>, start: usize, end: usize, out: &mut [f64]) {
+fn reduce_segment(item: &Item<'_>, start: usize, end: usize, out: &mut [f64], scratch: &mut Scratch) {
     let t = item.theta.slice(start, end);
     let g = item.grad.map(|d| d.slice(start, end));
     let v = item.velocity.map(|d| d.slice(start, end));
     match t {
-        Data::F32(t) => pass_float(t, g.map(as_f32), v.map(as_f32), out),
-        Data::F64(t) => pass_float(t, g.map(as_f64), v.map(as_f64), out),
+        Data::F32(t) => pass_f32(t, g.map(as_f32), v.map(as_f32), out),
+        Data::F64(t) => pass_f64(t, g.map(as_f64), v.map(as_f64), out),
         Data::F16(_) | Data::BF16(_) => {
-            let mut bufs = [[0f32; HALF_CHUNK]; 3];
             let n = end - start;
             let mut at = 0;
             while at < n {
                 let m = HALF_CHUNK.min(n - at);
-                let [bt, bg, bv] = &mut bufs;
-                widen(t.slice(at, at + m), &mut bt[..m]);
-                if let Some(g) = g {
-                    widen(g.slice(at, at + m), &mut bg[..m]);
-                }
-                if let Some(v) = v {
-                    widen(v.slice(at, at + m), &mut bv[..m]);
-                }
-                pass_float(
-                    &bt[..m],
-                    g.map(|_| &bg[..m]),
-                    v.map(|_| &bv[..m]),
-                    out,
+                let (bt, bg, bv) = scratch.widen3(
+                    t.slice(at, at + m),
+                    g.map(|d| d.slice(at, at + m)),
+                    v.map(|d| d.slice(at, at + m)),
+                    m,
                 );
+                pass_f32(bt, bg, bv, out);
                 at += m;
             }
         }
@@ -420,6 +398,112 @@ fn as_f64<'a>(d: Data<'a>) -> &'a [f64] {
     match d {
         Data::F64(s) => s,
         _ => unreachable!("dtypes were validated to match"),
+    }
+}
+
+/// Segments shorter than this are reduced by the column kernels.
+const SHORT_SEG: usize = 32;
+/// Columns per tile of the column kernels: 8 accumulators x TILE f64 = 16 KiB stays in L1.
+const TILE: usize = 256;
+
+/// Per-column accumulators of one tile: `acc[j][c]` is sum j of column c of the tile.
+type ColAcc = [[f64; TILE]; 8];
+
+#[inline(always)]
+fn columns_portable<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mut ColAcc) {
+    let n = t.len();
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    let (a0, a1) = (&mut a0[..n], &mut a1[..n]);
+    match (g, v) {
+        (None, _) => {
+            for c in 0..n {
+                let x = t[c].f64();
+                a0[c] += x;
+                a1[c] += x * x;
+            }
+        }
+        (Some(g), None) => {
+            let g = &g[..n];
+            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
+            for c in 0..n {
+                let (x, y) = (t[c].f64(), g[c].f64());
+                a0[c] += x;
+                a1[c] += x * x;
+                a2[c] += y;
+                a3[c] += y * y;
+                a4[c] += x * y;
+            }
+        }
+        (Some(g), Some(v)) => {
+            let (g, v) = (&g[..n], &v[..n]);
+            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
+            let (a5, a6, a7) = (&mut a5[..n], &mut a6[..n], &mut a7[..n]);
+            for c in 0..n {
+                let (x, y, z) = (t[c].f64(), g[c].f64(), v[c].f64());
+                a0[c] += x;
+                a1[c] += x * x;
+                a2[c] += y;
+                a3[c] += y * y;
+                a4[c] += x * y;
+                a5[c] += z * z;
+                a6[c] += x * z;
+                a7[c] += y * z;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns_avx2<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mut ColAcc) {
+    columns_portable(t, g, v, acc)
+}
+
+fn columns<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mut ColAcc) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { columns_avx2(t, g, v, acc) };
+    }
+    columns_portable(t, g, v, acc)
+}
+
+/// Column kernel over one task (rows task.outer, all groups): adds each group's sums to
+/// `partial` (groups x k). Tiles, rows and the fold run in a fixed order.
+fn reduce_columns(item: &Item<'_>, task: &Task, partial: &mut [f64], scratch: &mut Scratch) {
+    let k = item.width();
+    let Layout { groups, seg, .. } = item.layout;
+    let row_len = groups * seg;
+    let mut acc: Box<ColAcc> = Box::new([[0f64; TILE]; 8]);
+    let mut c0 = 0;
+    while c0 < row_len {
+        let c1 = (c0 + TILE).min(row_len);
+        let m = c1 - c0;
+        for a in acc.iter_mut() {
+            a[..m].fill(0.0);
+        }
+        for o in task.outer.0..task.outer.1 {
+            let (s, e) = (o * row_len + c0, o * row_len + c1);
+            let t = item.theta.slice(s, e);
+            let g = item.grad.map(|d| d.slice(s, e));
+            let v = item.velocity.map(|d| d.slice(s, e));
+            match t {
+                Data::F32(t) => columns(t, g.map(as_f32), v.map(as_f32), &mut acc),
+                Data::F64(t) => columns(t, g.map(as_f64), v.map(as_f64), &mut acc),
+                Data::F16(_) | Data::BF16(_) => {
+                    // TILE <= HALF_CHUNK: one widening per row of the tile.
+                    let (bt, bg, bv) = scratch.widen3(t, g, v, m);
+                    columns(bt, bg, bv, &mut acc)
+                }
+            }
+        }
+        for c in c0..c1 {
+            let row = &mut partial[(c / seg) * k..(c / seg + 1) * k];
+            for (j, r) in row.iter_mut().enumerate() {
+                *r += acc[j][c - c0];
+            }
+        }
+        c0 = c1;
     }
 }
 
@@ -489,14 +573,20 @@ fn plan(items: &[Item<'_>]) -> Vec<Task> {
 fn run_task(items: &[Item<'_>], task: &Task) -> Vec<f64> {
     let item = &items[task.item];
     let k = item.width();
-    let Layout { groups, seg, .. } = item.layout;
+    let Layout { outer, groups, seg } = item.layout;
     let (g0, g1) = task.groups;
     let mut partial = vec![0f64; (g1 - g0) * k];
+    let mut scratch = Scratch::new(item);
+    if outer > 1 && seg < SHORT_SEG {
+        // Column tasks always cover all groups (see `plan`).
+        reduce_columns(item, task, &mut partial, &mut scratch);
+        return partial;
+    }
     for o in task.outer.0..task.outer.1 {
         for g in g0..g1 {
             let base = (o * groups + g) * seg;
             let out = &mut partial[(g - g0) * k..(g - g0 + 1) * k];
-            reduce_segment(item, base + task.seg.0, base + task.seg.1, out);
+            reduce_segment(item, base + task.seg.0, base + task.seg.1, out, &mut scratch);
         }
     }
     partial
@@ -508,6 +598,8 @@ pub fn group_stats_batch(items: &[Item<'_>]) -> Result<Vec<Vec<f64>>> {
     for (i, item) in items.iter().enumerate() {
         item.validate(i)?;
     }
+    // A bad NEURAL_MECHANICS_NUM_THREADS fails every call, not only the large ones.
+    pool::num_threads()?;
     let tasks = plan(items);
     let total: usize = items.iter().map(|it| it.layout.len()).sum();
     let partials: Vec<Vec<f64>> = if total < PARALLEL_MIN_ELEMS || tasks.len() < 2 {
@@ -552,6 +644,70 @@ pub fn check_finite(items: &[Item<'_>], outputs: &[Vec<f64>]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bandwidth limit: a plain read of the same bytes, with the same pool and the same cut into
+// tasks, for benchmarks/bench_stats.py. Nothing is computed but a wrapping sum of 64-bit words,
+// which the compiler vectorises to one add per load, so this is as close to "memory speed" as a
+// reduction can be.
+
+/// Bytes per read task: the same order of size as a fused task over one f32 array.
+const READ_TASK_BYTES: usize = TASK_ELEMS * 4;
+
+#[inline(always)]
+fn read_words(bytes: &[u8]) -> u64 {
+    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { bytes.align_to::<u64>() };
+    let mut acc = [0u64; 16];
+    let chunks = words.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] = acc[l].wrapping_add(c[l]);
+        }
+    }
+    let mut s = acc.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    for &w in rest {
+        s = s.wrapping_add(w);
+    }
+    for &b in head.iter().chain(tail) {
+        s = s.wrapping_add(b as u64);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn read_words_avx2(bytes: &[u8]) -> u64 {
+    read_words(bytes)
+}
+
+fn read_chunk(bytes: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { read_words_avx2(bytes) };
+    }
+    read_words(bytes)
+}
+
+/// Read every byte of `buffers` once (in parallel above the same size threshold as
+/// [`group_stats_batch`]) and return a checksum, so that the reads cannot be optimised away.
+pub fn read_pass(buffers: &[&[u8]]) -> Result<u64> {
+    let mut chunks: Vec<&[u8]> = Vec::new();
+    for b in buffers {
+        chunks.extend(b.chunks(READ_TASK_BYTES));
+    }
+    let total: usize = buffers.iter().map(|b| b.len()).sum();
+    let sum = if total < PARALLEL_MIN_ELEMS * 4 || chunks.len() < 2 {
+        chunks.iter().fold(0u64, |a, c| a.wrapping_add(read_chunk(c)))
+    } else {
+        pool::pool()?.install(|| {
+            chunks.par_iter().map(|c| read_chunk(c)).reduce(|| 0, |a, b| a.wrapping_add(b))
+        })
+    };
+    Ok(sum)
 }
 
 #[cfg(test)]
@@ -732,5 +888,76 @@ mod tests {
         let out = group_stats_batch(&items).unwrap();
         let err = check_finite(&items, &out).unwrap_err();
         assert!(matches!(&err, Error::NonFinite(m) if m.contains("group 1") && m.contains("grad")), "{err}");
+    }
+
+    #[test]
+    fn column_kernel_16_bit_and_long_column_segments() {
+        // Short segments (column kernel, several tiles) and long ones (segment kernel) with
+        // every dtype and array count, against the f64 reference of the widened values.
+        for &(o, i, r, block) in &[(37usize, 700usize, 1usize, 1usize), (9, 6, 40, 2), (300, 20, 3, 5)] {
+            let n = o * i * r;
+            let layout = Layout::from_shape(&[o, i, r], 1, block).unwrap();
+            let raw: Vec<Vec<f64>> = (0..3).map(|s| random(n, 40 + s)).collect();
+            let h: Vec<Vec<half::f16>> = raw.iter().map(|v| v.iter().map(|&x| half::f16::from_f64(x)).collect()).collect();
+            let b: Vec<Vec<u16>> = raw.iter().map(|v| v.iter().map(|&x| half::bf16::from_f64(x).to_bits()).collect()).collect();
+            let f: Vec<Vec<f32>> = raw.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
+            for arrays in 1..=3 {
+                let exact = |conv: &dyn Fn(usize) -> Vec<f64>| (0..3).map(conv).collect::<Vec<_>>();
+                let cases: Vec<(Item, Vec<Vec<f64>>)> = vec![
+                    (
+                        Item { theta: Data::F16(&h[0]), grad: (arrays > 1).then_some(Data::F16(&h[1])), velocity: (arrays > 2).then_some(Data::F16(&h[2])), layout },
+                        exact(&|k| h[k].iter().map(|x| x.to_f64()).collect()),
+                    ),
+                    (
+                        Item { theta: Data::BF16(&b[0]), grad: (arrays > 1).then_some(Data::BF16(&b[1])), velocity: (arrays > 2).then_some(Data::BF16(&b[2])), layout },
+                        exact(&|k| b[k].iter().map(|&x| half::bf16::from_bits(x).to_f64()).collect()),
+                    ),
+                    (
+                        Item { theta: Data::F32(&f[0]), grad: (arrays > 1).then_some(Data::F32(&f[1])), velocity: (arrays > 2).then_some(Data::F32(&f[2])), layout },
+                        exact(&|k| f[k].iter().map(|&x| x as f64).collect()),
+                    ),
+                ];
+                for (item, vals) in cases {
+                    let refs: Vec<&[f64]> = vals.iter().map(|v| &v[..]).collect();
+                    let want = reference((o, i, r), 1, block, &refs[..arrays]);
+                    close(&group_stats(&item).unwrap(), &want, 1e-12);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_and_simd_kernels_agree() {
+        let t: Vec<f32> = random(1003, 5).iter().map(|&x| x as f32).collect();
+        let g: Vec<f32> = random(1003, 6).iter().map(|&x| x as f32).collect();
+        let v: Vec<f32> = random(1003, 7).iter().map(|&x| x as f32).collect();
+        for arrays in 1..=3 {
+            let k = Sums::count(arrays);
+            let (gs, vs) = ((arrays > 1).then_some(&g[..]), (arrays > 2).then_some(&v[..]));
+            let (mut a, mut b) = (vec![0f64; k], vec![0f64; k]);
+            portable_pass(&t, gs, vs, &mut a);
+            pass_f32(&t, gs, vs, &mut b);
+            close(&a, &b, 1e-14);
+        }
+    }
+
+    #[test]
+    fn read_pass_reads_every_byte() {
+        let bytes: Vec<u8> = (0..5_000_003u32).map(|i| (i * 7 + 3) as u8).collect();
+        // Wrapping sum of the 8-byte words plus the unaligned ends: compare with chunks read
+        // one at a time (same definition), and check that a change anywhere changes the sum.
+        let whole = read_pass(&[&bytes[..]]).unwrap();
+        let mut changed = bytes.clone();
+        changed[4_999_999] ^= 1;
+        assert_ne!(whole, read_pass(&[&changed[..]]).unwrap());
+        assert_eq!(read_pass(&[]).unwrap(), 0);
+        assert_eq!(read_pass(&[&[][..], &[1u8, 2][..]]).unwrap(), read_pass(&[&[1u8, 2][..]]).unwrap());
+    }
+
+    #[test]
+    fn shapes_print_like_python() {
+        assert_eq!(fmt_shape(&[4, 6]), "(4, 6)");
+        assert_eq!(fmt_shape(&[5]), "(5,)");
+        assert_eq!(fmt_shape(&[]), "()");
     }
 }

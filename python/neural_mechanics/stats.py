@@ -25,12 +25,13 @@ Behaviour on awkward input (each tested in tests/test_stats_errors.py):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import _native
-from .errors import DeviceError, DTypeError, InvalidArgumentError
+from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError
 
 SUM_NAMES: tuple[str, ...] = tuple(_native.SUM_NAMES)
 _WIDTH_NAMES = {2: SUM_NAMES[:2], 5: SUM_NAMES[:5], 8: SUM_NAMES}
@@ -39,6 +40,8 @@ _WIDTH_NAMES = {2: SUM_NAMES[:2], 5: SUM_NAMES[:5], 8: SUM_NAMES}
 def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool]:
     """A numpy view of ``x`` (no copy) and whether it holds bfloat16 bits."""
     if isinstance(x, np.ndarray):
+        if not x.flags.aligned:
+            raise ShapeError(f"{what} is not aligned in memory for its dtype; pass np.require(x, requirements='CA')")
         return x, False
     torch = _torch_if_tensor(x)
     if torch is None:
@@ -48,15 +51,21 @@ def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool]:
             f"{what} is on {x.device}; group_stats reads CPU memory. "
             "Tracking reduces device tensors on the device itself."
         )
+    if x.layout != torch.strided:
+        raise ShapeError(f"{what}: a {x.layout} tensor has no dense memory to read; pass tensor.to_dense()")
     t = x.detach()
     if t.dim() == 4 and axis == 0 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         # Each output channel is still one dense block: a permuted view reads the same rows.
         t = t.permute(0, 2, 3, 1)
     if t.dtype == torch.bfloat16:
+        # numpy has no bfloat16: pass the bits (a view, no copy); Rust widens them.
         return t.view(torch.int16).numpy().view(np.uint16), True
     if t.dtype not in (torch.float32, torch.float64, torch.float16):
         raise DTypeError(f"{what}: unsupported dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
-    return t.numpy(), False
+    try:
+        return t.numpy(), False
+    except (TypeError, RuntimeError) as e:  # e.g. a tensor subclass numpy cannot see through
+        raise DTypeError(f"{what}: cannot read this tensor's memory ({e})") from None
 
 
 def _torch_if_tensor(x: Any) -> Any:
@@ -69,9 +78,21 @@ def _torch_if_tensor(x: Any) -> Any:
 
 
 def _check_axis_block(axis: Any, block: Any) -> None:
+    # Checked here (not only in Rust) so that odd Python values (bool, float, 2**70) give an
+    # InvalidArgumentError instead of a TypeError/OverflowError from the argument conversion.
     for name, value in (("axis", axis), ("block", block)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise InvalidArgumentError(f"{name} must be a non-negative integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    if axis not in (0, 1):
+        raise InvalidArgumentError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    if not 1 <= block < 2**62:
+        raise InvalidArgumentError(f"block must be a positive integer, got {block!r}")
+
+
+def _check_flag(check_finite: Any) -> bool:
+    if not isinstance(check_finite, (bool, np.bool_)):
+        raise InvalidArgumentError(f"check_finite must be True or False, got {check_finite!r}")
+    return bool(check_finite)
 
 
 def _spec(theta: Any, grad: Any, velocity: Any, axis: int, block: int, index: int) -> tuple:
@@ -119,6 +140,7 @@ def group_stats(
         grad also ``sum_grad``, ``sumsq_grad``, ``dot_theta_grad``; with a velocity also
         ``sumsq_velocity``, ``dot_theta_velocity``, ``dot_grad_velocity``.
     """
+    check_finite = _check_flag(check_finite)
     spec = _spec(theta, grad, velocity, axis, block, 0)
     (sums,) = _native.group_stats_batch([spec], check_finite)
     return _to_dict(sums)
@@ -137,6 +159,9 @@ def group_stats_batch(
     Returns one dict per item, as :func:`group_stats` does, or with ``as_arrays=True`` one
     float64 array of shape (groups, sums) per item, columns in the order of ``SUM_NAMES``.
     """
+    check_finite = _check_flag(check_finite)
+    if isinstance(items, (np.ndarray, str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise DTypeError(f"items must be a list of (theta, grad, velocity, axis, block) or of dicts, got {type(items).__name__}")
     specs = []
     for i, item in enumerate(items):
         if isinstance(item, Mapping):
@@ -146,11 +171,13 @@ def group_stats_batch(
                     f"item {i}: needs key 'theta' and only theta/grad/velocity/axis/block, got {sorted(item)}"
                 )
             args = (item["theta"], item.get("grad"), item.get("velocity"), item.get("axis", 0), item.get("block", 1))
-        else:
+        elif isinstance(item, (tuple, list)):
             seq = tuple(item)
             if not 1 <= len(seq) <= 5:
                 raise InvalidArgumentError(f"item {i}: expected (theta, grad, velocity, axis, block), got {len(seq)} entries")
             args = seq + (None, None, 0, 1)[len(seq) - 1 :]
+        else:
+            raise DTypeError(f"item {i}: expected a tuple (theta, grad, velocity, axis, block) or a dict, got {type(item).__name__}")
         specs.append(_spec(*args, index=i))
     results = _native.group_stats_batch(specs, check_finite)
     return list(results) if as_arrays else [_to_dict(r) for r in results]

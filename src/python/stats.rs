@@ -5,7 +5,7 @@ use crate::error::Error;
 use crate::pool;
 use crate::stats::{self, Data, Item, Layout, Sums};
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 /// A borrowed, read-only numpy array of one of the element types the kernels read.
@@ -43,6 +43,18 @@ impl<'py> Held<'py> {
             Held::F16(a) => a.is_c_contiguous(),
             Held::BF16(a) => a.is_c_contiguous(),
         };
+        let (addr, align) = match &held {
+            Held::F32(a) => (a.data() as usize, 4),
+            Held::F64(a) => (a.data() as usize, 8),
+            Held::F16(a) => (a.data() as usize, 2),
+            Held::BF16(a) => (a.data() as usize, 2),
+        };
+        if addr % align != 0 {
+            // A slice of misaligned elements is undefined behaviour in Rust: refuse it.
+            return Err(Error::Shape(format!(
+                "{what} is not aligned in memory for its dtype; pass an aligned copy (np.require(x, requirements='CA'))"
+            )));
+        }
         if !contiguous {
             // as_slice() also accepts Fortran order, whose rows are not our rows: refuse.
             return Err(Error::Shape(format!(
@@ -110,8 +122,9 @@ fn group_stats_batch<'py>(
                     return Err(to_pyerr(
                         py,
                         Error::Shape(format!(
-                            "tensor {i}: {name} has shape {:?} but theta has shape {shape:?}",
-                            o.shape()
+                            "tensor {i}: {name} has shape {} but theta has shape {}",
+                            stats::fmt_shape(&o.shape()),
+                            stats::fmt_shape(&shape)
                         )),
                     ));
                 }
@@ -150,6 +163,24 @@ fn group_stats_batch<'py>(
         .collect()
 }
 
+/// read_pass(buffers)
+/// --
+///
+/// Read every byte of each buffer (1-D C-contiguous uint8 arrays, e.g. ``a.reshape(-1).view(np.uint8)``)
+/// once, with the same thread pool and task size as group_stats_batch, and return a checksum.
+/// The bandwidth limit that benchmarks/bench_stats.py compares the fused kernel with.
+#[pyfunction]
+fn read_pass(py: Python<'_>, buffers: Vec<PyReadonlyArray1<'_, u8>>) -> PyResult<u64> {
+    let mut slices = Vec::with_capacity(buffers.len());
+    for (i, b) in buffers.iter().enumerate() {
+        let s = b.as_slice().map_err(|_| {
+            to_pyerr(py, Error::Shape(format!("buffer {i} is not contiguous")))
+        })?;
+        slices.push(s);
+    }
+    py.detach(|| stats::read_pass(&slices)).map_err(|e| to_pyerr(py, e))
+}
+
 /// Set the size of the private thread pool; 0 restores the default
 /// (NEURAL_MECHANICS_NUM_THREADS, else the number of cores).
 #[pyfunction]
@@ -166,6 +197,7 @@ fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SUM_NAMES", Sums::NAMES.to_vec())?;
     m.add_function(wrap_pyfunction!(group_stats_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     Ok(())

@@ -1,0 +1,188 @@
+//! Explicit AVX2+FMA row kernels (x86-64 only, chosen at run time by `super::pass_float`).
+//!
+//! Why explicit: auto-vectorisation of the multi-accumulator loop was fragile (PERF_NOTES.md;
+//! the generic version measured ~2 GB/s in cache here, i.e. scalar). These kernels widen 4
+//! inputs at a time to float64 (`vcvtps2pd ymm, m128`: the load is folded into the conversion),
+//! accumulate with FMA into float64 lanes, and keep every accumulator in a register:
+//!   1 array:  2 sums x 4 unrolled vectors = 8 accumulators, 16 elements per iteration;
+//!   2 arrays: 5 sums x 2 = 10 accumulators, 8 elements per iteration;
+//!   3 arrays: 8 sums x 1 = 8 accumulators, 4 elements per iteration.
+//! Products of float32 inputs are exact in float64, so the only rounding is in the additions.
+//! The lane order of the final horizontal sums is fixed, so results depend only on the segment
+//! boundaries (which the plan fixes independently of the thread count).
+
+use std::arch::x86_64::*;
+
+/// An element type that loads as 4 float64 lanes.
+pub(super) trait Lanes: Copy {
+    /// # Safety
+    /// `p` must point at 4 readable elements and the CPU must support AVX2.
+    unsafe fn load4(p: *const Self) -> __m256d;
+    fn to_f64(self) -> f64;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> __m256d {
+        _mm256_cvtps_pd(_mm_loadu_ps(p))
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Lanes for f64 {
+    #[inline(always)]
+    unsafe fn load4(p: *const f64) -> __m256d {
+        _mm256_loadu_pd(p)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Horizontal sum in a fixed order: (l0 + l1) + (l2 + l3).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256d) -> f64 {
+    let mut a = [0f64; 4];
+    // SAFETY: `a` holds 4 f64.
+    unsafe { _mm256_storeu_pd(a.as_mut_ptr(), v) };
+    (a[0] + a[1]) + (a[2] + a[3])
+}
+
+/// Σθ, Σθ² of one contiguous segment, added to out[0..2].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pass1<E: Lanes>(t: &[E], out: &mut [f64]) {
+    let n = t.len();
+    let p = t.as_ptr();
+    let z = _mm256_setzero_pd();
+    let (mut s0, mut s1, mut s2, mut s3) = (z, z, z, z);
+    let (mut q0, mut q1, mut q2, mut q3) = (z, z, z, z);
+    let mut i = 0;
+    while i + 16 <= n {
+        let a = E::load4(p.add(i));
+        let b = E::load4(p.add(i + 4));
+        let c = E::load4(p.add(i + 8));
+        let d = E::load4(p.add(i + 12));
+        s0 = _mm256_add_pd(s0, a);
+        q0 = _mm256_fmadd_pd(a, a, q0);
+        s1 = _mm256_add_pd(s1, b);
+        q1 = _mm256_fmadd_pd(b, b, q1);
+        s2 = _mm256_add_pd(s2, c);
+        q2 = _mm256_fmadd_pd(c, c, q2);
+        s3 = _mm256_add_pd(s3, d);
+        q3 = _mm256_fmadd_pd(d, d, q3);
+        i += 16;
+    }
+    let s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
+    let q = _mm256_add_pd(_mm256_add_pd(q0, q1), _mm256_add_pd(q2, q3));
+    let (mut r0, mut r1) = (hsum(s), hsum(q));
+    for x in &t[i..] {
+        let x = x.to_f64();
+        r0 += x;
+        r1 += x * x;
+    }
+    out[0] += r0;
+    out[1] += r1;
+}
+
+/// Σθ, Σθ², Σĝ, Σĝ², Σθĝ of one contiguous segment, added to out[0..5].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pass2<E: Lanes>(t: &[E], g: &[E], out: &mut [f64]) {
+    let n = t.len();
+    let g = &g[..n];
+    let (tp, gp) = (t.as_ptr(), g.as_ptr());
+    let z = _mm256_setzero_pd();
+    let (mut a0, mut a1, mut a2, mut a3, mut a4) = (z, z, z, z, z);
+    let (mut b0, mut b1, mut b2, mut b3, mut b4) = (z, z, z, z, z);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = E::load4(tp.add(i));
+        let y = E::load4(gp.add(i));
+        a0 = _mm256_add_pd(a0, x);
+        a1 = _mm256_fmadd_pd(x, x, a1);
+        a2 = _mm256_add_pd(a2, y);
+        a3 = _mm256_fmadd_pd(y, y, a3);
+        a4 = _mm256_fmadd_pd(x, y, a4);
+        let x = E::load4(tp.add(i + 4));
+        let y = E::load4(gp.add(i + 4));
+        b0 = _mm256_add_pd(b0, x);
+        b1 = _mm256_fmadd_pd(x, x, b1);
+        b2 = _mm256_add_pd(b2, y);
+        b3 = _mm256_fmadd_pd(y, y, b3);
+        b4 = _mm256_fmadd_pd(x, y, b4);
+        i += 8;
+    }
+    let mut r = [
+        hsum(_mm256_add_pd(a0, b0)),
+        hsum(_mm256_add_pd(a1, b1)),
+        hsum(_mm256_add_pd(a2, b2)),
+        hsum(_mm256_add_pd(a3, b3)),
+        hsum(_mm256_add_pd(a4, b4)),
+    ];
+    for (x, y) in t[i..].iter().zip(&g[i..]) {
+        let (x, y) = (x.to_f64(), y.to_f64());
+        r[0] += x;
+        r[1] += x * x;
+        r[2] += y;
+        r[3] += y * y;
+        r[4] += x * y;
+    }
+    for k in 0..5 {
+        out[k] += r[k];
+    }
+}
+
+/// The eight sums of (θ, ĝ, v) of one contiguous segment, added to out[0..8].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pass3<E: Lanes>(t: &[E], g: &[E], v: &[E], out: &mut [f64]) {
+    let n = t.len();
+    let (g, v) = (&g[..n], &v[..n]);
+    let (tp, gp, vp) = (t.as_ptr(), g.as_ptr(), v.as_ptr());
+    let mut a = [_mm256_setzero_pd(); 8];
+    let mut i = 0;
+    while i + 4 <= n {
+        let x = E::load4(tp.add(i));
+        let y = E::load4(gp.add(i));
+        let w = E::load4(vp.add(i));
+        a[0] = _mm256_add_pd(a[0], x);
+        a[1] = _mm256_fmadd_pd(x, x, a[1]);
+        a[2] = _mm256_add_pd(a[2], y);
+        a[3] = _mm256_fmadd_pd(y, y, a[3]);
+        a[4] = _mm256_fmadd_pd(x, y, a[4]);
+        a[5] = _mm256_fmadd_pd(w, w, a[5]);
+        a[6] = _mm256_fmadd_pd(x, w, a[6]);
+        a[7] = _mm256_fmadd_pd(y, w, a[7]);
+        i += 4;
+    }
+    let mut r = [0f64; 8];
+    for k in 0..8 {
+        r[k] = hsum(a[k]);
+    }
+    for j in i..n {
+        let (x, y, w) = (t[j].to_f64(), g[j].to_f64(), v[j].to_f64());
+        r[0] += x;
+        r[1] += x * x;
+        r[2] += y;
+        r[3] += y * y;
+        r[4] += x * y;
+        r[5] += w * w;
+        r[6] += x * w;
+        r[7] += y * w;
+    }
+    for k in 0..8 {
+        out[k] += r[k];
+    }
+}
