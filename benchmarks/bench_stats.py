@@ -157,7 +157,7 @@ def fmt_ms(s: float) -> str:
     return f"{s * 1e3:.3f}" if s < 0.01 else f"{s * 1e3:.1f}"
 
 
-def run_set(set_name: str, threads: int, rounds: int) -> list[str]:
+def run_set(set_name: str, threads: int, rounds: int, skip: list[str]) -> list[str]:
     shapes = SETS[set_name]()
     pairs = make_tensors(shapes)
     nbytes = sum(t.numel() * t.element_size() * 2 for t, _ in pairs)
@@ -171,6 +171,7 @@ def run_set(set_name: str, threads: int, rounds: int) -> list[str]:
         "torch": lambda: torch_best(pairs),
         "numpy": lambda: numpy_best(npairs),
     }
+    contenders = {k: v for k, v in contenders.items() if k not in skip}
     inner = 1 if nbytes > 50e6 else 20
     err = check_agreement(pairs)
     gc.collect()
@@ -184,7 +185,7 @@ def run_set(set_name: str, threads: int, rounds: int) -> list[str]:
         extra = ""
         if name == "fused":
             extra = f"{med['read pass'] / med['fused']:.2f} of read-pass bandwidth"
-        elif name != "read pass":
+        elif name != "read pass" and "fused" in med:
             extra = f"fused is {ratio:.1f}x faster"
         else:
             extra = "bandwidth limit"
@@ -207,6 +208,8 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="5 rounds (a smoke run)")
+    ap.add_argument("--skip", nargs="*", choices=["torch", "numpy"], default=[],
+                    help="leave these contenders out (for tuning runs)")
     args = ap.parse_args()
     rounds = 5 if args.quick else args.rounds
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -219,7 +222,7 @@ def main() -> None:
     rows = []
     for set_name in args.sets:
         for threads in args.threads:
-            rows += run_set(set_name, threads, rounds)
+            rows += run_set(set_name, threads, rounds, args.skip)
     print("\n".join(header + rows))
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
     print("reproduce: unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE; python3 benchmarks/bench_stats.py "

@@ -285,3 +285,10 @@ def test_fuzz_only_library_errors(theta, grad, velocity, axis, block):
             call()
         except NeuralMechanicsError as e:
             assert str(e), "errors carry a message"
+
+
+def test_channels_last_theta_with_contiguous_grad():
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    with raises(ShapeError, ValueError, "memory format", "channels_last"):
+        nm.group_stats(w, torch.randn(8, 4, 3, 3), axis=0)
+    nm.group_stats(w, torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last), axis=0)

@@ -25,6 +25,8 @@ Behaviour on awkward input (each tested in tests/test_stats_errors.py):
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,44 +39,45 @@ SUM_NAMES: tuple[str, ...] = tuple(_native.SUM_NAMES)
 _WIDTH_NAMES = {2: SUM_NAMES[:2], 5: SUM_NAMES[:5], 8: SUM_NAMES}
 
 
-def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool]:
-    """A numpy view of ``x`` (no copy) and whether it holds bfloat16 bits."""
+_TORCH_FLOATS: dict[Any, bool] = {}  # torch dtype -> holds bfloat16, filled on first use
+
+
+def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool, bool]:
+    """A numpy view of ``x`` (no copy), whether it holds bfloat16 bits, and whether it is a
+    channels_last tensor read as (out, kh, kw, in). Kept lean: it runs for every tensor at every
+    training step (a few microseconds per tensor)."""
     if isinstance(x, np.ndarray):
         if not x.flags.aligned:
             raise ShapeError(f"{what} is not aligned in memory for its dtype; pass np.require(x, requirements='CA')")
-        return x, False
-    torch = _torch_if_tensor(x)
-    if torch is None:
+        return x, False, False
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor):
         raise DTypeError(f"{what}: expected a numpy array or a torch tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
+    if not _TORCH_FLOATS:
+        _TORCH_FLOATS.update({torch.float32: False, torch.float64: False, torch.float16: False, torch.bfloat16: True})
+    if not x.is_cpu:
         raise DeviceError(
             f"{what} is on {x.device}; group_stats reads CPU memory. "
             "Tracking reduces device tensors on the device itself."
         )
     if x.layout != torch.strided:
         raise ShapeError(f"{what}: a {x.layout} tensor has no dense memory to read; pass tensor.to_dense()")
+    bf16 = _TORCH_FLOATS.get(x.dtype)
+    if bf16 is None:
+        raise DTypeError(f"{what}: unsupported dtype {x.dtype}; expected float32, float64, float16 or bfloat16")
     t = x.detach()
-    if t.dim() == 4 and axis == 0 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    permuted = False
+    if axis == 0 and t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         # Each output channel is still one dense block: a permuted view reads the same rows.
         t = t.permute(0, 2, 3, 1)
-    if t.dtype == torch.bfloat16:
-        # numpy has no bfloat16: pass the bits (a view, no copy); Rust widens them.
-        return t.view(torch.int16).numpy().view(np.uint16), True
-    if t.dtype not in (torch.float32, torch.float64, torch.float16):
-        raise DTypeError(f"{what}: unsupported dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
+        permuted = True
     try:
-        return t.numpy(), False
+        if bf16:
+            # numpy has no bfloat16: pass the bits (a view, no copy); Rust widens them.
+            return t.view(torch.int16).numpy().view(np.uint16), True, permuted
+        return t.numpy(), False, permuted
     except (TypeError, RuntimeError) as e:  # e.g. a tensor subclass numpy cannot see through
         raise DTypeError(f"{what}: cannot read this tensor's memory ({e})") from None
-
-
-def _torch_if_tensor(x: Any) -> Any:
-    mod = type(x).__module__
-    if not mod.startswith("torch"):
-        return None
-    import torch
-
-    return torch if isinstance(x, torch.Tensor) else None
 
 
 def _check_axis_block(axis: Any, block: Any) -> None:
@@ -99,15 +102,21 @@ def _spec(theta: Any, grad: Any, velocity: Any, axis: int, block: int, index: in
     _check_axis_block(axis, block)
     if velocity is not None and grad is None:
         raise InvalidArgumentError(f"tensor {index}: a velocity needs a gradient too")
-    t, bf16 = _as_array(theta, f"tensor {index}: theta", axis)
+    t, bf16, permuted = _as_array(theta, f"tensor {index}: theta", axis)
     arrays = [t]
     for name, x in (("grad", grad), ("velocity", velocity)):
         if x is None:
             arrays.append(None)
             continue
-        a, b = _as_array(x, f"tensor {index}: {name}", axis)
+        a, b, p = _as_array(x, f"tensor {index}: {name}", axis)
         if b != bf16:
             raise DTypeError(f"tensor {index}: {name} and theta differ in dtype (bfloat16 and another)")
+        if p != permuted:
+            # The dot products pair elements by memory position: both must use one memory format.
+            raise ShapeError(
+                f"tensor {index}: {name} and theta differ in memory format (channels_last and contiguous); "
+                "make them match, e.g. .contiguous(memory_format=torch.channels_last) on both"
+            )
         arrays.append(a)
     return (arrays[0], arrays[1], arrays[2], int(axis), int(block), bf16)
 
