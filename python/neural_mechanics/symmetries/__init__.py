@@ -1,0 +1,14 @@
+"""Symmetry discovery: which parameter groups of a model carry a translation, scale or rescale
+symmetry (THEORY.md section 2), read from the model's real dataflow.
+
+- ``trace.py``: records the op-level dataflow of one forward pass (meta device first).
+- ``graph.py``: the graph of values and calls.
+- ``propagate.py``: follows a perturbation of one layer's output to where it is absorbed.
+- ``discover.py``: ``find_symmetries``, the groups from the absorbed perturbations.
+- ``groups.py``: ``SymmetryGroup``, ``Symmetries``, ``declare`` (groups by hand, validated).
+"""
+
+from .discover import find_symmetries
+from .groups import Symmetries, SymmetryGroup, check_index, declare
+
+__all__ = ["SymmetryGroup", "Symmetries", "find_symmetries", "declare", "check_index"]
