@@ -1,0 +1,103 @@
+//! The per-group loops: element-wise kernels over `groups`-long slices, run on the crate's
+//! private pool in chunks when there are many groups (below [`PARALLEL_MIN_GROUPS`] the
+//! dispatch costs more than it saves). Each element's arithmetic is the same whatever the
+//! chunking, so results are bit-identical for any thread count.
+
+use crate::error::Result;
+use crate::pool;
+use rayon::prelude::*;
+
+/// Below this many groups a call runs on the calling thread.
+pub(crate) const PARALLEL_MIN_GROUPS: usize = 16_384;
+/// Groups per parallel task (32 KiB per array: a task's working set stays in L2).
+const CHUNK: usize = 4_096;
+
+/// Run `kernel(inputs, outputs)` over all `groups` (every slice is `groups` long), cutting the
+/// slices into chunks for the pool when there are many groups. Returns the AND of the kernel's
+/// results (the kernels return false when they produced a non-finite value).
+pub(crate) fn run<const NI: usize, const NO: usize, K>(
+    groups: usize,
+    inputs: [&[f64]; NI],
+    outputs: [&mut [f64]; NO],
+    kernel: K,
+) -> Result<bool>
+where
+    K: Fn([&[f64]; NI], [&mut [f64]; NO]) -> bool + Sync,
+{
+    if groups < PARALLEL_MIN_GROUPS {
+        return Ok(kernel(inputs, outputs));
+    }
+    let mut jobs = Vec::with_capacity(groups.div_ceil(CHUNK));
+    let mut rest = outputs;
+    let mut start = 0;
+    while start < groups {
+        let len = CHUNK.min(groups - start);
+        let ins: [&[f64]; NI] = std::array::from_fn(|i| &inputs[i][start..start + len]);
+        let outs: [&mut [f64]; NO] = std::array::from_fn(|i| {
+            let (head, tail) = std::mem::take(&mut rest[i]).split_at_mut(len);
+            rest[i] = tail;
+            head
+        });
+        jobs.push((ins, outs));
+        start += len;
+    }
+    let pool = pool::pool()?;
+    Ok(pool.install(|| jobs.into_par_iter().map(|(i, o)| kernel(i, o)).reduce(|| true, |a, b| a && b)))
+}
+
+/// Values below the smallest normal float are set to zero: a decaying charge or rate would
+/// otherwise crawl through subnormals (100x slower arithmetic) on its way to 0.
+#[inline(always)]
+pub(crate) fn flush(x: f64) -> f64 {
+    if x.abs() < f64::MIN_POSITIVE {
+        0.0
+    } else {
+        x
+    }
+}
+
+/// True when every value is finite (x − x is 0 for finite x and NaN otherwise; an OR of
+/// comparisons still vectorises).
+#[inline(always)]
+pub(crate) fn all_finite(a: &[f64]) -> bool {
+    !a.iter().fold(false, |bad, &x| bad | ((x - x) != 0.0))
+}
+
+/// In place over the state (y, v) with a read-only input d: (y, v) ← f(y, v, d). Returns false
+/// if a result is not finite.
+#[inline(always)]
+pub(crate) fn update2<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64]) -> bool
+where
+    F: Fn(f64, f64, f64) -> (f64, f64),
+{
+    let n = y.len();
+    let (d, v) = (&d[..n], &mut v[..n]);
+    let mut bad = false;
+    for i in 0..n {
+        let (a, b) = f(y[i], v[i], d[i]);
+        y[i] = a;
+        v[i] = b;
+        bad |= (a - a) != 0.0 || (b - b) != 0.0;
+    }
+    !bad
+}
+
+/// As [`update2`], also writing the new y to `out` (the array handed back to the caller, so
+/// that no separate copy pass is needed).
+#[inline(always)]
+pub(crate) fn update3<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64], out: &mut [f64]) -> bool
+where
+    F: Fn(f64, f64, f64) -> (f64, f64),
+{
+    let n = y.len();
+    let (d, v, out) = (&d[..n], &mut v[..n], &mut out[..n]);
+    let mut bad = false;
+    for i in 0..n {
+        let (a, b) = f(y[i], v[i], d[i]);
+        y[i] = a;
+        v[i] = b;
+        out[i] = a;
+        bad |= (a - a) != 0.0 || (b - b) != 0.0;
+    }
+    !bad
+}

@@ -1,0 +1,305 @@
+//! THEORY.md §5.1 and §5.2: the paper's closed forms, advanced one step at a time with the
+//! exact propagators of [`super::propagator`].
+//!
+//! Conventions (stated once, see docs/theory.md): the state after n steps is (y_n, ẏ_n) at time
+//! t_n = Σ_{k<n} h_k, h_k = η_k(1−d_k) with momentum and h_k = η_k without. The drive of step n
+//! is held constant over [t_n, t_{n+1}]: without momentum it is |ĝ_n|² (the integrand
+//! η_n|ĝ_n|² of §5.1); with momentum |b_n|², the buffer after step n (f_n = 2|b_n|²/(1−d_n)²).
+//! For rescale, both are differences of the two sides (A1 − A2). Translation has no drive.
+
+use super::chunks::{self, flush};
+use super::propagator::{self, Step};
+use super::{check_finite, check_len, Hyper, Kind, Schedule};
+use crate::error::{Error, Result};
+
+/// Streaming state of the closed forms: O(groups) memory, one [`PaperState::step`] per
+/// optimizer step.
+#[derive(Clone, Debug)]
+pub struct PaperState {
+    kind: Kind,
+    // Updated in place (a double buffer would cost a third more memory traffic); the drive is
+    // checked before anything is written, so a bad drive leaves the state as it was.
+    y: Vec<f64>,
+    v: Vec<f64>,
+    /// Translation has no drive: the kernels read this (zeros, under a zero coefficient).
+    zeros: Vec<f64>,
+    steps: usize,
+    t: f64,
+    /// Fixed by the first step: Some(true) with momentum, Some(false) without.
+    momentum: Option<bool>,
+    /// The last hyperparameters and their step coefficients (a constant schedule computes the
+    /// propagator once).
+    cache: Option<(Hyper, Step)>,
+}
+
+impl PaperState {
+    /// y0: the charges at step 0; ydot0: ẏ(0) (None = 0, the paper's start; only meaningful
+    /// with momentum, see THEORY.md §5.2 for its value when a buffer already exists).
+    pub fn new(kind: Kind, y0: &[f64], ydot0: Option<&[f64]>) -> Result<PaperState> {
+        let groups = y0.len();
+        check_finite("y0", y0, groups)?;
+        let v = match ydot0 {
+            Some(v) => {
+                check_len("ydot0", v, 1, groups)?;
+                check_finite("ydot0", v, groups)?;
+                v.to_vec()
+            }
+            None => vec![0.0; groups],
+        };
+        Ok(PaperState {
+            kind,
+            y: y0.to_vec(),
+            v,
+            zeros: if kind.is_quadratic() { Vec::new() } else { vec![0.0; groups] },
+            steps: 0,
+            t: 0.0,
+            momentum: None,
+            cache: None,
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    pub fn groups(&self) -> usize {
+        self.y.len()
+    }
+    /// The current charges y_n.
+    pub fn y(&self) -> &[f64] {
+        &self.y
+    }
+    /// The current rate ẏ_n (per unit of t). Without momentum: the right-hand side of the
+    /// first-order ODE at the end of the last step (with that step's drive).
+    pub fn ydot(&self) -> &[f64] {
+        &self.v
+    }
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+    /// The model time t_n.
+    pub fn time(&self) -> f64 {
+        self.t
+    }
+
+    /// Advance one step. `drive`: (groups,), required for scale/rescale, ignored for
+    /// translation. Returns y_{n+1}.
+    pub fn step(&mut self, drive: Option<&[f64]>, hp: Hyper) -> Result<&[f64]> {
+        self.step_into(drive, hp, None)?;
+        Ok(&self.y)
+    }
+
+    /// [`PaperState::step`], also writing y_{n+1} to `out` (groups,) in the same pass.
+    ///
+    /// Errors from the arguments (hyperparameters, shapes, a non-finite drive) leave the state
+    /// unchanged. A finite drive whose result overflows float64 (charges near 1e308) is reported
+    /// as NonFinite after the update: the state is then non-finite and the stream is spent.
+    pub fn step_into(&mut self, drive: Option<&[f64]>, hp: Hyper, out: Option<&mut [f64]>) -> Result<()> {
+        hp.validate(Some(self.steps))?;
+        let with_momentum = hp.momentum > 0.0;
+        match self.momentum {
+            Some(m) if m != with_momentum => {
+                return Err(Error::InvalidArgument(format!(
+                    "momentum must stay zero or stay positive over a run: step {} has momentum {} \
+                     after steps {} momentum; the closed forms of §5.1 and §5.2 do not chain",
+                    self.steps,
+                    hp.momentum,
+                    if m { "with" } else { "without" }
+                )))
+            }
+            None if !with_momentum && self.v.iter().any(|&v| v != 0.0) => {
+                return Err(Error::InvalidArgument(
+                    "ydot0 applies only with momentum (the first-order model has no rate state)".into(),
+                ))
+            }
+            _ => {}
+        }
+        let step = match self.cache {
+            Some((cached, step)) if cached == hp => step,
+            _ => {
+                let step = propagator::step_for(self.kind, hp)?;
+                self.cache = Some((hp, step));
+                step
+            }
+        };
+        let groups = self.y.len();
+        let drive: &[f64] = if self.kind.is_quadratic() {
+            let d = drive.ok_or_else(|| {
+                Error::InvalidArgument(format!("a drive is required for {} charges", self.kind.name()))
+            })?;
+            check_len("drive", d, 1, groups)?;
+            d
+        } else {
+            &[]
+        };
+        if let Some(o) = &out {
+            check_len("out", o, 1, groups)?;
+        }
+        if self.kind.is_quadratic() {
+            let finite = chunks::run(groups, [drive], [], |[d], []| chunks::all_finite(d))?;
+            if !finite {
+                return check_finite("drive", drive, groups);
+            }
+        }
+        let drive = if self.kind.is_quadratic() { drive } else { &self.zeros };
+        let ok = advance(&step, drive, &mut self.y, &mut self.v, out)?;
+        self.momentum = Some(with_momentum);
+        self.steps += 1;
+        self.t += step.h;
+        if !ok {
+            return Err(Error::NonFinite(format!(
+                "the closed form overflowed at step {} (charges too large for float64)",
+                self.steps - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One step for every group, in place: (y, ẏ) → (y', ẏ'), y' also written to `out` if given.
+/// Returns false if a result is not finite.
+fn advance(step: &Step, drive: &[f64], y: &mut [f64], v: &mut [f64], out: Option<&mut [f64]>) -> Result<bool> {
+    let s = *step;
+    let groups = y.len();
+    // The two updates of the module documentation of `propagator`; subnormals are flushed.
+    let second = move |y: f64, v: f64, d: f64| {
+        let r = s.cf * d - s.w2 * y;
+        (flush(y + s.g * v + s.p * r), flush(s.gp * v + s.g * r))
+    };
+    let first = move |y: f64, _v: f64, d: f64| {
+        let r = s.cf * d - s.w2 * y;
+        let y1 = flush(y + s.p * r);
+        (y1, flush(s.cf * d - s.w2 * y1))
+    };
+    match (s.first_order, out) {
+        (false, None) => chunks::run(groups, [drive], [y, v], |[d], [y, v]| chunks::update2(second, d, y, v)),
+        (true, None) => chunks::run(groups, [drive], [y, v], |[d], [y, v]| chunks::update2(first, d, y, v)),
+        (false, Some(o)) => chunks::run(groups, [drive], [y, v, o], |[d], [y, v, o]| chunks::update3(second, d, y, v, o)),
+        (true, Some(o)) => chunks::run(groups, [drive], [y, v, o], |[d], [y, v, o]| chunks::update3(first, d, y, v, o)),
+    }
+}
+
+/// The batch form: every step of a run at once. `drive`: (steps, groups) row-major, required
+/// for scale/rescale (None for translation). Returns (steps+1, groups) row-major, row 0 = y0.
+/// Runs the streaming state step by step, so both forms agree to the last bit.
+pub fn paper(kind: Kind, y0: &[f64], ydot0: Option<&[f64]>, drive: Option<&[f64]>, schedule: &Schedule) -> Result<Vec<f64>> {
+    let groups = y0.len();
+    let steps = schedule.steps();
+    let drive = if kind.is_quadratic() {
+        let d = drive.ok_or_else(|| Error::InvalidArgument(format!("a drive is required for {} charges", kind.name())))?;
+        check_len("drive", d, steps, groups)?;
+        check_finite("drive", d, groups)?;
+        Some(d)
+    } else {
+        None
+    };
+    if steps > 0 {
+        let first = schedule.at(0).momentum > 0.0;
+        if let Some(n) = (1..steps).find(|&n| (schedule.at(n).momentum > 0.0) != first) {
+            return Err(Error::InvalidArgument(format!(
+                "momentum must be all zero or all positive over the run (step 0: {}, step {n}: {})",
+                schedule.at(0).momentum,
+                schedule.at(n).momentum
+            )));
+        }
+    }
+    let mut state = PaperState::new(kind, y0, ydot0)?;
+    let mut out = vec![0.0; (steps + 1) * groups];
+    out[..groups].copy_from_slice(y0);
+    for (n, row_out) in out.chunks_exact_mut(groups.max(1)).skip(1).enumerate().take(steps) {
+        let row = drive.map(|d| &d[n * groups..(n + 1) * groups]);
+        state.step_into(row, schedule.at(n), Some(row_out))?;
+    }
+    if groups == 0 {
+        out.clear();
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ten_million_steps_reach_the_fixed_point() {
+        // lr 0.1, β 0.99, λ 1e-3, constant |b|² = D: y → f/ω² = (2D/(1−d)²)·h(1+β)/(4λ).
+        // Two scale groups and one rescale-like negative drive; translation decays to exactly 0.
+        let hp = Hyper::new(0.1, 0.99, 0.0, 1e-3);
+        let drive = [0.3, 2.5e-4, 7.0];
+        let mut s = PaperState::new(Kind::Scale, &[1.0, 50.0, 0.0], None).unwrap();
+        let mut tr = PaperState::new(Kind::Translation, &[3.0, -1e-300], Some(&[0.5, 0.0])).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..10_000_000 {
+            s.step(Some(&drive), hp).unwrap();
+            tr.step(None, hp).unwrap();
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        for (i, &d) in drive.iter().enumerate() {
+            let target = 2.0 * d * 0.1 * 1.99 / (4.0 * 1e-3);
+            let rel = (s.y()[i] - target).abs() / target;
+            assert!(rel <= 1e-12, "group {i}: {} vs {target} ({rel:e})", s.y()[i]);
+            assert!(s.ydot()[i].abs() <= 1e-12 * target, "rate {}", s.ydot()[i]);
+        }
+        // Everything that decays reaches 0 through normal numbers only (flushed), no NaN.
+        for &x in tr.y().iter().chain(tr.ydot()) {
+            assert!(x == 0.0, "translation did not decay to 0: {x}");
+        }
+        for &x in s.y().iter().chain(s.ydot()) {
+            assert!(x == 0.0 || x.is_normal(), "{x}");
+        }
+        // 2·10⁷ group-steps of 5 groups: well under a second without subnormal slowdowns;
+        // the bound is loose because the machine is shared.
+        assert!(elapsed < 20.0, "10^7 steps took {elapsed} s");
+        assert_eq!(s.steps(), 10_000_000);
+    }
+
+    #[test]
+    fn batch_equals_stream_bitwise_with_schedule() {
+        let steps = 50;
+        let groups = 5;
+        let lr: Vec<f64> = (0..steps).map(|n| if n < 10 { 0.01 * (n + 1) as f64 } else { 0.1 / (1 + n / 20) as f64 }).collect();
+        let drive: Vec<f64> = (0..steps * groups).map(|i| ((i * 7919) % 13) as f64 * 0.01).collect();
+        let y0 = [1.0, 2.0, 0.5, 3.0, 0.1];
+        let (m, d, w) = ([0.9], [0.2], [5e-3]);
+        let sched = Schedule::new(steps, &lr, &m, &d, &w).unwrap();
+        let batch = paper(Kind::Scale, &y0, None, Some(&drive), &sched).unwrap();
+        let mut st = PaperState::new(Kind::Scale, &y0, None).unwrap();
+        for n in 0..steps {
+            let y = st.step(Some(&drive[n * groups..(n + 1) * groups]), sched.at(n)).unwrap();
+            assert_eq!(y, &batch[(n + 1) * groups..(n + 2) * groups]);
+        }
+    }
+
+    #[test]
+    fn errors_leave_the_state_alone() {
+        let mut st = PaperState::new(Kind::Scale, &[1.0, 2.0], None).unwrap();
+        let hp = Hyper::new(0.1, 0.9, 0.0, 1e-3);
+        st.step(Some(&[0.1, 0.2]), hp).unwrap();
+        let before = st.y().to_vec();
+        assert!(matches!(st.step(Some(&[f64::NAN, 0.2]), hp), Err(Error::NonFinite(_))));
+        assert!(matches!(st.step(Some(&[0.1]), hp), Err(Error::Shape(_))));
+        assert!(matches!(st.step(Some(&[0.1, 0.2]), Hyper::new(-0.1, 0.9, 0.0, 0.0)), Err(Error::InvalidArgument(_))));
+        assert!(matches!(st.step(Some(&[0.1, 0.2]), Hyper::new(0.1, 1.0, 0.0, 0.0)), Err(Error::InvalidArgument(_))));
+        assert!(matches!(st.step(Some(&[0.1, 0.2]), Hyper::new(0.1, 0.0, 0.0, 0.0)), Err(Error::InvalidArgument(_))));
+        assert_eq!(st.y(), &before[..]);
+        assert_eq!(st.steps(), 1);
+    }
+
+    #[test]
+    fn many_groups_run_in_parallel_identically() {
+        let groups = 40_000;
+        let y0: Vec<f64> = (0..groups).map(|i| 1.0 + (i % 17) as f64).collect();
+        let drive: Vec<f64> = (0..groups).map(|i| 0.01 * (i % 5) as f64).collect();
+        let hp = Hyper::new(0.05, 0.9, 0.1, 5e-4);
+        let mut big = PaperState::new(Kind::Rescale, &y0, None).unwrap();
+        for _ in 0..3 {
+            big.step(Some(&drive), hp).unwrap();
+        }
+        for i in [0, 4095, 4096, 17_000, groups - 1] {
+            let mut one = PaperState::new(Kind::Rescale, &y0[i..i + 1], None).unwrap();
+            for _ in 0..3 {
+                one.step(Some(&drive[i..i + 1]), hp).unwrap();
+            }
+            assert_eq!(one.y()[0], big.y()[i]);
+        }
+    }
+}
