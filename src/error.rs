@@ -17,6 +17,12 @@ pub enum Error {
     /// Any other argument out of its domain: negative learning rate, momentum >= 1, ...
     #[error("{0}")]
     InvalidArgument(String),
+    /// A saved run that is truncated, corrupted, foreign or from a newer format (ValueError).
+    #[error("{0}")]
+    Format(String),
+    /// The operating system refused a read or write (OSError in Python).
+    #[error("{0}")]
+    Io(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -33,6 +33,14 @@ class DeviceError(NeuralMechanicsError, ValueError):
     """A tensor on a device this code path does not handle."""
 
 
+class RunFormatError(NeuralMechanicsError, ValueError):
+    """A saved run that is truncated, corrupted, not a run file, or from a newer format."""
+
+
+class RunIOError(NeuralMechanicsError, OSError):
+    """The operating system refused to read or write a saved run."""
+
+
 __all__ = [
     "NeuralMechanicsError",
     "ShapeError",
@@ -41,4 +49,6 @@ __all__ = [
     "InvalidArgumentError",
     "NothingToTrackError",
     "DeviceError",
+    "RunFormatError",
+    "RunIOError",
 ]

@@ -12,10 +12,19 @@ where the magnitude is √|A|·|θ_A| (translation), |θ_A|² (scale), |θ_A1|²
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import _native
+from .errors import RunFormatError
+
+FILE_KIND = "neural-mechanics run"
 
 # Per-step columns stored for every recorded row, one float64 value per group.
 STEP_COLUMNS = ("measured", "paper", "exact", "grad_sq", "update_sq", "flux", "update_sum", "magnitude", "residual")
@@ -46,16 +55,47 @@ class GroupInfo:
         )
 
 
+class _Rows:
+    """Recorded rows in preallocated blocks: steps (n,), time (n,), and (n, groups) per column."""
+
+    NAMES = ("lr", *STEP_COLUMNS)
+
+    def __init__(self, groups: int, capacity: int = 64):
+        self.groups = groups
+        self.n = 0
+        self.steps = np.empty(capacity, dtype=np.int64)
+        self.time = np.empty(capacity, dtype=np.float64)
+        self.cols = {c: np.empty((capacity, groups)) for c in self.NAMES}
+
+    def append(self, step: int, time: float, row: dict[str, Any]) -> None:
+        if self.n == len(self.steps):
+            self._grow(2 * len(self.steps))
+        i = self.n
+        self.steps[i], self.time[i] = step, time
+        for c in self.NAMES:
+            self.cols[c][i] = row[c]  # a copy: callers may reuse their arrays
+        self.n += 1
+
+    def _grow(self, capacity: int) -> None:
+        self.steps = np.resize(self.steps, capacity)
+        self.time = np.resize(self.time, capacity)
+        for c in self.NAMES:
+            grown = np.empty((capacity, self.groups))
+            grown[: self.n] = self.cols[c][: self.n]
+            self.cols[c] = grown
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"steps": self.steps[: self.n], "time": self.time[: self.n]}
+        out.update({c: self.cols[c][: self.n] for c in self.NAMES})
+        return out
+
+
 @dataclass
 class Run:
     """Measured charges and theory per group per recorded step; see the module docstring."""
 
     groups: GroupInfo
     optimizer: str = ""
-    steps: list[int] = field(default_factory=list)
-    time: list[float] = field(default_factory=list)
-    lr: list[np.ndarray] = field(default_factory=list)  # per group (mixed param_groups differ)
-    columns: dict[str, list[np.ndarray]] = field(default_factory=lambda: {c: [] for c in STEP_COLUMNS})
     # layer notes: (symmetry, layer) -> why the paper column is NaN there
     paper_notes: dict[tuple[str, str], str] = field(default_factory=dict)
     exact_note: str = ""
@@ -63,14 +103,37 @@ class Run:
     skipped: dict[str, str] = field(default_factory=dict)  # parameter or group -> reason
     notes: list[str] = field(default_factory=list)
     final: dict[str, Any] | None = None  # the row n = N, refreshed by the tracker
+    # Bounded memory: at most `max_rows_in_memory` rows live in memory; older rows move to chunk
+    # files (the saved-run format) in `spill_dir` (a temporary folder if None).
+    max_rows_in_memory: int | None = None
+    spill_dir: str | None = None
+    chunks: list[str] = field(default_factory=list)  # chunk files, oldest first
+
+    def __post_init__(self) -> None:
+        cap = 64 if self.max_rows_in_memory is None else max(1, self.max_rows_in_memory)
+        self._mem = _Rows(len(self.groups), min(cap, 1024) if self.max_rows_in_memory is None else cap)
+
+    @staticmethod
+    def rows_for_memory(groups: int, limit_bytes: int) -> int:
+        """How many rows of ``groups`` groups fit in ``limit_bytes`` of live memory."""
+        return max(1, int(limit_bytes) // (max(groups, 1) * len(_Rows.NAMES) * 8 + 16))
 
     # -- recording ---------------------------------------------------------------------------
     def append(self, step: int, time: float, lr: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        self.steps.append(int(step))
-        self.time.append(float(time))
-        self.lr.append(np.asarray(lr, dtype=np.float64))
-        for c in STEP_COLUMNS:
-            self.columns[c].append(np.asarray(values[c], dtype=np.float64))
+        self._mem.append(int(step), float(time), dict(values, lr=lr))
+        if self.max_rows_in_memory is not None and self._mem.n >= self.max_rows_in_memory:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Move the in-memory rows to a new chunk file (the same format as a saved run)."""
+        if self.spill_dir is None:
+            self.spill_dir = tempfile.mkdtemp(prefix="nmrun-spill-")
+        os.makedirs(self.spill_dir, exist_ok=True)
+        path = os.path.join(self.spill_dir, f"chunk-{len(self.chunks):06d}.nmrun")
+        arrays = [(k, np.ascontiguousarray(v)) for k, v in self._mem.arrays().items()]
+        _native.save_run(path, json.dumps({"kind": FILE_KIND + " chunk"}), arrays)
+        self.chunks.append(path)
+        self._mem.n = 0
 
     def note_regime(self, symmetry: str, regime: str) -> None:
         seen = self.regimes.setdefault(symmetry, [])
@@ -80,21 +143,23 @@ class Run:
     # -- views -------------------------------------------------------------------------------
     def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """(steps, time, lr, columns) with the final row appended, as 2-D arrays (rows, groups)."""
-        steps = list(self.steps)
-        time = list(self.time)
-        lr = list(self.lr)
-        cols = {c: list(v) for c, v in self.columns.items()}
-        if self.final is not None and (not steps or self.final["step"] > steps[-1]):
-            steps.append(self.final["step"])
-            time.append(self.final["time"])
+        blocks = [dict(_native.load_run(chunk)[1]) for chunk in self.chunks]
+        blocks.append(self._mem.arrays())
+        last = self._last_step()
+        if self.final is not None and (last is None or self.final["step"] > last):
             n = len(self.groups)
-            lr.append(np.full(n, np.nan))
-            for c in STEP_COLUMNS:
-                cols[c].append(np.asarray(self.final.get(c, np.full(n, np.nan)), dtype=np.float64))
-        n = len(self.groups)
-        as2d = {c: (np.vstack(v) if v else np.zeros((0, n))) for c, v in cols.items()}
-        lr2 = np.vstack(lr) if lr else np.zeros((0, n))
-        return np.asarray(steps, dtype=np.int64), np.asarray(time, dtype=np.float64), lr2, as2d
+            final = {c: np.asarray(self.final.get(c, np.full(n, np.nan)), dtype=np.float64)[None, :] for c in STEP_COLUMNS}
+            final.update(steps=np.array([self.final["step"]]), time=np.array([self.final["time"]]), lr=np.full((1, n), np.nan))
+            blocks.append(final)
+        cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("steps", "time", "lr", *STEP_COLUMNS)}
+        return cat["steps"], cat["time"], cat["lr"], {c: cat[c] for c in STEP_COLUMNS}
+
+    def _last_step(self) -> int | None:
+        if self._mem.n:
+            return int(self._mem.steps[self._mem.n - 1])
+        if self.chunks:
+            return int(dict(_native.load_run(self.chunks[-1])[1])["steps"][-1])
+        return None
 
     def array(self, column: str) -> np.ndarray:
         """One column as a (rows, groups) array, final row included."""
@@ -164,8 +229,42 @@ class Run:
             )
         return pd.DataFrame(rows)
 
+    # -- persistence -------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        g = self.groups
+        return {
+            "kind": FILE_KIND,
+            "optimizer": self.optimizer,
+            "groups": {
+                "symmetry": list(map(str, g.symmetry)),
+                "layer": list(map(str, g.layer)),
+                "index": [int(i) for i in g.index],
+                "label": list(map(str, g.label)),
+                "size": [int(i) for i in g.size],
+            },
+            "paper_notes": [[k[0], k[1], v] for k, v in self.paper_notes.items()],
+            "exact_note": self.exact_note,
+            "regimes": self.regimes,
+            "skipped": self.skipped,
+            "notes": self.notes,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the run to ``path`` atomically (a crash mid-save leaves any previous file intact).
+
+        One file (format version ``neural_mechanics._native.RUN_FORMAT_VERSION``, checksummed)
+        holding the groups, notes, hyperparameters per step and every column, final row
+        included. Reload with :func:`load_run`, in any process, without torch.
+        """
+        steps, time, lr, cols = self._rows()
+        arrays = [("steps", steps), ("time", time), ("lr", np.ascontiguousarray(lr))]
+        arrays += [(c, np.ascontiguousarray(cols[c])) for c in STEP_COLUMNS]
+        target = Path(path)
+        _native.save_run(os.fspath(target), json.dumps(self._meta()), arrays)
+        return target
+
     def __repr__(self) -> str:
-        n_rows = len(self.steps) + (self.final is not None)
+        n_rows = len(self.step_index)
         kinds = {k: int((self.groups.symmetry == k).sum()) for k in ("translation", "scale", "rescale")}
         return (
             f"Run({self.optimizer or 'optimizer'}, {len(self.groups)} groups "
@@ -176,3 +275,43 @@ class Run:
 def _nan_stat(fn: Any, a: np.ndarray) -> float:
     finite = a[np.isfinite(a)]
     return float(fn(finite)) if finite.size else float("nan")
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Load a run written by :meth:`Run.save`. Needs no torch.
+
+    Raises RunFormatError for a truncated, corrupted or foreign file (or one written by a newer
+    format version), RunIOError if it cannot be read.
+    """
+    meta_json, arrays = _native.load_run(os.fspath(path))
+    meta = json.loads(meta_json)
+    if meta.get("kind") != FILE_KIND:
+        raise RunFormatError(f"{path}: a neural-mechanics file, but not a run (kind {meta.get('kind')!r})")
+    data = dict(arrays)
+    missing = [c for c in ("steps", "time", "lr", *STEP_COLUMNS) if c not in data]
+    if missing:
+        raise RunFormatError(f"{path}: run file lacks the arrays {missing}")
+    g = meta["groups"]
+    groups = GroupInfo(
+        symmetry=np.array(g["symmetry"], dtype=object),
+        layer=np.array(g["layer"], dtype=object),
+        index=np.array(g["index"], dtype=np.int64),
+        label=np.array(g["label"], dtype=object),
+        size=np.array(g["size"], dtype=np.int64),
+    )
+    run = Run(
+        groups=groups,
+        optimizer=meta.get("optimizer", ""),
+        paper_notes={(a, b): c for a, b, c in meta.get("paper_notes", [])},
+        exact_note=meta.get("exact_note", ""),
+        regimes=meta.get("regimes", {}),
+        skipped=meta.get("skipped", {}),
+        notes=meta.get("notes", []),
+    )
+    mem = _Rows(len(groups), max(1, len(data["steps"])))
+    mem.n = len(data["steps"])
+    mem.steps[: mem.n], mem.time[: mem.n] = data["steps"], data["time"]
+    for c in _Rows.NAMES:
+        mem.cols[c][: mem.n] = data[c]
+    run._mem = mem
+    return run

@@ -4,6 +4,7 @@
 use crate::error::Error;
 use pyo3::prelude::*;
 
+mod runfile;
 mod stats;
 mod theory;
 
@@ -15,6 +16,8 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
         Error::DType(m) => ("DTypeError", m),
         Error::NonFinite(m) => ("NonFiniteError", m),
         Error::InvalidArgument(m) => ("InvalidArgumentError", m),
+        Error::Format(m) => ("RunFormatError", m),
+        Error::Io(m) => ("RunIOError", m),
     };
     let made = py
         .import("neural_mechanics.errors")
@@ -31,6 +34,7 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     stats::register(m)?;
+    runfile::register(m)?;
     theory::register(m)?;
     Ok(())
 }
