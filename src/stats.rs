@@ -409,12 +409,82 @@ const TILE: usize = 256;
 /// Per-column accumulators of one tile: `acc[j][c]` is sum j of column c of the tile.
 type ColAcc = [[f64; TILE]; 8];
 
+/// Rows added per sweep of the column accumulators: each accumulator is loaded and stored once
+/// per ROWS rows instead of once per row (the load/store traffic, not the arithmetic, bounds
+/// this kernel).
+const ROWS: usize = 4;
+
+/// Up to ROWS rows (equal lengths) of θ and optionally ĝ, v; unused rows are empty slices.
+struct RowSet<'a, E> {
+    t: [&'a [E]; ROWS],
+    g: Option<[&'a [E]; ROWS]>,
+    v: Option<[&'a [E]; ROWS]>,
+    rows: usize,
+}
+
 #[inline(always)]
-fn columns_portable<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mut ColAcc) {
+fn columns_portable<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
+    let n = r.t[0].len();
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    let (a0, a1) = (&mut a0[..n], &mut a1[..n]);
+    if r.rows < ROWS {
+        // The last rows of a task: one at a time.
+        for j in 0..r.rows {
+            let one = RowSet {
+                t: [r.t[j]; ROWS],
+                g: r.g.map(|g| [g[j]; ROWS]),
+                v: r.v.map(|v| [v[j]; ROWS]),
+                rows: ROWS,
+            };
+            columns_one(&one, [&mut *a0, &mut *a1, &mut a2[..n], &mut a3[..n], &mut a4[..n], &mut a5[..n], &mut a6[..n], &mut a7[..n]]);
+        }
+        return;
+    }
+    let [t0, t1, t2, t3] = r.t.map(|x| &x[..n]);
+    match (r.g, r.v) {
+        (None, _) => {
+            for c in 0..n {
+                let (x0, x1, x2, x3) = (t0[c].f64(), t1[c].f64(), t2[c].f64(), t3[c].f64());
+                a0[c] += (x0 + x1) + (x2 + x3);
+                a1[c] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+            }
+        }
+        (Some(g), None) => {
+            let [g0, g1, g2, g3] = g.map(|x| &x[..n]);
+            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
+            for c in 0..n {
+                let (x0, x1, x2, x3) = (t0[c].f64(), t1[c].f64(), t2[c].f64(), t3[c].f64());
+                let (y0, y1, y2, y3) = (g0[c].f64(), g1[c].f64(), g2[c].f64(), g3[c].f64());
+                a0[c] += (x0 + x1) + (x2 + x3);
+                a1[c] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+                a2[c] += (y0 + y1) + (y2 + y3);
+                a3[c] += (y0 * y0 + y1 * y1) + (y2 * y2 + y3 * y3);
+                a4[c] += (x0 * y0 + x1 * y1) + (x2 * y2 + x3 * y3);
+            }
+        }
+        (Some(_), Some(_)) => {
+            // Three arrays: 8 sums x 4 rows of inputs exceed the registers; one row at a time.
+            let one = |j: usize| RowSet {
+                t: [r.t[j]; ROWS],
+                g: r.g.map(|g| [g[j]; ROWS]),
+                v: r.v.map(|v| [v[j]; ROWS]),
+                rows: ROWS,
+            };
+            for j in 0..ROWS {
+                columns_one(&one(j), [&mut *a0, &mut *a1, &mut a2[..n], &mut a3[..n], &mut a4[..n], &mut a5[..n], &mut a6[..n], &mut a7[..n]]);
+            }
+        }
+    }
+}
+
+/// One row (row 0 of `r`) added into the accumulators.
+#[inline(always)]
+fn columns_one<E: Real>(r: &RowSet<'_, E>, acc: [&mut [f64]; 8]) {
+    let t = r.t[0];
     let n = t.len();
     let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
     let (a0, a1) = (&mut a0[..n], &mut a1[..n]);
-    match (g, v) {
+    match (r.g, r.v) {
         (None, _) => {
             for c in 0..n {
                 let x = t[c].f64();
@@ -423,7 +493,7 @@ fn columns_portable<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mu
             }
         }
         (Some(g), None) => {
-            let g = &g[..n];
+            let g = &g[0][..n];
             let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
             for c in 0..n {
                 let (x, y) = (t[c].f64(), g[c].f64());
@@ -435,7 +505,7 @@ fn columns_portable<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mu
             }
         }
         (Some(g), Some(v)) => {
-            let (g, v) = (&g[..n], &v[..n]);
+            let (g, v) = (&g[0][..n], &v[0][..n]);
             let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
             let (a5, a6, a7) = (&mut a5[..n], &mut a6[..n], &mut a7[..n]);
             for c in 0..n {
@@ -455,22 +525,22 @@ fn columns_portable<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mu
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn columns_avx2<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mut ColAcc) {
-    columns_portable(t, g, v, acc)
+unsafe fn columns_avx2<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
+    columns_portable(r, acc)
 }
 
-fn columns<E: Real>(t: &[E], g: Option<&[E]>, v: Option<&[E]>, acc: &mut ColAcc) {
+fn columns<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { columns_avx2(t, g, v, acc) };
+        return unsafe { columns_avx2(r, acc) };
     }
-    columns_portable(t, g, v, acc)
+    columns_portable(r, acc)
 }
 
 /// Column kernel over one task (rows task.outer, all groups): adds each group's sums to
 /// `partial` (groups x k). Tiles, rows and the fold run in a fixed order.
-fn reduce_columns(item: &Item<'_>, task: &Task, partial: &mut [f64], scratch: &mut Scratch) {
+fn reduce_columns(item: &Item<'_>, task: &Task, partial: &mut [f64], scratch: &mut ColScratch) {
     let k = item.width();
     let Layout { groups, seg, .. } = item.layout;
     let row_len = groups * seg;
@@ -482,20 +552,60 @@ fn reduce_columns(item: &Item<'_>, task: &Task, partial: &mut [f64], scratch: &m
         for a in acc.iter_mut() {
             a[..m].fill(0.0);
         }
-        for o in task.outer.0..task.outer.1 {
-            let (s, e) = (o * row_len + c0, o * row_len + c1);
-            let t = item.theta.slice(s, e);
-            let g = item.grad.map(|d| d.slice(s, e));
-            let v = item.velocity.map(|d| d.slice(s, e));
-            match t {
-                Data::F32(t) => columns(t, g.map(as_f32), v.map(as_f32), &mut acc),
-                Data::F64(t) => columns(t, g.map(as_f64), v.map(as_f64), &mut acc),
+        let mut o = task.outer.0;
+        while o < task.outer.1 {
+            let rows = ROWS.min(task.outer.1 - o);
+            // Row j of this sweep (rows past the last repeat it; `rows` says how many count).
+            let start = |j: usize| (o + j.min(rows - 1)) * row_len + c0;
+            fn at(d: Data<'_>, s: usize, m: usize) -> Data<'_> {
+                d.slice(s, s + m)
+            }
+            match item.theta {
+                Data::F32(_) => {
+                    let set = RowSet {
+                        t: std::array::from_fn(|j| as_f32(at(item.theta, start(j), m))),
+                        g: item.grad.map(|d| std::array::from_fn(|j| as_f32(at(d, start(j), m)))),
+                        v: item.velocity.map(|d| std::array::from_fn(|j| as_f32(at(d, start(j), m)))),
+                        rows,
+                    };
+                    columns(&set, &mut acc);
+                }
+                Data::F64(_) => {
+                    let set = RowSet {
+                        t: std::array::from_fn(|j| as_f64(at(item.theta, start(j), m))),
+                        g: item.grad.map(|d| std::array::from_fn(|j| as_f64(at(d, start(j), m)))),
+                        v: item.velocity.map(|d| std::array::from_fn(|j| as_f64(at(d, start(j), m)))),
+                        rows,
+                    };
+                    columns(&set, &mut acc);
+                }
                 Data::F16(_) | Data::BF16(_) => {
-                    // TILE <= HALF_CHUNK: one widening per row of the tile.
-                    let (bt, bg, bv) = scratch.widen3(t, g, v, m);
-                    columns(bt, bg, bv, &mut acc)
+                    // Widen the rows of this sweep into float32 scratch (TILE columns each).
+                    let buf = &mut scratch.0;
+                    for j in 0..rows {
+                        let arrays = [Some(item.theta), item.grad, item.velocity];
+                        for (a, d) in arrays.iter().enumerate() {
+                            if let Some(d) = d {
+                                let off = (a * ROWS + j) * TILE;
+                                widen(at(*d, start(j), m), &mut buf[off..off + m]);
+                            }
+                        }
+                    }
+                    let buf = &scratch.0;
+                    let row = |a: usize, j: usize| {
+                        let off = (a * ROWS + j.min(rows - 1)) * TILE;
+                        &buf[off..off + m]
+                    };
+                    let set = RowSet {
+                        t: std::array::from_fn(|j| row(0, j)),
+                        g: item.grad.map(|_| std::array::from_fn(|j| row(1, j))),
+                        v: item.velocity.map(|_| std::array::from_fn(|j| row(2, j))),
+                        rows,
+                    };
+                    columns(&set, &mut acc);
                 }
             }
+            o += rows;
         }
         for c in c0..c1 {
             let row = &mut partial[(c / seg) * k..(c / seg + 1) * k];
@@ -504,6 +614,18 @@ fn reduce_columns(item: &Item<'_>, task: &Task, partial: &mut [f64], scratch: &m
             }
         }
         c0 = c1;
+    }
+}
+
+/// Float32 scratch of the column kernel for 16-bit input: 3 arrays x ROWS rows x TILE columns.
+struct ColScratch(Vec<f32>);
+
+impl ColScratch {
+    fn new(item: &Item<'_>) -> ColScratch {
+        match item.theta {
+            Data::F16(_) | Data::BF16(_) => ColScratch(vec![0f32; 3 * ROWS * TILE]),
+            _ => ColScratch(Vec::new()),
+        }
     }
 }
 
@@ -576,12 +698,12 @@ fn run_task(items: &[Item<'_>], task: &Task) -> Vec<f64> {
     let Layout { outer, groups, seg } = item.layout;
     let (g0, g1) = task.groups;
     let mut partial = vec![0f64; (g1 - g0) * k];
-    let mut scratch = Scratch::new(item);
     if outer > 1 && seg < SHORT_SEG {
         // Column tasks always cover all groups (see `plan`).
-        reduce_columns(item, task, &mut partial, &mut scratch);
+        reduce_columns(item, task, &mut partial, &mut ColScratch::new(item));
         return partial;
     }
+    let mut scratch = Scratch::new(item);
     for o in task.outer.0..task.outer.1 {
         for g in g0..g1 {
             let base = (o * groups + g) * seg;
