@@ -21,6 +21,8 @@ from .plan import KIND_CODE, Plan, build_plan
 from .sgd import PartSums, step_quantities
 
 KINDS = ("translation", "scale", "rescale")
+# A group's mean squared gradient entry below this fraction of the model's counts as no gradient.
+NO_GRADIENT = 1e-8
 
 
 def _numpy(t: Any) -> tuple[np.ndarray, bool]:
@@ -124,6 +126,12 @@ class Tracker:
                 run.paper_notes[(g.symmetry, g.layer)] = (
                     f"closed forms hold for torch.optim.SGD only; {type(self.optimizer).__name__}: exact is bookkeeping of the measured update (see theory.equilibrium_*)"
                 )
+        nesterov = self._sgd and any(g.get("nesterov", False) for g in self.optimizer.param_groups)
+        if nesterov:
+            for g in kept:
+                run.paper_notes.setdefault(
+                    (g.symmetry, g.layer), "nesterov: the paper's heavy-ball oscillator is an approximation here (exact holds)"
+                )
         if self.every > 1:
             run.exact_note = f"exact needs every step; every={self.every} leaves it NaN"
         self._time = np.zeros(len(self.optimizer.param_groups))
@@ -192,7 +200,11 @@ class Tracker:
             norm_prod = plan.parts_to_groups_unsigned(np.sqrt(p.gg * p.x))
             g_abs = plan.parts_to_groups_unsigned(p.gg)
             denom = np.where(is_t, np.sqrt(plan.group_size * g_abs), norm_prod)
-            residual = np.where(denom > 0, np.abs(flux) / np.where(denom > 0, denom, 1.0), np.nan)
+            residual = np.abs(flux) / np.where(denom > 0, denom, 1.0)
+        # A group whose gradient is at float rounding level (a bias before BatchNorm, a dead
+        # unit) proves nothing (THEORY §3): its residual is NaN, "no gradient".
+        mean_sq = p.gg.sum() / max(float(plan.part_size.sum()), 1.0)
+        residual[(g_abs <= NO_GRADIENT * mean_sq * plan.group_size) | (denom <= 0)] = np.nan
         return {"measured": charge, "flux": flux, "magnitude": magnitude, "residual": residual}
 
     def _init_streams(self, columns_y0: np.ndarray, buffer_dot0: np.ndarray | None, hyper: dict[str, np.ndarray]) -> None:
