@@ -23,7 +23,7 @@ fn slice1<'a>(a: &'a Arr1<'_>, name: &str) -> Result<&'a [f64], Error> {
 /// A (steps, groups) array's data, after checking both dimensions.
 fn slice2<'a>(a: &'a Arr2<'_>, name: &str, steps: Option<usize>, groups: usize) -> Result<&'a [f64], Error> {
     let shape = a.shape();
-    let rows_ok = steps.is_none_or(|s| shape[0] == s);
+    let rows_ok = steps.map_or(true, |s| shape[0] == s);
     if shape[1] != groups || !rows_ok {
         let want = match steps {
             Some(s) => format!("({s}, {groups})"),

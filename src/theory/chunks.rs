@@ -56,11 +56,18 @@ pub(crate) fn flush(x: f64) -> f64 {
     }
 }
 
-/// True when every value is finite (x − x is 0 for finite x and NaN otherwise; an OR of
-/// comparisons still vectorises).
+/// True for NaN and ±inf: x − x is 0 for finite x and NaN otherwise. Unlike `!x.is_finite()`
+/// this is one subtraction and one comparison, so OR-reductions of it vectorise.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+pub(crate) fn non_finite(x: f64) -> bool {
+    (x - x) != 0.0
+}
+
+/// True when every value is finite.
 #[inline(always)]
 pub(crate) fn all_finite(a: &[f64]) -> bool {
-    !a.iter().fold(false, |bad, &x| bad | ((x - x) != 0.0))
+    !a.iter().fold(false, |bad, &x| bad | non_finite(x))
 }
 
 /// In place over the state (y, v) with a read-only input d: (y, v) ← f(y, v, d). Returns false
@@ -77,7 +84,7 @@ where
         let (a, b) = f(y[i], v[i], d[i]);
         y[i] = a;
         v[i] = b;
-        bad |= (a - a) != 0.0 || (b - b) != 0.0;
+        bad |= non_finite(a) | non_finite(b);
     }
     !bad
 }
@@ -97,7 +104,7 @@ where
         y[i] = a;
         v[i] = b;
         out[i] = a;
-        bad |= (a - a) != 0.0 || (b - b) != 0.0;
+        bad |= non_finite(a) | non_finite(b);
     }
     !bad
 }

@@ -192,8 +192,7 @@ fn ledger_kernel(k: &Coeffs, y: &[f64], m: &[f64], s: &[f64], u: &[f64], e: &[f6
         let m1 = k.mm * m[i] + k.ma * a - k.me * e[i];
         yo[i] = y1;
         mo[i] = m1;
-        // x − x is 0 for finite x and NaN otherwise; an OR of comparisons still vectorises.
-        bad |= !((y1 - y1) == 0.0 && (m1 - m1) == 0.0);
+        bad |= chunks::non_finite(y1) | chunks::non_finite(m1);
     }
     !bad
 }

@@ -68,7 +68,7 @@ impl Kind {
 /// Fail with NonFinite naming the first non-finite entry of a (rows, groups) array.
 pub(crate) fn check_finite(name: &str, data: &[f64], groups: usize) -> Result<()> {
     if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-        let (row, col) = if groups == 0 { (0, i) } else { (i / groups, i % groups) };
+        let (row, col) = (i.checked_div(groups).unwrap_or(0), i.checked_rem(groups).unwrap_or(i));
         let where_ = if data.len() > groups { format!("step {row}, group {col}") } else { format!("group {col}") };
         return Err(Error::NonFinite(format!("{name} is {} at {where_}", data[i])));
     }
