@@ -38,3 +38,8 @@ __all__ = [
     "NothingToTrackError",
     "DeviceError",
 ]
+
+from .symmetries import SymmetryGroup, Symmetries, find_symmetries, declare  # noqa: E402
+from .verify import verify  # noqa: E402
+
+__all__ += ["SymmetryGroup", "Symmetries", "find_symmetries", "declare", "verify"]
