@@ -10,14 +10,15 @@ column is then bookkeeping and the paper column is NaN.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .. import _native, theory
+from .. import theory
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from .plan import KIND_CODE, Plan, build_plan
+from .reducers import Pending, choose
 from .sgd import PartSums, step_quantities
 
 KINDS = ("translation", "scale", "rescale")
@@ -25,29 +26,21 @@ KINDS = ("translation", "scale", "rescale")
 NO_GRADIENT = 1e-8
 
 
-def _numpy(t: Any) -> tuple[np.ndarray, bool]:
-    """A zero-copy numpy view of a CPU tensor (a contiguous copy if it is not contiguous)."""
-    import torch
-
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16), True
-    return t.numpy(), False
-
-
-def _item(theta: Any, grad: Any, velocity: Any, axis: int, block: int) -> tuple:
-    t, bf = _numpy(theta)
-    g = _numpy(grad)[0] if grad is not None else None
-    v = _numpy(velocity)[0] if velocity is not None else None
-    return (t, g, v, axis, block, bf)
-
-
 class Tracker:
     """Records a Run while the training loop runs. Use as a context manager, or call close()."""
 
-    def __init__(self, model: Any, optimizer: Any, symmetries: Any = None, *, every: int = 1, record_every: int = 1):
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        symmetries: Any = None,
+        *,
+        every: int = 1,
+        record_every: int = 1,
+        reducer: str = "auto",
+        memory_limit: int | None = 256 * 2**20,
+        spill_dir: str | None = None,
+    ):
         import torch
 
         for name, value in (("every", every), ("record_every", record_every)):
@@ -59,6 +52,10 @@ class Tracker:
         self.optimizer = optimizer
         self.every = every
         self.record_every = record_every
+        self._reducer_kind = reducer
+        self._memory_limit = memory_limit
+        self._spill_dir = spill_dir
+        self._queue: list[Callable[[], None]] = []  # delayed measurements, oldest first
         self._stride = every * record_every // math.gcd(every, record_every)
         self._sgd = type(optimizer) is torch.optim.SGD and not any(g.get("maximize", False) for g in optimizer.param_groups)
         self._handles: list[Any] = []
@@ -116,7 +113,15 @@ class Tracker:
                 cols = np.flatnonzero((self._column_kind == kind) & (plan.column_param_group == pg))
                 if cols.size:
                     self._lanes.append({"kind": KINDS[kind], "pg": int(pg), "cols": cols, "paper_cols": cols[self._single_column[cols]]})
-        self._run = Run(groups=GroupInfo.from_groups(kept, plan.group_size), optimizer=type(self.optimizer).__name__, skipped=skipped)
+        self._reducer = choose([named[n] for n in plan.params if n in named], self._reducer_kind)
+        info = GroupInfo.from_groups(kept, plan.group_size)
+        self._run = Run(
+            groups=info,
+            optimizer=type(self.optimizer).__name__,
+            skipped=skipped,
+            max_rows_in_memory=None if self._memory_limit is None else Run.rows_for_memory(len(info), self._memory_limit),
+            spill_dir=self._spill_dir,
+        )
         run = self._run
         for gi in np.flatnonzero(n_cols_per_group > 1):
             g = kept[gi]
@@ -152,39 +157,43 @@ class Tracker:
             "nesterov": np.array([bool(g.get("nesterov", False)) for g in pgs]),
         }
 
-    def _reduce(self, arrays: list[tuple]) -> np.ndarray:
-        """Fused sums of every reduction, concatenated: (rows, K)."""
-        out = _native.group_stats_batch(arrays, False)
-        return np.concatenate(out, axis=0)
+    def _submit(self, items: list[tuple], sum_only: list[Any]) -> Pending:
+        """Reduce every item, plus a plain sum of each tensor in ``sum_only`` (None: skipped)."""
+        extra = [(t, None, None, r.axis, r.block) for r, t in zip(self._plan.reductions, sum_only) if t is not None]
+        return self._reducer.submit(list(items) + extra)
 
-    def _sums_sgd(self) -> PartSums:
+    def _parse(self, results: list[np.ndarray], sum_only: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-part sums (parts, K) and per-part plain sums of the extra tensors (or None)."""
+        plan = self._plan
+        assert plan is not None
+        n = len(plan.reductions)
+        parts = plan.reduce_parts(np.concatenate(results[:n], axis=0))
+        if not any(t is not None for t in sum_only):
+            return parts, None
+        offsets = np.cumsum([0] + plan.reduction_rows)
+        extra_rows = np.zeros(offsets[-1])
+        extras = iter(results[n:])
+        for i, t in enumerate(sum_only):
+            if t is not None:
+                extra_rows[offsets[i] : offsets[i + 1]] = next(extras)[:, 0]
+        return parts, plan.reduce_parts(extra_rows[:, None])[:, 0]
+
+    def _sgd_items(self) -> tuple[list[tuple], list[Any], bool]:
+        """(θ_n, ĝ_n, b_{n−1}) per reduction, and b_{n−1} again where a plain sum is needed."""
         plan = self._plan
         assert plan is not None
         state = self.optimizer.state
         has_buffer = any(state.get(plan.params[r.name], {}).get("momentum_buffer") is not None for r in plan.reductions)
-        items, buffer_items = [], []
+        items, sum_only = [], []
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
             p = plan.params[r.name]
             grad = p.grad if p.grad is not None else _zeros(p)
             buf = state.get(p, {}).get("momentum_buffer") if has_buffer else None
             if has_buffer and buf is None:
                 buf = _zeros(p)
-            items.append(_item(r.view(p), r.view(grad), None if buf is None else r.view(buf), r.axis, r.block))
-            if has_buffer:
-                buffer_items.append(_item(r.view(buf), None, None, r.axis, r.block) if is_translation else None)
-        rows = self._reduce(items)
-        parts = plan.reduce_parts(rows)
-        buffer_sum = None
-        if has_buffer:
-            b_rows = np.zeros(len(rows))
-            present = [(i, it) for i, it in enumerate(buffer_items) if it is not None]
-            if present:
-                outs = _native.group_stats_batch([it for _, it in present], False)
-                offsets = np.cumsum([0] + plan.reduction_rows)
-                for (i, _), o in zip(present, outs):
-                    b_rows[offsets[i] : offsets[i + 1]] = o[:, 0]
-            buffer_sum = plan.reduce_parts(b_rows[:, None])[:, 0]
-        return PartSums.from_rows(parts, buffer_sum)
+            items.append((r.view(p), r.view(grad), None if buf is None else r.view(buf), r.axis, r.block))
+            sum_only.append(r.view(buf) if has_buffer and is_translation else None)
+        return items, sum_only, has_buffer
 
     def _group_view(self, p: PartSums) -> dict[str, np.ndarray]:
         """Group-level measured charge, flux, magnitude and constraint residual from part sums."""
@@ -267,16 +276,16 @@ class Tracker:
                 assert self._run is not None
                 self._run.notes.append(f"paper closed form stopped at step {self._step} for {lane['kind']}: {err}")
 
-    def _record(self, values: dict[str, np.ndarray], hyper: dict[str, np.ndarray]) -> None:
+    def _record(self, step: int, time: np.ndarray, values: dict[str, np.ndarray], hyper: dict[str, np.ndarray]) -> None:
         plan, run = self._plan, self._run
         assert plan is not None and run is not None
-        if self._step % self._stride:
+        if step % self._stride:
             return
         first_pg = plan.column_param_group[plan.group_column_starts]
         paper, exact = self._predictions()
         values = dict(values, paper=paper, exact=exact)
         # A run's clock is the first param_group's (mixed groups are rare; their lr column differs).
-        run.append(self._step, float(self._time[first_pg[0]]), hyper["lr"][first_pg], values)
+        run.append(step, float(time[first_pg[0]]), hyper["lr"][first_pg], values)
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed:
@@ -286,6 +295,7 @@ class Tracker:
                 "track(symmetries=None) discovers groups from the first forward pass of the model, "
                 "but optimizer.step() came before any forward pass"
             )
+        self._flush()  # the previous step's delayed results, before anything of this step
         hyper = self._hyper()
         measure = self._step % self.every == 0
         self._measured_this_step = measure
@@ -294,15 +304,30 @@ class Tracker:
                 self._snapshot = {r.name: self._plan.params[r.name].detach().clone() for r in self._plan.reductions}
             return
         if measure:
-            self._measure_sgd(hyper)
+            items, sum_only, has_buffer = self._sgd_items()
+            pending = self._submit(items, sum_only)
+            step, time = self._step, self._time.copy()
+            self._defer(lambda: self._process_sgd(pending.result(), sum_only, has_buffer, hyper, step, time))
         else:
             self._advance_paper(hyper, self._held_drive)
         self._advance_time(hyper)
 
-    def _measure_sgd(self, hyper: dict[str, np.ndarray]) -> None:
+    def _defer(self, work: Callable[[], None]) -> None:
+        self._queue.append(work)
+        if not self._reducer.delayed:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._queue:
+            self._queue.pop(0)()
+
+    def _process_sgd(
+        self, results: list[np.ndarray], sum_only: list[Any], has_buffer: bool, hyper: dict[str, np.ndarray], step: int, time: np.ndarray
+    ) -> None:
         plan, run = self._plan, self._run
         assert plan is not None and run is not None
-        sums = self._sums_sgd()
+        parts, buffer_sum = self._parse(results, sum_only)
+        sums = PartSums.from_rows(parts, buffer_sum if has_buffer else None)
         pg = plan.part_param_group
         q = step_quantities(sums, hyper["momentum"][pg], hyper["dampening"][pg], hyper["weight_decay"][pg], hyper["nesterov"][pg])
         view = self._group_view(sums)
@@ -323,7 +348,7 @@ class Tracker:
             update_sq=plan.to_groups(cols["update_sq"]),
             update_sum=np.where(plan.group_kind == 0, plan.to_groups(plan.to_columns(q.su)), np.nan),
         )
-        self._record(values, hyper)
+        self._record(step, time, values, hyper)
         self._note_regimes(hyper)
         self._held_drive = cols["drive"]
         self._advance_paper(hyper, cols["drive"])
@@ -364,32 +389,33 @@ class Tracker:
         if not self._sgd:
             hyper = self._hyper()
             if self._measured_this_step and self._snapshot is not None:
-                self._measure_generic(hyper)
+                self._submit_generic(hyper)
             self._advance_time(hyper)
             self._snapshot = None
         self._step += 1
 
-    def _measure_generic(self, hyper: dict[str, np.ndarray]) -> None:
+    def _submit_generic(self, hyper: dict[str, np.ndarray]) -> None:
         """θ_n (the snapshot), ĝ_n and the applied update d_n = θ_n − θ_{n+1} in one pass."""
-        plan, run = self._plan, self._run
-        assert plan is not None and run is not None and self._snapshot is not None
-        items, sum_items = [], []
-        deltas = {name: snap - plan.params[name].detach() for name, snap in self._snapshot.items()}
+        plan = self._plan
+        assert plan is not None and self._snapshot is not None
+        items, sum_only = [], []
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
             p = plan.params[r.name]
             grad = p.grad if p.grad is not None else _zeros(p)
-            snap, delta = self._snapshot[r.name], deltas[r.name]
-            items.append(_item(r.view(snap), r.view(grad), r.view(delta), r.axis, r.block))
-            sum_items.append(_item(r.view(delta), None, None, r.axis, r.block) if is_translation else None)
-        rows = self._reduce(items)
-        parts = plan.reduce_parts(rows)
-        d_rows = np.zeros(len(rows))
-        offsets = np.cumsum([0] + plan.reduction_rows)
-        present = [(i, it) for i, it in enumerate(sum_items) if it is not None]
-        if present:
-            for (i, _), o in zip(present, _native.group_stats_batch([it for _, it in present], False)):
-                d_rows[offsets[i] : offsets[i + 1]] = o[:, 0]
-        d_sum = plan.reduce_parts(d_rows[:, None])[:, 0]
+            snap = self._snapshot[r.name]
+            delta = snap - r.view(p.detach())
+            items.append((r.view(snap), r.view(grad), delta, r.axis, r.block))
+            sum_only.append(delta if is_translation else None)
+        pending = self._submit(items, sum_only)
+        step, time = self._step, self._time.copy()
+        self._defer(lambda: self._process_generic(pending.result(), sum_only, hyper, step, time))
+
+    def _process_generic(self, results: list[np.ndarray], sum_only: list[Any], hyper: dict[str, np.ndarray], step: int, time: np.ndarray) -> None:
+        plan = self._plan
+        assert plan is not None
+        parts, d_sum = self._parse(results, sum_only)
+        if d_sum is None:
+            d_sum = np.zeros(len(parts))
         sums = PartSums.from_rows(parts[:, :5], None)
         dd, td = parts[:, 5], parts[:, 6]
         translation = self._part_kind == 0
@@ -404,7 +430,7 @@ class Tracker:
             update_sq=plan.to_groups(plan.to_columns(dd / safe_lr**2)),
             update_sum=np.where(plan.group_kind == 0, plan.to_groups(plan.to_columns(d_sum / safe_lr)), np.nan),
         )
-        self._record(values, hyper)
+        self._record(step, time, values, hyper)
         if self.every == 1:
             # y_{n+1} = y_n − 2⟨θ_n, d_n⟩ + |d_n|² (scale, rescale); q_{n+1} = q_n − ⟨1, d_n⟩.
             change = plan.to_columns(np.where(translation, -d_sum, -2 * td + dd))
@@ -424,10 +450,11 @@ class Tracker:
     def _refresh_final(self) -> None:
         plan, run = self._plan, self._run
         assert plan is not None and run is not None
+        self._flush()
         if self._streams is None:
             return
-        items = [_item(r.view(plan.params[r.name]), None, None, r.axis, r.block) for r in plan.reductions]
-        parts = plan.reduce_parts(self._reduce(items))
+        items = [(r.view(plan.params[r.name]), None, None, r.axis, r.block) for r in plan.reductions]
+        parts = plan.reduce_parts(np.concatenate(self._reducer.submit(items).result(), axis=0))
         translation = self._part_kind == 0
         measured = plan.to_groups(plan.to_columns(np.where(translation, parts[:, 0], parts[:, 1])))
         x_abs = plan.parts_to_groups_unsigned(parts[:, 1])
@@ -472,7 +499,17 @@ def _zeros(p: Any) -> Any:
     return torch.zeros_like(p)
 
 
-def track(model: Any, optimizer: Any, symmetries: Any = None, *, every: int = 1, record_every: int = 1) -> Tracker:
+def track(
+    model: Any,
+    optimizer: Any,
+    symmetries: Any = None,
+    *,
+    every: int = 1,
+    record_every: int = 1,
+    reducer: str = "auto",
+    memory_limit: int | None = 256 * 2**20,
+    spill_dir: str | None = None,
+) -> Tracker:
     """Track the symmetry charges of ``model`` while ``optimizer`` trains it.
 
     Args:
@@ -484,8 +521,15 @@ def track(model: Any, optimizer: Any, symmetries: Any = None, *, every: int = 1,
         every: measure every ``every``-th step only (the exact ledger then is NaN, the paper's
             closed form holds the last measured drive over the steps in between).
         record_every: keep every ``record_every``-th measured row (thins memory only).
+        reducer: where the per-step reductions run: "auto" (the Rust kernel for CPU parameters,
+            the parameters' device otherwise, results read one step later), "rust", "torch",
+            "torch-sync".
+        memory_limit: bytes of recorded rows kept in memory; older rows spill to ``spill_dir``
+            (a temporary folder by default). None keeps everything in memory.
 
     Use ``with track(model, opt) as tracker: ...`` and read ``tracker.run``.
     """
-    return Tracker(model, optimizer, symmetries, every=every, record_every=record_every)
+    return Tracker(
+        model, optimizer, symmetries, every=every, record_every=record_every, reducer=reducer, memory_limit=memory_limit, spill_dir=spill_dir
+    )
 

@@ -1,0 +1,72 @@
+"""The device reducer (plain torch code) against the Rust kernel, and delayed consumption."""
+
+import numpy as np
+import pytest
+import torch
+
+import neural_mechanics as nm
+from neural_mechanics.tracking.reducers import RustReducer, TorchReducer, torch_group_sums
+
+SHAPES = [((7,), 0, 1), ((6, 5), 0, 1), ((6, 5), 1, 1), ((8, 12, 3, 3), 0, 1), ((8, 12, 3, 3), 1, 4), ((10, 32 * 4), 1, 4)]
+
+
+@pytest.mark.parametrize("shape,axis,block", SHAPES)
+@pytest.mark.parametrize("arrays", [1, 2, 3])
+def test_torch_sums_equal_rust(shape, axis, block, arrays):
+    torch.manual_seed(0)
+    ts = [torch.randn(shape) for _ in range(3)]
+    item = (ts[0], ts[1] if arrays > 1 else None, ts[2] if arrays > 2 else None, axis, block)
+    want = RustReducer().submit([item]).result()[0]
+    got = torch_group_sums(*item).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    delayed = TorchReducer(delayed=True).submit([item]).result()[0]
+    np.testing.assert_array_equal(delayed, got)
+
+
+def test_chunked_device_sums_match(monkeypatch):
+    from neural_mechanics.tracking import reducers
+
+    monkeypatch.setattr(reducers, "_CHUNK_ELEMS", 50)  # force many chunks
+    t, g = torch.randn(40, 30), torch.randn(40, 30)
+    for axis in (0, 1):
+        want = RustReducer().submit([(t, g, None, axis, 1)]).result()[0]
+        np.testing.assert_allclose(torch_group_sums(t, g, None, axis, 1).numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_tracking_with_the_delayed_device_path_on_cpu_equals_rust():
+    """The whole CUDA code path, run on CPU: results consumed one step late, same run."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    x, y = nm.load_digits(flatten=True)
+    runs = {}
+    for reducer in ("rust", "torch", "torch-sync"):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(0)
+        with nm.track(model, opt, reducer=reducer) as tracker:
+            for _ in range(25):
+                idx = torch.randint(0, len(x), (32,), generator=g)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        runs[reducer] = tracker.run
+    base = runs["rust"]
+    for name in ("torch", "torch-sync"):
+        for col in ("measured", "paper", "exact", "grad_sq", "update_sq", "flux"):
+            np.testing.assert_allclose(runs[name].array(col), base.array(col), rtol=1e-9, atol=1e-12, err_msg=f"{name} {col}")
+    assert base.errors("exact").max() <= 1e-5
+
+
+def test_rust_reducer_refuses_device_tensors():
+    from neural_mechanics.errors import DeviceError, InvalidArgumentError
+    from neural_mechanics.tracking.reducers import choose
+
+    meta = torch.empty(3, device="meta")
+    with pytest.raises(DeviceError):
+        choose([meta], "rust")
+    with pytest.raises(InvalidArgumentError):
+        choose([torch.empty(3)], "gpu")
+    assert isinstance(choose([meta], "auto"), TorchReducer)
