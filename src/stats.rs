@@ -720,11 +720,13 @@ pub fn group_stats_batch(items: &[Item<'_>]) -> Result<Vec<Vec<f64>>> {
     for (i, item) in items.iter().enumerate() {
         item.validate(i)?;
     }
-    // A bad NEURAL_MECHANICS_NUM_THREADS fails every call, not only the large ones.
-    pool::num_threads()?;
+    // Also validates NEURAL_MECHANICS_NUM_THREADS on every call, not only on the large ones.
+    let threads = pool::num_threads()?;
     let tasks = plan(items);
     let total: usize = items.iter().map(|it| it.layout.len()).sum();
-    let partials: Vec<Vec<f64>> = if total < PARALLEL_MIN_ELEMS || tasks.len() < 2 {
+    // One thread: work on the caller's thread (handing work to a one-thread pool only adds a
+    // wake-up). Same tasks, same merge order, so the result is bit-identical either way.
+    let partials: Vec<Vec<f64>> = if threads == 1 || total < PARALLEL_MIN_ELEMS || tasks.len() < 2 {
         tasks.iter().map(|t| run_task(items, t)).collect()
     } else {
         pool::pool()?.install(|| tasks.par_iter().map(|t| run_task(items, t)).collect())
@@ -822,7 +824,7 @@ pub fn read_pass(buffers: &[&[u8]]) -> Result<u64> {
         chunks.extend(b.chunks(READ_TASK_BYTES));
     }
     let total: usize = buffers.iter().map(|b| b.len()).sum();
-    let sum = if total < PARALLEL_MIN_ELEMS * 4 || chunks.len() < 2 {
+    let sum = if pool::num_threads()? == 1 || total < PARALLEL_MIN_ELEMS * 4 || chunks.len() < 2 {
         chunks.iter().fold(0u64, |a, c| a.wrapping_add(read_chunk(c)))
     } else {
         pool::pool()?.install(|| {
