@@ -27,7 +27,7 @@ def synthetic_run(groups=7, steps=25, **kw) -> Run:
     run = Run(groups=info, optimizer="SGD", **kw)
     for n in range(steps):
         values = {c: rng.normal(size=groups) for c in STEP_COLUMNS}
-        run.append(n, 0.05 * n, np.full(groups, 0.05), values)
+        run.append(n, 0.05 * n, dict(values, lr=0.05, momentum=0.9, dampening=0.0, weight_decay=5e-4))
     run.final = {"step": steps, "time": 0.05 * steps, "measured": rng.normal(size=groups), "magnitude": np.ones(groups)}
     run.paper_notes[("scale", "conv")] = "a note"
     run.note_regime("scale", "underdamped")
@@ -107,14 +107,14 @@ def test_a_save_killed_midway_leaves_the_previous_file(tmp_path):
     code = textwrap.dedent(
         f"""
         import os, threading, numpy as np
-        from neural_mechanics.run import GroupInfo, Run, STEP_COLUMNS
+        from neural_mechanics.run import GroupInfo, Run, COLUMNS
         n = 20000
         info = GroupInfo(np.array(['scale'] * n, dtype=object), np.array(['l'] * n, dtype=object),
                          np.arange(n), np.array(['g'] * n, dtype=object), np.ones(n, dtype=np.int64))
         run = Run(groups=info)
-        row = {{c: np.ones(n) for c in STEP_COLUMNS}}
+        row = {{c: np.ones(n) for c in COLUMNS}}
         for s in range(400):
-            run.append(s, float(s), np.ones(n), row)
+            run.append(s, float(s), row)
         threading.Timer(0.05, lambda: os._exit(9)).start()
         while True:
             run.save({str(path)!r})
@@ -145,17 +145,16 @@ def test_a_million_steps_of_the_acceptance_network_stay_under_the_limit(tmp_path
     code = textwrap.dedent(
         f"""
         import os, resource, numpy as np
-        from neural_mechanics.run import GroupInfo, Run, STEP_COLUMNS
+        from neural_mechanics.run import GroupInfo, Run, COLUMNS
         groups, limit, steps, record_every = 210, 16 * 2**20, 1_000_000, 10
         info = GroupInfo(np.array(["scale"] * groups, dtype=object), np.array(["l"] * groups, dtype=object),
                          np.arange(groups), np.array(["g"] * groups, dtype=object), np.ones(groups, dtype=np.int64))
-        values = {{c: np.zeros(groups) for c in STEP_COLUMNS}}
-        lr = np.zeros(groups)
+        values = {{c: np.zeros(groups) for c in COLUMNS}}
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         run = Run(groups=info, max_rows_in_memory=Run.rows_for_memory(groups, limit), spill_dir={str(tmp_path / "spill")!r})
         for n in range(0, steps, record_every):
             values["measured"][0] = n
-            run.append(n, 0.0, lr, values)
+            run.append(n, 0.0, values)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
         on_disk = sum(os.path.getsize(c) for c in run.chunks)
         print(grown, on_disk, len(run.chunks), run._mem.n)
@@ -168,5 +167,5 @@ def test_a_million_steps_of_the_acceptance_network_stay_under_the_limit(tmp_path
     grown, on_disk, chunks, in_memory = map(int, proc.stdout.split())
     limit = 16 * 2**20
     assert grown < 2 * limit, f"peak memory grew by {grown / 2**20:.0f} MiB"
-    assert on_disk > 0.9 * 100_000 * 210 * 10 * 8  # every recorded row was kept, on disk
+    assert on_disk > 0.9 * 100_000 * 210 * 13 * 8  # every recorded row was kept, on disk
     assert chunks > 50 and in_memory > 0

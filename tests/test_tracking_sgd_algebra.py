@@ -33,6 +33,9 @@ def test_step_quantities_match_the_applied_update(cfg):
         sums = PartSums.from_rows(rows, bsum)
         h = {k: np.full(6, float(v)) for k, v in cfg.items()}
         q = step_quantities(sums, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"].astype(bool))
+        scalar = step_quantities(sums, cfg["momentum"], cfg["dampening"], cfg["weight_decay"], cfg["nesterov"])
+        for name in ("uu", "tu", "su", "drive"):
+            np.testing.assert_allclose(getattr(scalar, name), getattr(q, name), rtol=1e-14, atol=1e-300)
         opt.step()
         u = ((theta0 - w.detach()) / 0.1).numpy()
         th = theta0.numpy()

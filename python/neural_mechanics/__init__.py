@@ -39,7 +39,34 @@ __all__ = [
     "DeviceError",
 ]
 
-from .symmetries import SymmetryGroup, Symmetries, find_symmetries, declare  # noqa: E402
-from .verify import verify  # noqa: E402
+from . import theory  # noqa: E402
+from .run import Run, load_run  # noqa: E402
 
-__all__ += ["SymmetryGroup", "Symmetries", "find_symmetries", "declare", "verify"]
+# Everything that needs torch is imported on first use, so that `import neural_mechanics` (theory,
+# saved runs, group_stats on numpy arrays) works in a process without torch.
+_LAZY = {
+    "track": ".tracking",
+    "Tracker": ".tracking",
+    "find_symmetries": ".symmetries",
+    "declare": ".symmetries",
+    "SymmetryGroup": ".symmetries",
+    "Symmetries": ".symmetries",
+    "verify": ".verify",
+}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ += ["theory", "Run", "load_run", *_LAZY]

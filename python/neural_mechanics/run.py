@@ -28,6 +28,9 @@ FILE_KIND = "neural-mechanics run"
 
 # Per-step columns stored for every recorded row, one float64 value per group.
 STEP_COLUMNS = ("measured", "paper", "exact", "grad_sq", "update_sq", "flux", "update_sum", "magnitude", "residual")
+# The optimizer's hyperparameters of step n for each group (its first part's param_group).
+HYPER_COLUMNS = ("lr", "momentum", "dampening", "weight_decay")
+COLUMNS = HYPER_COLUMNS + STEP_COLUMNS
 
 
 @dataclass
@@ -58,7 +61,7 @@ class GroupInfo:
 class _Rows:
     """Recorded rows in preallocated blocks: steps (n,), time (n,), and (n, groups) per column."""
 
-    NAMES = ("lr", *STEP_COLUMNS)
+    NAMES = COLUMNS
 
     def __init__(self, groups: int, capacity: int = 64):
         self.groups = groups
@@ -119,8 +122,9 @@ class Run:
         return max(1, int(limit_bytes) // (max(groups, 1) * len(_Rows.NAMES) * 8 + 16))
 
     # -- recording ---------------------------------------------------------------------------
-    def append(self, step: int, time: float, lr: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        self._mem.append(int(step), float(time), dict(values, lr=lr))
+    def append(self, step: int, time: float, values: dict[str, Any]) -> None:
+        """One row: ``values`` maps every name of COLUMNS to a (groups,) array (or a scalar)."""
+        self._mem.append(int(step), float(time), values)
         if self.max_rows_in_memory is not None and self._mem.n >= self.max_rows_in_memory:
             self._spill()
 
@@ -141,18 +145,18 @@ class Run:
             seen.append(regime)
 
     # -- views -------------------------------------------------------------------------------
-    def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """(steps, time, lr, columns) with the final row appended, as 2-D arrays (rows, groups)."""
+    def _rows(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(steps, time, columns) with the final row appended; columns are (rows, groups)."""
         blocks = [dict(_native.load_run(chunk)[1]) for chunk in self.chunks]
         blocks.append(self._mem.arrays())
         last = self._last_step()
         if self.final is not None and (last is None or self.final["step"] > last):
             n = len(self.groups)
-            final = {c: np.asarray(self.final.get(c, np.full(n, np.nan)), dtype=np.float64)[None, :] for c in STEP_COLUMNS}
-            final.update(steps=np.array([self.final["step"]]), time=np.array([self.final["time"]]), lr=np.full((1, n), np.nan))
+            final: dict[str, Any] = {c: np.asarray(self.final.get(c, np.full(n, np.nan)), dtype=np.float64)[None, :] for c in COLUMNS}
+            final.update(steps=np.array([self.final["step"]]), time=np.array([self.final["time"]]))
             blocks.append(final)
-        cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("steps", "time", "lr", *STEP_COLUMNS)}
-        return cat["steps"], cat["time"], cat["lr"], {c: cat[c] for c in STEP_COLUMNS}
+        cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("steps", "time", *COLUMNS)}
+        return cat["steps"], cat["time"], {c: cat[c] for c in COLUMNS}
 
     def _last_step(self) -> int | None:
         if self._mem.n:
@@ -162,10 +166,15 @@ class Run:
         return None
 
     def array(self, column: str) -> np.ndarray:
-        """One column as a (rows, groups) array, final row included."""
-        if column in ("lr",):
-            return self._rows()[2]
-        return self._rows()[3][column]
+        """One column as a (rows, groups) array, final row included (see COLUMNS)."""
+        if column not in COLUMNS:
+            raise KeyError(f"unknown column {column!r}; one of {COLUMNS}")
+        return self._rows()[2][column]
+
+    @property
+    def time_index(self) -> np.ndarray:
+        """The model time t_n = Σ_{k<n} η_k(1 − d_k) of every row."""
+        return self._rows()[1]
 
     @property
     def step_index(self) -> np.ndarray:
@@ -173,7 +182,7 @@ class Run:
 
     def errors(self, which: str) -> np.ndarray:
         """|prediction − measured| / max-over-run magnitude, (rows, groups); which: paper/exact."""
-        _, _, _, c = self._rows()
+        c = self._rows()[2]
         scale = np.nanmax(np.abs(c["magnitude"]), axis=0) if len(c["magnitude"]) else np.ones(len(self.groups))
         scale = np.where(scale > 0, scale, 1.0)
         return np.abs(c[which] - c["measured"]) / scale
@@ -182,18 +191,17 @@ class Run:
         """The long table: one row per (step, group)."""
         import pandas as pd
 
-        steps, time, lr, c = self._rows()
+        steps, time, c = self._rows()
         n_rows, n = len(steps), len(self.groups)
         table = {
             "step": np.repeat(steps, n),
             "time": np.repeat(time, n),
-            "lr": lr.reshape(-1),
             "symmetry": np.tile(self.groups.symmetry, n_rows),
             "layer": np.tile(self.groups.layer, n_rows),
             "group": np.tile(self.groups.index, n_rows),
             "label": np.tile(self.groups.label, n_rows),
         }
-        for col in STEP_COLUMNS:
+        for col in COLUMNS:
             table[col] = c[col].reshape(-1)
         frame = pd.DataFrame(table)
         for col in ("symmetry", "layer", "label"):
@@ -229,6 +237,25 @@ class Run:
             )
         return pd.DataFrame(rows)
 
+    # -- figures (neural_mechanics.plots; matplotlib is imported only here) -------------------
+    def plot(self, symmetry: str, layer: str | None = None, **kwargs: Any) -> Any:
+        """Measured charges (solid) against theory (dashed) for one symmetry; a Figure."""
+        from .plots import plot_charges
+
+        return plot_charges(self, symmetry, layer=layer, **kwargs)
+
+    def plot_errors(self, **kwargs: Any) -> Any:
+        """Error of the exact ledger and of the paper's closed form over time; a Figure."""
+        from .plots import plot_errors
+
+        return plot_errors(self, **kwargs)
+
+    def plot_residuals(self, **kwargs: Any) -> Any:
+        """Constraint residuals per layer; a Figure."""
+        from .plots import plot_residuals
+
+        return plot_residuals(self, **kwargs)
+
     # -- persistence -------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         g = self.groups
@@ -256,9 +283,8 @@ class Run:
         holding the groups, notes, hyperparameters per step and every column, final row
         included. Reload with :func:`load_run`, in any process, without torch.
         """
-        steps, time, lr, cols = self._rows()
-        arrays = [("steps", steps), ("time", time), ("lr", np.ascontiguousarray(lr))]
-        arrays += [(c, np.ascontiguousarray(cols[c])) for c in STEP_COLUMNS]
+        steps, time, cols = self._rows()
+        arrays = [("steps", steps), ("time", time)] + [(c, np.ascontiguousarray(cols[c])) for c in COLUMNS]
         target = Path(path)
         _native.save_run(os.fspath(target), json.dumps(self._meta()), arrays)
         return target
@@ -288,7 +314,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if meta.get("kind") != FILE_KIND:
         raise RunFormatError(f"{path}: a neural-mechanics file, but not a run (kind {meta.get('kind')!r})")
     data = dict(arrays)
-    missing = [c for c in ("steps", "time", "lr", *STEP_COLUMNS) if c not in data]
+    missing = [c for c in ("steps", "time", *COLUMNS) if c not in data]
     if missing:
         raise RunFormatError(f"{path}: run file lacks the arrays {missing}")
     g = meta["groups"]

@@ -4,6 +4,7 @@
 use crate::error::Error;
 use pyo3::prelude::*;
 
+mod raw;
 mod runfile;
 mod stats;
 mod theory;
@@ -35,6 +36,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     stats::register(m)?;
     runfile::register(m)?;
+    raw::register(m)?;
     theory::register(m)?;
     Ok(())
 }

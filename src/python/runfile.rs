@@ -3,7 +3,7 @@
 use super::to_pyerr;
 use crate::error::Error;
 use crate::runfile::{self, ArrayRef, ElemType};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use std::path::PathBuf;
 

@@ -95,6 +95,8 @@ class Plan:
     group_kind: np.ndarray  # 0 translation, 1 scale, 2 rescale
     group_size: np.ndarray  # entries per group (|A|)
     translation_reductions: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    reduction_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # first row of each reduction
+    rows_in_order: bool = False  # row_order is the identity: no gather needed
 
     @property
     def n_groups(self) -> int:
@@ -102,7 +104,7 @@ class Plan:
 
     def reduce_parts(self, rows: np.ndarray) -> np.ndarray:
         """Per-part sums from the concatenated per-row sums (rows, K) -> (parts, K)."""
-        return np.add.reduceat(rows[self.row_order], self.row_starts, axis=0)
+        return np.add.reduceat(rows if self.rows_in_order else rows[self.row_order], self.row_starts, axis=0)
 
     def to_columns(self, per_part: np.ndarray) -> np.ndarray:
         """Signed sums of per-part values (parts, ...) into columns."""
@@ -165,9 +167,10 @@ def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_
         if group.symmetry == "translation":
             for name, index, _ in group.parts:
                 translation_reds[red_index[part_rows(name, tuple(named_params[name].shape), tuple(index))[0]]] = True
+    used = {name for group in groups for name, _, _ in group.parts}
     return Plan(
         groups=list(groups),
-        params=dict(named_params),
+        params={name: p for name, p in named_params.items() if name in used},
         reductions=reductions,
         reduction_rows=red_rows,
         part_name=[p[2] for p in parts],
@@ -184,6 +187,8 @@ def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_
         group_kind=np.array([KIND_CODE[g.symmetry] for g in groups], dtype=np.int64),
         group_size=group_size,
         translation_reductions=translation_reds,
+        reduction_offsets=np.cumsum([0] + red_rows).astype(np.int64),
+        rows_in_order=len(row_order) == sum(red_rows) and row_order == list(range(len(row_order))),
     )
 
 

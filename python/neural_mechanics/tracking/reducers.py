@@ -23,18 +23,6 @@ Item = tuple  # (theta, grad | None, velocity | None, axis, block)
 _CHUNK_ELEMS = 1 << 24
 
 
-def _numpy(t: Any) -> tuple[np.ndarray, bool]:
-    """A zero-copy numpy view of a CPU tensor (a contiguous copy if it is not contiguous)."""
-    import torch
-
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16), True
-    return t.numpy(), False
-
-
 class Pending:
     """A result that may still be on its way from the device."""
 
@@ -48,20 +36,90 @@ class Pending:
         return self._value
 
 
+def _dtype_codes() -> dict[Any, int]:
+    import torch
+
+    return {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+_DTYPE_CODES = _dtype_codes()
+
+
+def _layout(shape: tuple, axis: int, block: int) -> tuple[int, int, int]:
+    """(outer, groups, seg) of the Rust kernel (src/stats.rs) for a C-contiguous tensor."""
+    out = shape[0]
+    inner = shape[1] if len(shape) > 1 else 1
+    rest = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    if axis == 0:
+        return 1, out, inner * rest
+    return out, inner // block, block * rest
+
+
 class RustReducer:
-    """CPU tensors: one call into the fused Rust kernel for all items, GIL released."""
+    """CPU tensors: one call into the fused Rust kernel per step, GIL released.
+
+    Tensors travel by address (``_native.group_stats_ptrs``): making numpy views of dozens of
+    tensors every step would cost more than reducing them. This class keeps the kernel's contract:
+    the tensors (or contiguous copies) stay referenced, contiguous and on the CPU during the call.
+    """
 
     delayed = False
 
+    def __init__(self) -> None:
+        self._layouts: dict[tuple, tuple[int, int, int]] = {}
+
+    def _spec(self, item: Item, keep: list[Any]) -> tuple:
+        theta, grad, velocity, axis, block = item
+        code = _DTYPE_CODES.get(theta.dtype)
+        addrs = []
+        for t in (theta, grad, velocity):
+            if t is None:
+                addrs.append(0)
+                continue
+            if not t.is_cpu or t.dtype != theta.dtype or code is None:
+                raise _device_or_dtype_error(t, theta)
+            if not t.is_contiguous():
+                t = t.contiguous()
+                keep.append(t)
+            addrs.append(t.data_ptr())
+        key = (theta.shape, axis, block)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _layout(tuple(theta.shape), axis, block)
+        return (addrs[0], addrs[1], addrs[2], theta.numel(), *layout, code)
+
+    def submit_blocks(self, items: Sequence[Item], extra: Sequence[Item] = ()) -> Pending:
+        """Items of one arity reduced into one (rows, K) block; ``extra`` (θ only) into another."""
+        keep: list[Any] = []  # contiguous copies must outlive the call
+        main = _native.group_stats_ptrs([self._spec(it, keep) for it in items])
+        more = _native.group_stats_ptrs([self._spec(it, keep) for it in extra]) if extra else None
+        del keep
+        return Pending(lambda: (main, more))
+
     def submit(self, items: Sequence[Item]) -> Pending:
-        specs = []
-        for theta, grad, velocity, axis, block in items:
-            t, bf16 = _numpy(theta)
-            g = _numpy(grad)[0] if grad is not None else None
-            v = _numpy(velocity)[0] if velocity is not None else None
-            specs.append((t, g, v, axis, block, bf16))
-        out = list(_native.group_stats_batch(specs, False))
+        """One (groups, K) array per item, items of any arity."""
+        keep: list[Any] = []
+        specs = [self._spec(it, keep) for it in items]
+        by_width: dict[int, list[int]] = {}
+        for i, sp in enumerate(specs):
+            by_width.setdefault(sum(a != 0 for a in sp[:3]), []).append(i)
+        out: list[Any] = [None] * len(specs)
+        for members in by_width.values():
+            block_out = _native.group_stats_ptrs([specs[i] for i in members])
+            at = 0
+            for i in members:
+                out[i] = block_out[at : at + specs[i][5]]
+                at += specs[i][5]
+        del keep
         return Pending(lambda: out)
+
+
+def _device_or_dtype_error(t: Any, theta: Any) -> Exception:
+    from ..errors import DeviceError, DTypeError
+
+    if t.device.type != "cpu":
+        return DeviceError(f"the Rust reducer reads CPU tensors; got one on {t.device}")
+    return DTypeError(f"unsupported or mixed dtypes {t.dtype} / {theta.dtype}; expected float32/64, float16, bfloat16")
 
 
 def _as_groups(x: Any, axis: int, block: int) -> Any:
@@ -116,6 +174,18 @@ class TorchReducer:
         self.delayed = delayed
         self._pinned: list[Any] = [None, None]  # double buffer: one being filled, one being read
         self._turn = 0
+
+    def submit_blocks(self, items: Sequence[Item], extra: Sequence[Item] = ()) -> Pending:
+        """Items of one arity reduced into one (rows, K) block; ``extra`` (θ only) into another."""
+        n = len(items)
+        pending = self.submit(list(items) + list(extra))
+
+        def fetch() -> tuple[np.ndarray, np.ndarray | None]:
+            out = pending.result()
+            main = np.concatenate(out[:n], axis=0)
+            return main, (np.concatenate(out[n:], axis=0) if len(out) > n else None)
+
+        return Pending(fetch)
 
     def submit(self, items: Sequence[Item]) -> Pending:
         import torch

@@ -10,6 +10,7 @@ All arrays are per part (one entry per part of a symmetry group); hyperparameter
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +50,10 @@ class StepQuantities:
     e: np.ndarray  # ⟨u_n, b_n⟩ (nesterov's ledger input)
 
 
-def step_quantities(
-    p: PartSums, momentum: np.ndarray, dampening: np.ndarray, weight_decay: np.ndarray, nesterov: np.ndarray
-) -> StepQuantities:
+def step_quantities(p: PartSums, momentum: Any, dampening: Any, weight_decay: Any, nesterov: Any) -> StepQuantities:
+    """Hyperparameters per part (arrays), or scalars when every part shares them (faster)."""
+    if np.ndim(momentum) == 0:
+        return _step_quantities_scalar(p, float(momentum), float(dampening), float(weight_decay), bool(nesterov))
     lam, beta, d = weight_decay, momentum, dampening
     ww = p.gg + 2 * lam * p.s + lam * lam * p.x  # |w|²
     tw = p.s + lam * p.x  # ⟨θ, w⟩
@@ -76,3 +78,31 @@ def step_quantities(
     e = np.where(nest, wb_new + beta * bb_new, np.where(plain, bb_new, 0.0))
     drive = np.where(no_mom, p.gg, bb_new)
     return StepQuantities(uu=uu, tu=tu, su=su, drive=drive, e=e)
+
+
+def _step_quantities_scalar(p: PartSums, beta: float, d: float, lam: float, nesterov: bool) -> StepQuantities:
+    """step_quantities for one hyperparameter setting: the same algebra, branching in Python."""
+    ww = p.gg + 2 * lam * p.s + lam * lam * p.x
+    tw = p.s + lam * p.x
+    sw = p.gs + lam * p.q
+    if beta == 0:
+        return StepQuantities(uu=ww, tu=tw, su=sw, drive=p.gg, e=np.zeros_like(ww))
+    if p.bb is None:
+        bb_new, tb_new, sb_new, wb_new = ww, tw, sw, ww
+    else:
+        assert p.tb is not None and p.gb is not None and p.bs is not None
+        wb = p.gb + lam * p.tb
+        k = 1 - d
+        bb_new = beta * beta * p.bb + 2 * beta * k * wb + k * k * ww
+        tb_new = beta * p.tb + k * tw
+        sb_new = beta * p.bs + k * sw
+        wb_new = beta * wb + k * ww
+    if not nesterov:
+        return StepQuantities(uu=bb_new, tu=tb_new, su=sb_new, drive=bb_new, e=bb_new)
+    return StepQuantities(
+        uu=ww + 2 * beta * wb_new + beta * beta * bb_new,
+        tu=tw + beta * tb_new,
+        su=sw + beta * sb_new,
+        drive=bb_new,
+        e=wb_new + beta * bb_new,
+    )

@@ -5,6 +5,12 @@ torch.optim.SGD (the closed forms and the exact ledger): one fused pass before e
 θ_n is copied before the step (memory: one copy of the tracked parameters, plus one temporary of
 the same size during the post-step pass) and the applied update is measured after it; the exact
 column is then bookkeeping and the paper column is NaN.
+
+The per-step path is written for small networks, where a step takes a few milliseconds: the
+plan is compiled once, every per-part quantity travels as one column of a matrix so that signed
+sums into columns and groups are a few reduceat calls, hyperparameter-derived values are cached
+per distinct hyperparameter setting, and steps that are not measured (``every > 1``) only note
+their hyperparameters; the paper's streams catch up at the next measurement.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ import numpy as np
 from .. import theory
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
-from .plan import KIND_CODE, Plan, build_plan
+from .plan import Plan, build_plan
 from .reducers import Pending, choose
 from .sgd import PartSums, step_quantities
 
 KINDS = ("translation", "scale", "rescale")
 # A group's mean squared gradient entry below this fraction of the model's counts as no gradient.
 NO_GRADIENT = 1e-8
+# Columns of the per-part matrix that is summed into columns and groups with signs.
+_CHARGE, _FLUX, _GG, _UU, _E, _DRIVE, _SU, _BDOT = range(8)
+
+Hyper = tuple  # per param_group: (lr, momentum, dampening, weight_decay, nesterov)
 
 
 class Tracker:
@@ -52,17 +62,17 @@ class Tracker:
         self.optimizer = optimizer
         self.every = every
         self.record_every = record_every
+        self._stride = every * record_every // math.gcd(every, record_every)
+        self._sgd = type(optimizer) is torch.optim.SGD and not any(g.get("maximize", False) for g in optimizer.param_groups)
         self._reducer_kind = reducer
         self._memory_limit = memory_limit
         self._spill_dir = spill_dir
-        self._queue: list[Callable[[], None]] = []  # delayed measurements, oldest first
-        self._stride = every * record_every // math.gcd(every, record_every)
-        self._sgd = type(optimizer) is torch.optim.SGD and not any(g.get("maximize", False) for g in optimizer.param_groups)
         self._handles: list[Any] = []
         self._plan: Plan | None = None
         self._run: Run | None = None
         self._step = 0
         self._closed = False
+        self._queue: list[Callable[[], None]] = []  # delayed measurements, oldest first
         if symmetries is None:
             self._handles.append(model.register_forward_pre_hook(self._discover, with_kwargs=True))
         else:
@@ -80,17 +90,15 @@ class Tracker:
 
     def _setup(self, symmetries: Any) -> None:
         named = dict(self.model.named_parameters())
-        param_group_of: dict[str, int] = {}
         by_id = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        param_group_of = {name: by_id[id(p)] for name, p in named.items() if id(p) in by_id}
         skipped: dict[str, str] = dict(getattr(symmetries, "skipped", {}) or {})
-        for name, p in named.items():
-            if id(p) in by_id:
-                param_group_of[name] = by_id[id(p)]
         kept = []
         for g in symmetries:
             bad = [n for n, _, _ in g.parts if n not in param_group_of or not named[n].requires_grad]
             if bad:
-                why = "frozen (requires_grad=False)" if all(n in named and not named[n].requires_grad for n in bad) else "not in the optimizer"
+                frozen = all(n in named and not named[n].requires_grad for n in bad)
+                why = "frozen (requires_grad=False)" if frozen else "not in the optimizer"
                 skipped[f"{g.symmetry} {g.layer} #{g.index}"] = f"parameter {bad[0]} is {why}"
                 continue
             kept.append(g)
@@ -100,39 +108,42 @@ class Tracker:
                 + ("the model has none" if not list(symmetries) else "every group touches a frozen or unoptimised parameter")
                 + (f" (skipped: {dict(list(skipped.items())[:5])})" if skipped else "")
             )
-        self._plan = build_plan(kept, named, param_group_of)
-        plan = self._plan
-        self._part_kind = plan.group_kind[np.repeat(np.arange(plan.n_groups), np.diff(np.append(plan.group_part_starts, len(plan.part_sign))))]
-        self._column_kind = plan.group_kind[plan.column_group]
-        n_cols_per_group = np.diff(np.append(plan.group_column_starts, len(plan.column_group)))
-        self._single_column = n_cols_per_group[plan.column_group] == 1
+        plan = self._plan = build_plan(kept, named, param_group_of)
+        parts_per_group = np.diff(np.append(plan.group_part_starts, len(plan.part_sign)))
+        self._part_translation = np.repeat(plan.group_kind == 0, parts_per_group)
+        cols_per_group = np.diff(np.append(plan.group_column_starts, len(plan.column_group)))
+        self._single_column = cols_per_group[plan.column_group] == 1
+        self._single_pg = len(np.unique(plan.part_param_group)) == 1
+        self._first_pg = plan.column_param_group[plan.group_column_starts]
+        column_kind = plan.group_kind[plan.column_group]
         # Lanes: the columns of one (kind, param_group); each lane runs its own theory streams.
         self._lanes = []
         for kind in range(3):
             for pg in np.unique(plan.column_param_group):
-                cols = np.flatnonzero((self._column_kind == kind) & (plan.column_param_group == pg))
+                cols = np.flatnonzero((column_kind == kind) & (plan.column_param_group == pg))
                 if cols.size:
                     self._lanes.append({"kind": KINDS[kind], "pg": int(pg), "cols": cols, "paper_cols": cols[self._single_column[cols]]})
-        self._reducer = choose([named[n] for n in plan.params if n in named], self._reducer_kind)
+        self._reducer = choose([named[n] for n in plan.params], self._reducer_kind)
         info = GroupInfo.from_groups(kept, plan.group_size)
-        self._run = Run(
+        run = self._run = Run(
             groups=info,
             optimizer=type(self.optimizer).__name__,
             skipped=skipped,
             max_rows_in_memory=None if self._memory_limit is None else Run.rows_for_memory(len(info), self._memory_limit),
             spill_dir=self._spill_dir,
         )
-        run = self._run
-        for gi in np.flatnonzero(n_cols_per_group > 1):
+        for gi in np.flatnonzero(cols_per_group > 1):
             g = kept[gi]
-            run.paper_notes[(g.symmetry, g.layer)] = "parts in param_groups with different hyperparameters: no closed form (THEORY §5.3); exact sums per-part ledgers"
+            run.paper_notes[(g.symmetry, g.layer)] = (
+                "parts in param_groups with different hyperparameters: no closed form (THEORY §5.3); exact sums per-part ledgers"
+            )
         if not self._sgd:
             for g in kept:
                 run.paper_notes[(g.symmetry, g.layer)] = (
-                    f"closed forms hold for torch.optim.SGD only; {type(self.optimizer).__name__}: exact is bookkeeping of the measured update (see theory.equilibrium_*)"
+                    f"closed forms hold for torch.optim.SGD only; {type(self.optimizer).__name__}: "
+                    "exact is bookkeeping of the measured update (see theory.equilibrium_*)"
                 )
-        nesterov = self._sgd and any(g.get("nesterov", False) for g in self.optimizer.param_groups)
-        if nesterov:
+        elif any(g.get("nesterov", False) for g in self.optimizer.param_groups):
             for g in kept:
                 run.paper_notes.setdefault(
                     (g.symmetry, g.layer), "nesterov: the paper's heavy-ball oscillator is an approximation here (exact holds)"
@@ -140,153 +151,50 @@ class Tracker:
         if self.every > 1:
             run.exact_note = f"exact needs every step; every={self.every} leaves it NaN"
         self._time = np.zeros(len(self.optimizer.param_groups))
-        self._streams: dict[int, dict[str, Any]] | None = None
+        self._streams: list[dict[str, Any]] | None = None
         self._held_drive = np.zeros(len(plan.column_group))
+        self._idle: list[Hyper] = []  # hyperparameters of unmeasured steps, not yet seen by the paper
         self._snapshot: dict[str, Any] | None = None
         self._measured_this_step = False
+        self._cache: dict[tuple, Any] = {}
+
+    # -- hyperparameters ---------------------------------------------------------------------
+    def _read_hyper(self) -> Hyper:
+        return tuple(
+            (float(g["lr"]), float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0)), float(g.get("weight_decay", 0.0)), bool(g.get("nesterov", False)))
+            for g in self.optimizer.param_groups
+        )
+
+    def _hyper(self, h: Hyper) -> dict[str, Any]:
+        """Arrays per param_group and per part, and the regime, for one hyperparameter setting."""
+        cached = self._cache.get(h)
+        if cached is not None:
+            return cached
+        plan = self._plan
+        assert plan is not None
+        lr, mom, damp, wd, nest = (np.array(v, dtype=float if i < 4 else bool) for i, v in enumerate(zip(*h)))
+        pg = plan.part_param_group
+        per_part = (mom[pg], damp[pg], wd[pg], nest[pg])
+        if self._single_pg:  # scalars: cheaper arithmetic and no np.where chains in sgd.py
+            per_part = (float(mom[pg[0]]), float(damp[pg[0]]), float(wd[pg[0]]), bool(nest[pg[0]]))
+        regimes = {}
+        for lane in self._lanes:
+            p = lane["pg"]
+            try:
+                regimes[lane["kind"]] = theory.regime(lr=lr[p], momentum=mom[p], dampening=damp[p], weight_decay=wd[p])
+            except Exception:  # noqa: BLE001 - a regime is a label, never a reason to stop training
+                regimes[lane["kind"]] = "n/a"
+        # t_{n+1} = t_n + η_n(1 − d_n); PyTorch ignores dampening without momentum.
+        dt = lr * (1 - np.where(mom > 0, damp, 0.0))
+        out = {"lr": lr, "momentum": mom, "dampening": damp, "weight_decay": wd, "nesterov": nest, "per_part": per_part, "regimes": regimes, "dt": dt}
+        # per-group hyperparameter columns of the Run (each group's first param_group)
+        out["row"] = {"lr": lr[self._first_pg], "momentum": mom[self._first_pg], "dampening": damp[self._first_pg], "weight_decay": wd[self._first_pg]}
+        if len(self._cache) > 4096:  # a schedule that changes every step: do not grow without bound
+            self._cache.clear()
+        self._cache[h] = out
+        return out
 
     # -- per-step work -----------------------------------------------------------------------
-    def _hyper(self) -> dict[str, np.ndarray]:
-        pgs = self.optimizer.param_groups
-        get = lambda key, default: np.array([float(g.get(key, default)) for g in pgs])  # noqa: E731
-        return {
-            "lr": get("lr", 0.0),
-            "momentum": get("momentum", 0.0),
-            "dampening": get("dampening", 0.0),
-            "weight_decay": get("weight_decay", 0.0),
-            "nesterov": np.array([bool(g.get("nesterov", False)) for g in pgs]),
-        }
-
-    def _submit(self, items: list[tuple], sum_only: list[Any]) -> Pending:
-        """Reduce every item, plus a plain sum of each tensor in ``sum_only`` (None: skipped)."""
-        extra = [(t, None, None, r.axis, r.block) for r, t in zip(self._plan.reductions, sum_only) if t is not None]
-        return self._reducer.submit(list(items) + extra)
-
-    def _parse(self, results: list[np.ndarray], sum_only: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per-part sums (parts, K) and per-part plain sums of the extra tensors (or None)."""
-        plan = self._plan
-        assert plan is not None
-        n = len(plan.reductions)
-        parts = plan.reduce_parts(np.concatenate(results[:n], axis=0))
-        if not any(t is not None for t in sum_only):
-            return parts, None
-        offsets = np.cumsum([0] + plan.reduction_rows)
-        extra_rows = np.zeros(offsets[-1])
-        extras = iter(results[n:])
-        for i, t in enumerate(sum_only):
-            if t is not None:
-                extra_rows[offsets[i] : offsets[i + 1]] = next(extras)[:, 0]
-        return parts, plan.reduce_parts(extra_rows[:, None])[:, 0]
-
-    def _sgd_items(self) -> tuple[list[tuple], list[Any], bool]:
-        """(θ_n, ĝ_n, b_{n−1}) per reduction, and b_{n−1} again where a plain sum is needed."""
-        plan = self._plan
-        assert plan is not None
-        state = self.optimizer.state
-        has_buffer = any(state.get(plan.params[r.name], {}).get("momentum_buffer") is not None for r in plan.reductions)
-        items, sum_only = [], []
-        for r, is_translation in zip(plan.reductions, plan.translation_reductions):
-            p = plan.params[r.name]
-            grad = p.grad if p.grad is not None else _zeros(p)
-            buf = state.get(p, {}).get("momentum_buffer") if has_buffer else None
-            if has_buffer and buf is None:
-                buf = _zeros(p)
-            items.append((r.view(p), r.view(grad), None if buf is None else r.view(buf), r.axis, r.block))
-            sum_only.append(r.view(buf) if has_buffer and is_translation else None)
-        return items, sum_only, has_buffer
-
-    def _group_view(self, p: PartSums) -> dict[str, np.ndarray]:
-        """Group-level measured charge, flux, magnitude and constraint residual from part sums."""
-        plan = self._plan
-        assert plan is not None
-        translation = self._part_kind == 0
-        charge = plan.to_groups(plan.to_columns(np.where(translation, p.q, p.x)))
-        flux = plan.to_groups(plan.to_columns(np.where(translation, p.gs, p.s)))
-        x_abs = plan.parts_to_groups_unsigned(p.x)
-        is_t = plan.group_kind == 0
-        magnitude = np.where(is_t, np.sqrt(plan.group_size * x_abs), x_abs)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            norm_prod = plan.parts_to_groups_unsigned(np.sqrt(p.gg * p.x))
-            g_abs = plan.parts_to_groups_unsigned(p.gg)
-            denom = np.where(is_t, np.sqrt(plan.group_size * g_abs), norm_prod)
-            residual = np.abs(flux) / np.where(denom > 0, denom, 1.0)
-        # A group whose gradient is at float rounding level (a bias before BatchNorm, a dead
-        # unit) proves nothing (THEORY §3): its residual is NaN, "no gradient".
-        mean_sq = p.gg.sum() / max(float(plan.part_size.sum()), 1.0)
-        residual[(g_abs <= NO_GRADIENT * mean_sq * plan.group_size) | (denom <= 0)] = np.nan
-        return {"measured": charge, "flux": flux, "magnitude": magnitude, "residual": residual}
-
-    def _init_streams(self, columns_y0: np.ndarray, buffer_dot0: np.ndarray | None, hyper: dict[str, np.ndarray]) -> None:
-        self._streams = {}
-        for lane_i, lane in enumerate(self._lanes):
-            cols, pcols = lane["cols"], lane["paper_cols"]
-            pg = lane["pg"]
-            bd = None if buffer_dot0 is None else buffer_dot0[cols]
-            streams: dict[str, Any] = {}
-            if self._sgd and self.every == 1:
-                streams["ledger"] = theory.LedgerStream(lane["kind"], columns_y0[cols], buffer_dot0=bd)
-            elif not self._sgd and self.every == 1:
-                streams["ledger_y"] = columns_y0[cols].copy()
-            if self._sgd and pcols.size:
-                ydot0 = None
-                if buffer_dot0 is not None and hyper["momentum"][pg] > 0:
-                    k = 1 - hyper["dampening"][pg]
-                    factor = -1.0 if lane["kind"] == "translation" else -2.0
-                    ydot0 = factor * buffer_dot0[pcols] / k
-                streams["paper"] = theory.PaperStream(lane["kind"], columns_y0[pcols], ydot0=ydot0)
-            self._streams[lane_i] = streams
-
-    def _predictions(self) -> tuple[np.ndarray, np.ndarray]:
-        """Current (paper, exact) predictions per group (NaN where a theory does not apply)."""
-        plan = self._plan
-        assert plan is not None and self._streams is not None
-        n_cols = len(plan.column_group)
-        paper_cols = np.full(n_cols, np.nan)
-        exact_cols = np.full(n_cols, np.nan)
-        for lane_i, lane in enumerate(self._lanes):
-            st = self._streams[lane_i]
-            if "paper" in st and st["paper"] is not None:
-                paper_cols[lane["paper_cols"]] = st["paper"].y
-            if "ledger" in st:
-                exact_cols[lane["cols"]] = st["ledger"].y
-            elif "ledger_y" in st:
-                exact_cols[lane["cols"]] = st["ledger_y"]
-        paper = np.full(plan.n_groups, np.nan)
-        single = self._single_column
-        paper[plan.column_group[single]] = paper_cols[single]
-        return paper, plan.to_groups(exact_cols)
-
-    def _advance_paper(self, hyper: dict[str, np.ndarray], drive_cols: np.ndarray) -> None:
-        assert self._streams is not None
-        for lane_i, lane in enumerate(self._lanes):
-            stream = self._streams[lane_i].get("paper")
-            if stream is None:
-                continue
-            pg = lane["pg"]
-            try:
-                stream.step(
-                    None if lane["kind"] == "translation" else drive_cols[lane["paper_cols"]],
-                    lr=hyper["lr"][pg],
-                    momentum=hyper["momentum"][pg],
-                    dampening=hyper["dampening"][pg],
-                    weight_decay=hyper["weight_decay"][pg],
-                )
-            except Exception as err:  # e.g. momentum switched between zero and non-zero mid-run
-                self._streams[lane_i]["paper"] = None
-                assert self._run is not None
-                self._run.notes.append(f"paper closed form stopped at step {self._step} for {lane['kind']}: {err}")
-
-    def _record(self, step: int, time: np.ndarray, values: dict[str, np.ndarray], hyper: dict[str, np.ndarray]) -> None:
-        plan, run = self._plan, self._run
-        assert plan is not None and run is not None
-        if step % self._stride:
-            return
-        first_pg = plan.column_param_group[plan.group_column_starts]
-        paper, exact = self._predictions()
-        values = dict(values, paper=paper, exact=exact)
-        # A run's clock is the first param_group's (mixed groups are rare; their lr column differs).
-        run.append(step, float(time[first_pg[0]]), hyper["lr"][first_pg], values)
-
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed:
             return
@@ -296,21 +204,33 @@ class Tracker:
                 "but optimizer.step() came before any forward pass"
             )
         self._flush()  # the previous step's delayed results, before anything of this step
-        hyper = self._hyper()
+        h = self._read_hyper()
+        hyper = self._hyper(h)
         measure = self._step % self.every == 0
         self._measured_this_step = measure
         if not self._sgd:
             if measure:
-                self._snapshot = {r.name: self._plan.params[r.name].detach().clone() for r in self._plan.reductions}
+                self._snapshot = {name: p.detach().clone() for name, p in self._plan.params.items()}
             return
         if measure:
             items, sum_only, has_buffer = self._sgd_items()
             pending = self._submit(items, sum_only)
             step, time = self._step, self._time.copy()
-            self._defer(lambda: self._process_sgd(pending.result(), sum_only, has_buffer, hyper, step, time))
+            self._defer(lambda: self._process_sgd(pending, sum_only, has_buffer, hyper, step, time))
         else:
-            self._advance_paper(hyper, self._held_drive)
-        self._advance_time(hyper)
+            self._idle.append(h)
+        self._time = self._time + hyper["dt"]
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._closed or self._plan is None:
+            return
+        if not self._sgd:
+            hyper = self._hyper(self._read_hyper())
+            if self._measured_this_step and self._snapshot is not None:
+                self._submit_generic(hyper)
+            self._time = self._time + hyper["dt"]
+            self._snapshot = None
+        self._step += 1
 
     def _defer(self, work: Callable[[], None]) -> None:
         self._queue.append(work)
@@ -321,122 +241,239 @@ class Tracker:
         while self._queue:
             self._queue.pop(0)()
 
-    def _process_sgd(
-        self, results: list[np.ndarray], sum_only: list[Any], has_buffer: bool, hyper: dict[str, np.ndarray], step: int, time: np.ndarray
-    ) -> None:
-        plan, run = self._plan, self._run
-        assert plan is not None and run is not None
-        parts, buffer_sum = self._parse(results, sum_only)
-        sums = PartSums.from_rows(parts, buffer_sum if has_buffer else None)
-        pg = plan.part_param_group
-        q = step_quantities(sums, hyper["momentum"][pg], hyper["dampening"][pg], hyper["weight_decay"][pg], hyper["nesterov"][pg])
-        view = self._group_view(sums)
-        translation = self._part_kind == 0
-        if self._streams is None:
-            cols_y0 = plan.to_columns(np.where(translation, sums.q, sums.x))
-            buffer_dot0 = None if sums.tb is None else plan.to_columns(np.where(translation, sums.bs, sums.tb))
-            self._init_streams(cols_y0, buffer_dot0, hyper)
-        cols = {
-            "flux": plan.to_columns(np.where(translation, sums.gs, sums.s)),
-            "update_sq": plan.to_columns(q.uu),
-            "update_dot": plan.to_columns(q.e),
-            "drive": plan.to_columns(q.drive),
-        }
-        values = dict(
-            view,
-            grad_sq=plan.to_groups(plan.to_columns(sums.gg)),
-            update_sq=plan.to_groups(cols["update_sq"]),
-            update_sum=np.where(plan.group_kind == 0, plan.to_groups(plan.to_columns(q.su)), np.nan),
-        )
-        self._record(step, time, values, hyper)
-        self._note_regimes(hyper)
-        self._held_drive = cols["drive"]
-        self._advance_paper(hyper, cols["drive"])
-        if self.every == 1:
-            assert self._streams is not None
-            for lane_i, lane in enumerate(self._lanes):
-                c, p = lane["cols"], lane["pg"]
-                self._streams[lane_i]["ledger"].step(
-                    flux=cols["flux"][c],
-                    update_sq=None if lane["kind"] == "translation" else cols["update_sq"][c],
-                    lr=hyper["lr"][p],
-                    momentum=hyper["momentum"][p],
-                    dampening=hyper["dampening"][p],
-                    weight_decay=hyper["weight_decay"][p],
-                    nesterov=bool(hyper["nesterov"][p]),
-                    update_dot=None if lane["kind"] == "translation" or not hyper["nesterov"][p] else cols["update_dot"][c],
-                )
-
-    def _note_regimes(self, hyper: dict[str, np.ndarray]) -> None:
-        run = self._run
-        assert run is not None
-        for lane in self._lanes:
-            p = lane["pg"]
-            try:
-                reg = theory.regime(lr=hyper["lr"][p], momentum=hyper["momentum"][p], dampening=hyper["dampening"][p], weight_decay=hyper["weight_decay"][p])
-            except Exception:  # noqa: BLE001 - a regime is a label, never a reason to stop training
-                reg = "n/a"
-            run.note_regime(lane["kind"], reg)
-
-    def _advance_time(self, hyper: dict[str, np.ndarray]) -> None:
-        # t_{n+1} = t_n + η_n(1 − d_n); PyTorch ignores dampening without momentum.
-        damp = np.where(hyper["momentum"] > 0, hyper["dampening"], 0.0)
-        self._time = self._time + hyper["lr"] * (1 - damp)
-
-    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._closed or self._plan is None:
-            return
-        if not self._sgd:
-            hyper = self._hyper()
-            if self._measured_this_step and self._snapshot is not None:
-                self._submit_generic(hyper)
-            self._advance_time(hyper)
-            self._snapshot = None
-        self._step += 1
-
-    def _submit_generic(self, hyper: dict[str, np.ndarray]) -> None:
-        """θ_n (the snapshot), ĝ_n and the applied update d_n = θ_n − θ_{n+1} in one pass."""
+    def _submit(self, items: list[tuple], sum_only: list[Any]) -> Pending:
+        """Reduce every item, plus a plain sum of each tensor in ``sum_only`` (None: skipped)."""
         plan = self._plan
-        assert plan is not None and self._snapshot is not None
+        assert plan is not None
+        extra = [(t, None, None, r.axis, r.block) for r, t in zip(plan.reductions, sum_only) if t is not None]
+        return self._reducer.submit_blocks(items, extra)
+
+    def _parse(self, blocks: tuple[np.ndarray, np.ndarray | None], sum_only: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-part sums (parts, K) and per-part plain sums of the extra tensors (or None)."""
+        plan = self._plan
+        assert plan is not None
+        main, extra = blocks
+        parts = plan.reduce_parts(main)
+        if extra is None:
+            return parts, None
+        offsets = plan.reduction_offsets
+        extra_rows = np.zeros(offsets[-1])
+        at = 0
+        for i, t in enumerate(sum_only):
+            if t is not None:
+                n = offsets[i + 1] - offsets[i]
+                extra_rows[offsets[i] : offsets[i + 1]] = extra[at : at + n, 0]
+                at += n
+        return parts, plan.reduce_parts(extra_rows[:, None])[:, 0]
+
+    def _sgd_items(self) -> tuple[list[tuple], list[Any], bool]:
+        """(θ_n, ĝ_n, b_{n−1}) per reduction, and b_{n−1} again where a plain sum is needed."""
+        plan = self._plan
+        assert plan is not None
+        state = self.optimizer.state
+        buffers = {name: state[p].get("momentum_buffer") if p in state else None for name, p in plan.params.items()}
+        has_buffer = any(b is not None for b in buffers.values())
         items, sum_only = [], []
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
             p = plan.params[r.name]
             grad = p.grad if p.grad is not None else _zeros(p)
-            snap = self._snapshot[r.name]
-            delta = snap - r.view(p.detach())
-            items.append((r.view(snap), r.view(grad), delta, r.axis, r.block))
+            buf = buffers[r.name]
+            if has_buffer and buf is None:
+                buf = _zeros(p)  # a parameter that has not had a gradient yet: SGD gave it no buffer
+            view = r.view
+            items.append((view(p), view(grad), None if buf is None else view(buf), r.axis, r.block))
+            sum_only.append(view(buf) if has_buffer and is_translation else None)
+        return items, sum_only, has_buffer
+
+    def _process_sgd(self, pending: Pending, sum_only: list[Any], has_buffer: bool, hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
+        plan = self._plan
+        assert plan is not None
+        parts, buffer_sum = self._parse(pending.result(), sum_only)
+        sums = PartSums.from_rows(parts, buffer_sum if has_buffer else None)
+        q = step_quantities(sums, *hyper["per_part"])
+        t = self._part_translation
+        m = np.empty((len(t), 8))
+        m[:, _CHARGE] = np.where(t, sums.q, sums.x)
+        m[:, _FLUX] = np.where(t, sums.gs, sums.s)
+        m[:, _GG] = sums.gg
+        m[:, _UU] = q.uu
+        m[:, _E] = q.e
+        m[:, _DRIVE] = q.drive
+        m[:, _SU] = q.su
+        m[:, _BDOT] = 0.0 if sums.tb is None else np.where(t, sums.bs, sums.tb)
+        cols = plan.to_columns(m)
+        if self._streams is None:
+            self._init_streams(cols[:, _CHARGE], cols[:, _BDOT] if has_buffer else None, hyper)
+        self._catch_up_paper()
+        groups = plan.to_groups(cols)
+        values = self._group_values(groups, sums)
+        values["update_sq"] = groups[:, _UU]
+        values["update_sum"] = np.where(plan.group_kind == 0, groups[:, _SU], np.nan)
+        self._record(step, time, values, hyper)
+        self._held_drive = cols[:, _DRIVE]
+        self._advance_paper(hyper, cols[:, _DRIVE])
+        if self.every == 1:
+            self._advance_ledger(hyper, cols)
+
+    def _group_values(self, groups: np.ndarray, sums: PartSums) -> dict[str, np.ndarray]:
+        """Measured charge, flux, |ĝ|², magnitude and constraint residual per group."""
+        plan = self._plan
+        assert plan is not None
+        with np.errstate(invalid="ignore"):
+            unsigned = plan.parts_to_groups_unsigned(np.column_stack([sums.x, sums.gg, np.sqrt(sums.gg * sums.x)]))
+        x_abs, g_abs, norm_prod = unsigned[:, 0], unsigned[:, 1], unsigned[:, 2]
+        is_t = plan.group_kind == 0
+        flux = groups[:, _FLUX]
+        denom = np.where(is_t, np.sqrt(plan.group_size * g_abs), norm_prod)
+        residual = np.abs(flux) / np.where(denom > 0, denom, 1.0)
+        # A group whose gradient is at float rounding level (a bias before BatchNorm, a dead
+        # unit) proves nothing (THEORY §3): its residual is NaN, "no gradient".
+        mean_sq = sums.gg.sum() / max(float(plan.part_size.sum()), 1.0)
+        residual[(g_abs <= NO_GRADIENT * mean_sq * plan.group_size) | (denom <= 0)] = np.nan
+        return {
+            "measured": groups[:, _CHARGE],
+            "flux": flux,
+            "grad_sq": groups[:, _GG],
+            "magnitude": np.where(is_t, np.sqrt(plan.group_size * x_abs), x_abs),
+            "residual": residual,
+        }
+
+    # -- theory streams ----------------------------------------------------------------------
+    def _init_streams(self, columns_y0: np.ndarray, buffer_dot0: np.ndarray | None, hyper: dict[str, Any]) -> None:
+        self._streams = []
+        for lane in self._lanes:
+            cols, pcols, pg = lane["cols"], lane["paper_cols"], lane["pg"]
+            streams: dict[str, Any] = {}
+            if self.every == 1:
+                if self._sgd:
+                    bd = None if buffer_dot0 is None else np.ascontiguousarray(buffer_dot0[cols])
+                    streams["ledger"] = theory.LedgerStream(lane["kind"], columns_y0[cols], buffer_dot0=bd)
+                else:
+                    streams["ledger_y"] = columns_y0[cols].copy()
+            if self._sgd and pcols.size:
+                ydot0 = None
+                if buffer_dot0 is not None and hyper["momentum"][pg] > 0:
+                    # ẏ(0) from the buffer that existed before tracking (THEORY §5.2).
+                    factor = -1.0 if lane["kind"] == "translation" else -2.0
+                    ydot0 = factor * buffer_dot0[pcols] / (1 - hyper["dampening"][pg])
+                streams["paper"] = theory.PaperStream(lane["kind"], columns_y0[pcols], ydot0=ydot0)
+            self._streams.append(streams)
+
+    def _advance_paper(self, hyper: dict[str, Any], drive_cols: np.ndarray) -> None:
+        assert self._streams is not None
+        for lane, streams in zip(self._lanes, self._streams):
+            stream = streams.get("paper")
+            if stream is None:
+                continue
+            p = lane["pg"]
+            drive = None if lane["kind"] == "translation" else np.ascontiguousarray(drive_cols[lane["paper_cols"]])
+            try:
+                # The wrapper's checks were done once at set-up; the native stream takes arrays as they are.
+                stream._native.step(drive, hyper["lr"][p], hyper["momentum"][p], hyper["dampening"][p], hyper["weight_decay"][p])
+            except Exception as err:  # e.g. momentum switched between zero and non-zero mid-run
+                streams["paper"] = None
+                assert self._run is not None
+                self._run.notes.append(f"paper closed form stopped at step {self._step} for {lane['kind']}: {err}")
+
+    def _catch_up_paper(self) -> None:
+        """Advance the paper's streams over unmeasured steps with the last measured drive."""
+        idle, self._idle = self._idle, []
+        for h in idle:
+            self._advance_paper(self._hyper(h), self._held_drive)
+
+    def _advance_ledger(self, hyper: dict[str, Any], cols: np.ndarray) -> None:
+        assert self._streams is not None
+        for lane, streams in zip(self._lanes, self._streams):
+            c, p = lane["cols"], lane["pg"]
+            quadratic = lane["kind"] != "translation"
+            nesterov = bool(hyper["nesterov"][p])
+            streams["ledger"]._native.step(
+                np.ascontiguousarray(cols[c, _FLUX]),
+                np.ascontiguousarray(cols[c, _UU]) if quadratic else None,
+                np.ascontiguousarray(cols[c, _E]) if quadratic and nesterov else None,
+                hyper["lr"][p],
+                hyper["momentum"][p],
+                hyper["dampening"][p],
+                hyper["weight_decay"][p],
+                nesterov,
+            )
+
+    def _predictions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Current (paper, exact) predictions per group (NaN where a theory does not apply)."""
+        plan = self._plan
+        assert plan is not None and self._streams is not None
+        n_cols = len(plan.column_group)
+        paper_cols = np.full(n_cols, np.nan)
+        exact_cols = np.full(n_cols, np.nan)
+        for lane, streams in zip(self._lanes, self._streams):
+            if streams.get("paper") is not None:
+                paper_cols[lane["paper_cols"]] = streams["paper"].y
+            if "ledger" in streams:
+                exact_cols[lane["cols"]] = streams["ledger"].y
+            elif "ledger_y" in streams:
+                exact_cols[lane["cols"]] = streams["ledger_y"]
+        paper = np.full(plan.n_groups, np.nan)
+        paper[plan.column_group[self._single_column]] = paper_cols[self._single_column]
+        return paper, plan.to_groups(exact_cols)
+
+    def _record(self, step: int, time: np.ndarray, values: dict[str, np.ndarray], hyper: dict[str, Any]) -> None:
+        run = self._run
+        assert run is not None
+        for kind, reg in hyper["regimes"].items():
+            run.note_regime(kind, reg)
+        if step % self._stride:
+            return
+        values["paper"], values["exact"] = self._predictions()
+        # A run's clock is the first param_group's (mixed groups are rare; their lr column differs).
+        run.append(step, float(time[self._first_pg[0]]), {**hyper["row"], **values})
+
+    # -- any other optimizer -----------------------------------------------------------------
+    def _submit_generic(self, hyper: dict[str, Any]) -> None:
+        """θ_n (the snapshot), ĝ_n and the applied update d_n = θ_n − θ_{n+1} in one pass."""
+        plan = self._plan
+        assert plan is not None and self._snapshot is not None
+        deltas = {name: snap - plan.params[name].detach() for name, snap in self._snapshot.items()}
+        items, sum_only = [], []
+        for r, is_translation in zip(plan.reductions, plan.translation_reductions):
+            p = plan.params[r.name]
+            grad = p.grad if p.grad is not None else _zeros(p)
+            delta = r.view(deltas[r.name])
+            items.append((r.view(self._snapshot[r.name]), r.view(grad), delta, r.axis, r.block))
             sum_only.append(delta if is_translation else None)
         pending = self._submit(items, sum_only)
         step, time = self._step, self._time.copy()
-        self._defer(lambda: self._process_generic(pending.result(), sum_only, hyper, step, time))
+        self._defer(lambda: self._process_generic(pending, sum_only, hyper, step, time))
 
-    def _process_generic(self, results: list[np.ndarray], sum_only: list[Any], hyper: dict[str, np.ndarray], step: int, time: np.ndarray) -> None:
+    def _process_generic(self, pending: Pending, sum_only: list[Any], hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
         plan = self._plan
         assert plan is not None
-        parts, d_sum = self._parse(results, sum_only)
-        if d_sum is None:
-            d_sum = np.zeros(len(parts))
+        parts, d_sum = self._parse(pending.result(), sum_only)
+        d_sum = np.zeros(len(parts)) if d_sum is None else d_sum
         sums = PartSums.from_rows(parts[:, :5], None)
         dd, td = parts[:, 5], parts[:, 6]
-        translation = self._part_kind == 0
-        view = self._group_view(sums)
-        if self._streams is None:
-            self._init_streams(plan.to_columns(np.where(translation, sums.q, sums.x)), None, hyper)
+        t = self._part_translation
         lr = hyper["lr"][plan.part_param_group]
         safe_lr = np.where(lr > 0, lr, 1.0)
-        values = dict(
-            view,
-            grad_sq=plan.to_groups(plan.to_columns(sums.gg)),
-            update_sq=plan.to_groups(plan.to_columns(dd / safe_lr**2)),
-            update_sum=np.where(plan.group_kind == 0, plan.to_groups(plan.to_columns(d_sum / safe_lr)), np.nan),
-        )
+        m = np.zeros((len(t), 8))
+        m[:, _CHARGE] = np.where(t, sums.q, sums.x)
+        m[:, _FLUX] = np.where(t, sums.gs, sums.s)
+        m[:, _GG] = sums.gg
+        m[:, _UU] = dd / safe_lr**2
+        m[:, _SU] = d_sum / safe_lr
+        # y_{n+1} = y_n − 2⟨θ_n, d_n⟩ + |d_n|² (scale, rescale); q_{n+1} = q_n − ⟨1, d_n⟩.
+        m[:, _E] = np.where(t, -d_sum, -2 * td + dd)
+        cols = plan.to_columns(m)
+        if self._streams is None:
+            self._init_streams(cols[:, _CHARGE], None, hyper)
+        groups = plan.to_groups(cols)
+        values = self._group_values(groups, sums)
+        values["update_sq"] = groups[:, _UU]
+        values["update_sum"] = np.where(plan.group_kind == 0, groups[:, _SU], np.nan)
         self._record(step, time, values, hyper)
         if self.every == 1:
-            # y_{n+1} = y_n − 2⟨θ_n, d_n⟩ + |d_n|² (scale, rescale); q_{n+1} = q_n − ⟨1, d_n⟩.
-            change = plan.to_columns(np.where(translation, -d_sum, -2 * td + dd))
             assert self._streams is not None
-            for lane_i, lane in enumerate(self._lanes):
-                self._streams[lane_i]["ledger_y"] = self._streams[lane_i]["ledger_y"] + change[lane["cols"]]
+            for lane, streams in zip(self._lanes, self._streams):
+                streams["ledger_y"] = streams["ledger_y"] + cols[lane["cols"], _E]
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -453,19 +490,18 @@ class Tracker:
         self._flush()
         if self._streams is None:
             return
+        self._catch_up_paper()
         items = [(r.view(plan.params[r.name]), None, None, r.axis, r.block) for r in plan.reductions]
-        parts = plan.reduce_parts(np.concatenate(self._reducer.submit(items).result(), axis=0))
-        translation = self._part_kind == 0
-        measured = plan.to_groups(plan.to_columns(np.where(translation, parts[:, 0], parts[:, 1])))
+        parts = plan.reduce_parts(self._reducer.submit_blocks(items).result()[0])
+        t = self._part_translation
+        measured = plan.to_groups(plan.to_columns(np.where(t, parts[:, 0], parts[:, 1])))
         x_abs = plan.parts_to_groups_unsigned(parts[:, 1])
-        magnitude = np.where(plan.group_kind == 0, np.sqrt(plan.group_size * x_abs), x_abs)
         paper, exact = self._predictions()
-        first_pg = plan.column_param_group[plan.group_column_starts]
         run.final = {
             "step": self._step,
-            "time": float(self._time[first_pg[0]]),
+            "time": float(self._time[self._first_pg[0]]),
             "measured": measured,
-            "magnitude": magnitude,
+            "magnitude": np.where(plan.group_kind == 0, np.sqrt(plan.group_size * x_abs), x_abs),
             "paper": paper,
             "exact": exact,
         }
@@ -532,4 +568,3 @@ def track(
     return Tracker(
         model, optimizer, symmetries, every=every, record_every=record_every, reducer=reducer, memory_limit=memory_limit, spill_dir=spill_dir
     )
-
