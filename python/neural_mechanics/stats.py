@@ -13,14 +13,24 @@ Behaviour on awkward input (each tested in tests/test_stats_errors.py):
   :class:`~neural_mechanics.errors.ShapeError`; ``block`` with ``axis=0``, an ``axis`` other than
   0 or 1, or a block that does not divide axis 1 raises
   :class:`~neural_mechanics.errors.InvalidArgumentError`. Both are ValueErrors.
-* Non-contiguous input raises ShapeError (copying silently would hide a large cost), except
-  torch channels_last tensors with ``axis=0``, which are read without a copy (each row is still
-  one dense block).
-* Empty tensors: each group's sums are 0 (an empty array when there are no groups).
+* Non-contiguous or misaligned input raises ShapeError (copying silently would hide a large
+  cost), except torch channels_last tensors with ``axis=0``, which are read without a copy (each
+  row is still one dense block); theta, grad and velocity must then all be channels_last.
+  Sparse tensors raise ShapeError; anything that is not a numpy array or a torch tensor (a list,
+  None) raises DTypeError.
+* ``axis`` must be 0 or 1 and ``block`` a positive integer (bools and floats are refused), else
+  InvalidArgumentError.
+* Empty tensors: each group's sums are 0 (an empty array when there are no groups), e.g. shape
+  (3, 0) gives three zero rows with ``axis=0`` and no groups with ``axis=1``.
 * NaN or infinity: with ``check_finite=True`` (the default)
   :class:`~neural_mechanics.errors.NonFiniteError` names the tensor, the group and the array;
   with ``check_finite=False`` the affected groups' sums are NaN/inf, as numpy's would be.
-* CUDA tensors raise :class:`~neural_mechanics.errors.DeviceError`: reduce them on the device.
+* CUDA (or meta) tensors raise :class:`~neural_mechanics.errors.DeviceError`: reduce them on
+  the device.
+
+Numerics: every sum accumulates in float64 (products of float32/16-bit inputs are exact in
+float64). The work is cut into tasks by shape alone and partial sums are merged in a fixed order,
+so results are bit-identical for any number of threads (set_num_threads) on one machine.
 """
 
 from __future__ import annotations
