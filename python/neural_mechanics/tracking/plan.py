@@ -97,6 +97,7 @@ class Plan:
     translation_reductions: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     reduction_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # first row of each reduction
     rows_in_order: bool = False  # row_order is the identity: no gather needed
+    _flat_index: dict = field(default_factory=dict)  # cached bincount indices of _segments
 
     @property
     def n_groups(self) -> int:
@@ -104,18 +105,37 @@ class Plan:
 
     def reduce_parts(self, rows: np.ndarray) -> np.ndarray:
         """Per-part sums from the concatenated per-row sums (rows, K) -> (parts, K)."""
-        return np.add.reduceat(rows if self.rows_in_order else rows[self.row_order], self.row_starts, axis=0)
+        ordered = rows if self.rows_in_order else rows[self.row_order]
+        return self._segments("part", self.row_starts, ordered)
 
     def to_columns(self, per_part: np.ndarray) -> np.ndarray:
         """Signed sums of per-part values (parts, ...) into columns."""
         signed = per_part * self.part_sign.reshape((-1,) + (1,) * (per_part.ndim - 1))
-        return np.add.reduceat(signed, self.column_starts, axis=0)
+        return self._segments("column", self.column_starts, signed)
 
     def to_groups(self, per_column: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(per_column, self.group_column_starts, axis=0)
+        return self._segments("group", self.group_column_starts, per_column)
 
     def parts_to_groups_unsigned(self, per_part: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(per_part, self.group_part_starts, axis=0)
+        return self._segments("group-of-part", self.group_part_starts, per_part)
+
+    def _segments(self, name: str, starts: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Sums over consecutive runs of rows beginning at ``starts``, for 1-D or (N, K) values.
+
+        One np.bincount over a precomputed flat index: several times faster than
+        np.add.reduceat on small 2-D arrays (whose cost grows with segments x columns), and it
+        adds in row order, so the result does not depend on anything but the inputs.
+        """
+        n = len(values)
+        k = 1 if values.ndim == 1 else values.shape[1]
+        key = (name, n, k)
+        flat = self._flat_index.get(key)
+        if flat is None:
+            segment_of_row = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
+            flat = (segment_of_row[:, None] * k + np.arange(k)).ravel()
+            self._flat_index[key] = flat
+        out = np.bincount(flat, weights=values.ravel(), minlength=len(starts) * k)
+        return out if values.ndim == 1 else out.reshape(len(starts), k)
 
 
 KIND_CODE = {"translation": 0, "scale": 1, "rescale": 2}
