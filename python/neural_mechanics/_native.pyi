@@ -1,0 +1,122 @@
+"""The private native module (Rust, pyo3). Use the Python API of neural_mechanics instead."""
+
+from os import PathLike
+from typing import Any, final
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import TypeAlias
+
+_F64: TypeAlias = npt.NDArray[np.float64]
+
+__all__ = [
+    "RUN_FORMAT_VERSION",
+    "SUM_NAMES",
+    "THEORY_CRITICAL_TOL",
+    "THEORY_KINDS",
+    "TheoryLedgerStream",
+    "TheoryPaperStream",
+    "__version__",
+    "get_num_threads",
+    "group_stats_batch",
+    "group_stats_ptrs",
+    "load_run",
+    "read_pass",
+    "save_run",
+    "set_num_threads",
+    "theory_equilibrium_adamw",
+    "theory_equilibrium_sgd",
+    "theory_ledger",
+    "theory_ledger_measured",
+    "theory_paper",
+    "theory_regime",
+]
+
+__version__: str
+SUM_NAMES: list[str]
+RUN_FORMAT_VERSION: int
+THEORY_KINDS: list[str]
+THEORY_CRITICAL_TOL: float
+
+# stats
+def group_stats_batch(items: list[tuple[Any, Any, Any, int, int, bool]], check_finite: bool = True) -> list[_F64]: ...
+def group_stats_ptrs(items: list[tuple[int, int, int, int, int, int, int, int]]) -> _F64: ...
+def read_pass(buffers: list[Any]) -> int: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+
+# saved runs
+def save_run(path: str | PathLike[str], meta_json: str, arrays: list[tuple[str, Any]]) -> None: ...
+def load_run(path: str | PathLike[str]) -> tuple[str, list[tuple[str, Any]]]: ...
+
+# theory
+def theory_paper(
+    kind: str,
+    y0: _F64,
+    drive: _F64 | None,
+    lr: _F64,
+    momentum: _F64,
+    dampening: _F64,
+    weight_decay: _F64,
+    steps: int,
+    ydot0: _F64 | None = None,
+) -> _F64: ...
+def theory_ledger(
+    kind: str,
+    y0: _F64,
+    flux: _F64,
+    update_sq: _F64 | None,
+    update_dot: _F64 | None,
+    buffer_dot0: _F64 | None,
+    lr: _F64,
+    momentum: _F64,
+    dampening: _F64,
+    weight_decay: _F64,
+    nesterov: bool,
+) -> _F64: ...
+def theory_ledger_measured(
+    kind: str, y0: _F64, lr: _F64, steps: int, dot: _F64 | None, update_sq: _F64 | None, update_sum: _F64 | None
+) -> _F64: ...
+def theory_equilibrium_sgd(
+    lr: _F64, weight_decay: _F64, grad_sq_unit: _F64, momentum: _F64, dampening: _F64
+) -> tuple[_F64, _F64, _F64, _F64]: ...
+def theory_equilibrium_adamw(lr: _F64, weight_decay: _F64, update_sq: _F64, beta1: _F64) -> tuple[_F64, _F64, _F64, _F64]: ...
+def theory_regime(lr: float, momentum: float, dampening: float, weight_decay: float, kind: str = "scale") -> str: ...
+
+@final
+class TheoryPaperStream:
+    def __new__(cls, kind: str, y0: _F64, ydot0: _F64 | None = None) -> TheoryPaperStream: ...
+    def step(
+        self, drive: _F64 | None, lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0
+    ) -> _F64: ...
+    @property
+    def y(self) -> _F64: ...
+    @property
+    def ydot(self) -> _F64: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def time(self) -> float: ...
+    @property
+    def kind(self) -> str: ...
+
+@final
+class TheoryLedgerStream:
+    def __new__(cls, kind: str, y0: _F64, buffer_dot0: _F64 | None = None) -> TheoryLedgerStream: ...
+    def step(
+        self,
+        flux: _F64,
+        update_sq: _F64 | None,
+        update_dot: _F64 | None,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> _F64: ...
+    @property
+    def y(self) -> _F64: ...
+    @property
+    def buffer_dot(self) -> _F64: ...
+    @property
+    def steps(self) -> int: ...
