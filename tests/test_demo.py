@@ -1,0 +1,154 @@
+"""The demo in quick mode writes the whole report; `report` redraws it from the saved runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import neural_mechanics as nm
+from neural_mechanics import cli, data_sources, models
+
+STEPS = 60  # enough for the lr step (at 75%) and for every charge to move; a few seconds
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo")
+    rc = cli.main(["demo", "--out", str(out), "--steps", str(STEPS), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def _table_rows(md: str, header_start: str) -> list[list[str]]:
+    """The rows of the first Markdown table whose header starts with ``header_start``."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| " + header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_every_expected_file_exists(report):
+    expected = ["index.md", "index.html", "summary.md", "summary.html", "exact_dynamics.png"]
+    expected += [f"runs/{m}.nmrun" for m in cli.DEFAULT_MODELS]
+    per_model = {
+        "vgg_bn": ["charges_translation", "charges_scale", "charges_rescale", "errors", "residuals", "equilibrium"],
+        "vgg": ["charges_translation", "charges_rescale", "errors", "residuals"],
+        "mlp": ["charges_translation", "charges_rescale", "errors", "residuals"],
+    }
+    for model, figs in per_model.items():
+        expected += [f"{model}/{f}.png" for f in figs] + [f"{model}/summary.md", f"{model}/summary.html"]
+    missing = [p for p in expected if not (report / p).is_file() or (report / p).stat().st_size == 0]
+    assert not missing
+    # every image the pages show exists
+    index = (report / "index.md").read_text()
+    for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", index):
+        assert (report / img).is_file(), img
+    assert "<img" in (report / "index.html").read_text()
+
+
+def test_summary_has_all_three_symmetries_and_exact_errors_within_1e_5(report):
+    rows = _table_rows((report / "summary.md").read_text(), "model | symmetry")
+    assert {r[1] for r in rows} == {"translation", "scale", "rescale"}
+    assert {r[0] for r in rows} == set(cli.DEFAULT_MODELS)
+    for name in cli.DEFAULT_MODELS:
+        run = nm.load_run(report / "runs" / f"{name}.nmrun")
+        assert len(run.step_index) == STEPS + 1
+        assert run.errors("exact").max() <= 1e-5, name
+        assert np.isfinite(run.errors("paper")).all()
+
+
+def test_report_from_saved_runs_reproduces_the_summary(report, tmp_path):
+    runs = sorted(str(p) for p in (report / "runs").glob("*.nmrun"))
+    # the same order as the demo's, so the combined summary lists models in the same order
+    runs = [str(report / "runs" / f"{m}.nmrun") for m in cli.DEFAULT_MODELS]
+    assert cli.main(["report", *runs, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.md").read_text() == (report / "summary.md").read_text()
+    for m in cli.DEFAULT_MODELS:
+        assert (tmp_path / m / "summary.md").read_text() == (report / m / "summary.md").read_text()
+        assert sorted(p.name for p in (tmp_path / m).iterdir()) == sorted(p.name for p in (report / m).iterdir())
+    assert (tmp_path / "exact_dynamics.png").is_file()
+
+
+def test_report_of_one_run(report, tmp_path, capsys):
+    assert cli.main(["report", str(report / "runs" / "vgg_bn.nmrun"), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert str((tmp_path / "index.html").resolve()) in printed
+    assert (tmp_path / "summary.md").read_text().count("| vgg_bn |") >= 10
+    assert (tmp_path / "vgg_bn" / "equilibrium.png").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(models.REFERENCE_MODELS))
+def test_reference_models_have_the_symmetries_the_demo_plots(name):
+    ctor, expected = models.REFERENCE_MODELS[name]
+    found = nm.find_symmetries(ctor(), torch.zeros(4, 1, 8, 8))
+    kinds = {g.symmetry for g in found}
+    assert set(expected) <= kinds
+    layers = {(g.symmetry, g.layer) for g in found}
+    assert ("translation", "classifier") in layers
+    if name == "vgg_bn":
+        assert {("scale", "conv1"), ("rescale", "bn1")} <= layers
+    if name == "vgg":
+        # the no-BN model's rescale groups run conv to conv (the paper's panel c)
+        assert {("rescale", "conv1"), ("rescale", "conv2")} <= layers and "scale" not in kinds
+
+
+def test_models_follow_the_image_shape():
+    for name in models.REFERENCE_MODELS:
+        m = models.build(name, in_channels=3, image_size=16, num_classes=4)
+        assert m(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+    with pytest.raises(ValueError):
+        models.build("resnet")
+
+
+def _write_image_folder(root: Path, per_class: int = 12) -> None:
+    from PIL import Image
+
+    images, labels = nm.datasets.load_digits_numpy()
+    for cls in (0, 1, 2):
+        (root / f"digit{cls}").mkdir(parents=True)
+        picks = np.flatnonzero(labels == cls)[:per_class]
+        for k, i in enumerate(picks):
+            Image.fromarray((images[i] * 15).astype(np.uint8), mode="L").resize((16, 16)).save(root / f"digit{cls}" / f"{k}.png")
+
+
+def test_own_data_image_folder(tmp_path):
+    _write_image_folder(tmp_path / "imgs")
+    source = data_sources.image_folder(tmp_path / "imgs")
+    assert (source.in_channels, source.image_size, source.num_classes) == (1, 8, 3)
+    assert len(source.train) + len(source.test) == 36
+    index = cli.demo(tmp_path / "out", steps=8, data=str(tmp_path / "imgs"), models=("mlp",), progress=False)
+    assert index.is_file() and "ImageFolder" in index.with_suffix(".md").read_text()
+    streamed = data_sources.image_folder(tmp_path / "imgs", in_memory=False, grayscale=False, image_size=8)
+    x, y = next(data_sources.batches(streamed.train, 4))
+    assert x.shape == (4, 3, 8, 8) and y.shape == (4,)
+
+
+def test_own_data_any_dataset_and_tensors(tmp_path):
+    x, y = nm.load_digits()
+    pair = data_sources.from_dataset((x[:100], y[:100]))
+    assert pair.num_classes == 10 and len(pair.train) == 80
+
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return x[i], int(y[i]) % 3
+
+    plain = data_sources.from_dataset(Plain(), test_fraction=0.25)
+    assert plain.num_classes == 3 and len(plain.test) == 10
+    trained = models.train("vgg", plain, models.Recipe(steps=4, batch_size=8), progress=False)
+    assert len(trained.run.step_index) == 5
+    torch.save((x[:64], y[:64]), tmp_path / "d.pt")
+    assert data_sources.load(str(tmp_path / "d.pt")).num_classes == 10
+    with pytest.raises(ValueError):
+        data_sources.load(str(tmp_path / "nothing-here"))
