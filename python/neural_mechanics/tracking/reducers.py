@@ -227,7 +227,10 @@ def choose(params: Sequence[Any], kind: str) -> Any:
     """The reducer for ``kind``: "auto" (Rust for CPU tensors, the device otherwise), "rust",
     "torch" (device reducer, delayed), "torch-sync" (device reducer, consumed at once)."""
     from ..errors import DeviceError, InvalidArgumentError
+    from .distributed import is_sharded, sharded_reducer
 
+    if is_sharded(params):  # FSDP2 DTensors: reduce each shard, combine O(groups) results
+        return sharded_reducer(params, kind)
     devices = {p.device.type for p in params}
     if kind == "auto":
         kind = "rust" if devices <= {"cpu"} else "torch"

@@ -58,7 +58,11 @@ class Tracker:
                 raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.model = model
+        from .distributed import attach
+
+        # torch.distributed (DDP / FSDP2): None for an ordinary model. DDP: track the wrapped module.
+        self._dist = attach(model)
+        self.model = model if self._dist is None else self._dist.module
         self.optimizer = optimizer
         self.every = every
         self.record_every = record_every
@@ -73,8 +77,10 @@ class Tracker:
         self._step = 0
         self._closed = False
         self._queue: list[Callable[[], None]] = []  # delayed measurements, oldest first
+        if self._dist is not None and not self._dist.hooks:
+            return  # DDP rank != 0: rank 0 records; no hooks, no reductions, nothing sent
         if symmetries is None:
-            self._handles.append(model.register_forward_pre_hook(self._discover, with_kwargs=True))
+            self._handles.append(self.model.register_forward_pre_hook(self._discover, with_kwargs=True))
         else:
             self._setup(symmetries)
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -86,10 +92,10 @@ class Tracker:
 
         self._handles[0].remove()  # one look at the example input is enough
         example = args[0] if len(args) == 1 and not kwargs else args
-        self._setup(find_symmetries(self.model, example))
+        self._setup((find_symmetries if self._dist is None else self._dist.find_symmetries)(self.model, example))
 
     def _setup(self, symmetries: Any) -> None:
-        named = dict(self.model.named_parameters())
+        named = dict(self.model.named_parameters()) if self._dist is None else self._dist.named_parameters()
         by_id = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         param_group_of = {name: by_id[id(p)] for name, p in named.items() if id(p) in by_id}
         skipped: dict[str, str] = dict(getattr(symmetries, "skipped", {}) or {})
@@ -232,6 +238,10 @@ class Tracker:
             self._snapshot = None
         self._step += 1
 
+    def _view(self, r: Any) -> Callable[[Any], Any]:
+        """A reduction's view of a tensor (FSDP2: row ranges stay lazy, see distributed.RowRange)."""
+        return r.view if self._dist is None else self._dist.view(r)
+
     def _defer(self, work: Callable[[], None]) -> None:
         self._queue.append(work)
         if not self._reducer.delayed:
@@ -280,7 +290,7 @@ class Tracker:
             buf = buffers[r.name]
             if has_buffer and buf is None:
                 buf = _zeros(p)  # a parameter that has not had a gradient yet: SGD gave it no buffer
-            view = r.view
+            view = self._view(r)
             items.append((view(p), view(grad), None if buf is None else view(buf), r.axis, r.block))
             sum_only.append(view(buf) if has_buffer and is_translation else None)
         return items, sum_only, has_buffer
@@ -437,8 +447,9 @@ class Tracker:
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
             p = plan.params[r.name]
             grad = p.grad if p.grad is not None else _zeros(p)
-            delta = r.view(deltas[r.name])
-            items.append((r.view(self._snapshot[r.name]), r.view(grad), delta, r.axis, r.block))
+            view = self._view(r)
+            delta = view(deltas[r.name])
+            items.append((view(self._snapshot[r.name]), view(grad), delta, r.axis, r.block))
             sum_only.append(delta if is_translation else None)
         pending = self._submit(items, sum_only)
         step, time = self._step, self._time.copy()
@@ -479,6 +490,10 @@ class Tracker:
     @property
     def run(self) -> Run:
         """The run so far, its last row measured from the parameters as they are now."""
+        if self._dist is not None:  # rank != 0: a stub; FSDP2: a collective until close()
+            out = self._dist.run(self)
+            if out is not None:
+                return out
         if self._run is None:
             raise NothingToTrackError("nothing recorded yet: no forward pass / optimizer step has been seen")
         self._refresh_final()
@@ -491,7 +506,7 @@ class Tracker:
         if self._streams is None:
             return
         self._catch_up_paper()
-        items = [(r.view(plan.params[r.name]), None, None, r.axis, r.block) for r in plan.reductions]
+        items = [(self._view(r)(plan.params[r.name]), None, None, r.axis, r.block) for r in plan.reductions]
         parts = plan.reduce_parts(self._reducer.submit_blocks(items).result()[0])
         t = self._part_translation
         measured = plan.to_groups(plan.to_columns(np.where(t, parts[:, 0], parts[:, 1])))
