@@ -247,3 +247,15 @@ def test_sum_names():
         "sum_theta", "sumsq_theta", "sum_grad", "sumsq_grad", "dot_theta_grad",
         "sumsq_velocity", "dot_theta_velocity", "dot_grad_velocity",
     )
+
+
+def test_read_pass_helper_reads_every_byte():
+    from neural_mechanics import _native
+
+    x = np.arange(1_000_003, dtype=np.uint8)
+    before = _native.read_pass([x, x[:5]])
+    assert isinstance(before, int)
+    y = x.copy()
+    y[999_999] ^= 1
+    assert _native.read_pass([y, x[:5]]) != before
+    assert _native.read_pass([]) == 0
