@@ -122,7 +122,8 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
     the steps unless ``progress`` is False."""
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    # Plain tqdm, not tqdm.auto: the notebook widget needs ipywidgets, which is not a dependency.
+    from tqdm import tqdm
 
     from .data_sources import batches, evaluate
     from .tracking import track
@@ -131,8 +132,9 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
     torch.manual_seed(recipe.seed)
     model = build(name, **source.shape)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    milestone = max(1, int(round(recipe.steps * recipe.lr_step_at)))
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[milestone], gamma=recipe.lr_gamma)
+    # lr_step_at >= 1 means no step inside the run.
+    milestones = [max(1, int(round(recipe.steps * recipe.lr_step_at)))] if recipe.lr_step_at < 1 else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe.lr_gamma)
     data = batches(source.train, recipe.batch_size, seed=recipe.seed)
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
@@ -143,10 +145,11 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
+            lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             if step % 50 == 0 or step == recipe.steps - 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
         # Read the run inside the block: Tracker.run re-measures its last row from the live
         # parameters, so it must be taken before anything else touches the model.
         run = tracker.run

@@ -233,44 +233,56 @@ def plot_errors(run: Any, ax: Any = None, *, x: str = "time", title: str | None 
     return fig
 
 
+# A group whose |ĝ_A|² is below this fraction of the step's median over all groups has no
+# gradient to speak of (a bias before BatchNorm: rounding noise only); its residual is 0/0.
+NO_GRADIENT = 1e-8
+# Residuals are noisy step to step: long runs are drawn as at most this many bins.
+RESIDUAL_BINS = 150
+
+
 def plot_residuals(run: Any, ax: Any = None, *, x: str = "step", title: str | None = None) -> Any:
     """Gradient-constraint residuals per layer (THEORY.md §3): the median over the layer's groups
-    at each step (line) and the band between its 10th and 90th percentiles, log scale; a Figure.
+    (line) and the band between its 10th and 90th percentiles, log scale; a Figure.
 
     ~1e-7 is a symmetry holding to float32 precision; O(1) is no symmetry. Groups with no
-    gradient (a bias before BatchNorm) are NaN and left out; a layer with none left is listed in
-    the title. One line per (symmetry, layer) with any finite residual.
+    gradient (a bias before BatchNorm; |ĝ_A|² below ``NO_GRADIENT`` × the step's median) prove
+    nothing and are left out; layers with nothing left are listed in the legend. Runs longer than
+    ``RESIDUAL_BINS`` steps are drawn in bins of consecutive steps. One line per
+    (symmetry, layer) with a gradient, plus the float32 reference line.
     """
     fig, ax = _new_axes(ax, figsize=(6.8, 4.2))
     xs, xlabel = _xaxis(run, x)
-    res = run.array("residual")
     # The last row is the final state, with no step and so no residual.
-    xs, res = xs[:-1], res[:-1]
+    # |grad_sq|: for rescale groups it is the signed |ĝ_A1|² − |ĝ_A2|².
+    xs, res, g2 = xs[:-1], run.array("residual")[:-1], np.abs(run.array("grad_sq")[:-1])
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        floor = NO_GRADIENT * np.nanmedian(np.where(g2 > 0, g2, np.nan), axis=1, keepdims=True)
+    res = np.where(np.isfinite(res) & (g2 > floor), res, np.nan)
+    bins = np.array_split(np.arange(len(xs)), min(len(xs), RESIDUAL_BINS)) if len(xs) else []
+    bx = np.array([xs[b].mean() for b in bins])
     keys = list(dict.fromkeys(zip(run.groups.symmetry, run.groups.layer)))
     styles = {"translation": "-", "scale": "--", "rescale": "-."}
     no_gradient = []
     palette = _colors(len(keys))
-    k = 0
-    for sym, layer in keys:
+    for k, (sym, layer) in enumerate(keys):
         mask = (run.groups.symmetry == sym) & (run.groups.layer == layer)
-        r = np.where(np.isfinite(res[:, mask]), res[:, mask], np.nan)
+        r = res[:, mask]
         if not np.isfinite(r).any():
             no_gradient.append(f"{sym} {layer}")
             continue
         with np.errstate(all="ignore"), _quiet_nan_warnings():
-            med = np.nanmedian(r, axis=1)
-            lo, hi = np.nanpercentile(r, 10, axis=1), np.nanpercentile(r, 90, axis=1)
-        color = palette[k]
-        k += 1
-        ax.plot(xs, np.maximum(med, LOG_FLOOR), color=color, ls=styles.get(sym, "-"), lw=1.3, label=f"{sym}: {layer}")
-        ax.fill_between(xs, np.maximum(lo, LOG_FLOOR), np.maximum(hi, LOG_FLOOR), color=color, alpha=0.12, lw=0)
+            stats = np.array([np.nanpercentile(r[b], [10, 50, 90]) for b in bins])
+        lo, med, hi = (np.maximum(stats[:, i], LOG_FLOOR) for i in range(3))
+        ax.plot(bx, med, color=palette[k], ls=styles.get(sym, "-"), lw=1.4, label=f"{sym}: {layer}")
+        ax.fill_between(bx, lo, hi, color=palette[k], alpha=0.12, lw=0)
     ax.axhline(1.2e-7, color="0.5", lw=0.8, ls=":", label="float32 ε")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("constraint residual |⟨ĝ, generator⟩| / norms")
-    ax.set_title(title or "Gradient constraint residuals per layer\n(median over groups, 10–90% band)", fontsize=10)
+    binned = f", bins of {len(xs) // len(bins)} steps" if len(bins) and len(xs) > len(bins) else ""
+    ax.set_title(title or f"Gradient constraint residuals per layer\n(median over groups, 10–90% band{binned})", fontsize=10)
     ax.grid(alpha=0.25)
-    handles, labels = ax.get_legend_handles_labels()
+    handles, _ = ax.get_legend_handles_labels()
     if no_gradient:
         # Listed in the legend (not drawn): layers whose groups have no gradient prove nothing.
         from matplotlib.lines import Line2D

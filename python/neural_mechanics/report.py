@@ -66,7 +66,7 @@ def _sgd_equilibrium(run: Any, unit: np.ndarray, rows: Any) -> dict[str, np.ndar
 def equilibrium_series(run: Any, window: int | None = None) -> np.ndarray:
     """The equilibrium |θ*|² of every scale group at every row, (rows, groups), NaN elsewhere.
 
-    E|g̃_A|² is the mean of |ĝ_A|²|θ_A|² over the trailing ``window`` rows (default: 1/20 of the
+    E|g̃_A|² is the mean of |ĝ_A|²|θ_A|² over the trailing ``window`` rows (default: 1/10 of the
     run, at least 5), the hyperparameters those of the row's step: "where the norm is heading
     now". Only meaningful for torch.optim.SGD runs (NaN otherwise).
     """
@@ -75,7 +75,7 @@ def equilibrium_series(run: Any, window: int | None = None) -> np.ndarray:
     out = np.full((rows, len(run.groups)), np.nan)
     if not mask.any() or not _is_sgd(run):
         return out
-    w = max(5, rows // 20) if window is None else max(1, int(window))
+    w = max(5, rows // 10) if window is None else max(1, int(window))
     unit = _ffill(grad_sq_unit(run)[:, mask])
     finite = np.isfinite(unit)
     csum = np.cumsum(np.where(finite, unit, 0.0), axis=0)
@@ -194,6 +194,7 @@ def summary_table(runs: dict[str, Any]) -> Any:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
+        v = float(v)
         if not np.isfinite(v):
             return "—"
         if v == 0 or 1e-3 <= abs(v) < 1e5:
@@ -296,7 +297,7 @@ def exact_dynamics_panels(runs: dict[str, Any]) -> list[tuple[Any, str, str | No
     with_scale = [r for r in runs.values() if (r.groups.symmetry == "scale").any()]
     without = [r for r in runs.values() if not (r.groups.symmetry == "scale").any()]
     preferred = {"translation": with_scale + without, "scale": with_scale, "rescale": without + with_scale}
-    panels = []
+    panels: list[tuple[Any, str, str | None]] = []
     for sym in SYMMETRIES:
         for run in preferred[sym]:
             if (run.groups.symmetry == sym).any():
