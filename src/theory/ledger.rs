@@ -4,10 +4,12 @@
 //! With u_n the applied update (θ_{n+1} = θ_n − η_n u_n), g_n = λ y_n + s_n (s_n the measured
 //! breaking flux ⟨θ_n, ĝ_n⟩, or ⟨1, ĝ_n⟩ for translation) and the buffer b_n:
 //!
+//! ```text
 //!     a_n = ⟨θ_n, b_n⟩  = β_n m_{n−1} + (1−d_n) g_n      (first step, no buffer: a_0 = g_0)
 //!     c_n = ⟨θ_n, u_n⟩  = a_n,  or g_n + β_n a_n with nesterov,  or g_n when β_n = 0
 //!     y_{n+1} = y_n − 2η_n c_n + η_n² |u_n|²              (translation: y_n − η_n c_n)
 //!     m_n = ⟨θ_{n+1}, b_n⟩ = a_n − η_n e_n                (translation: m_n = a_n)
+//! ```
 //!
 //! where e_n = ⟨u_n, b_n⟩ (= |u_n|² without nesterov, measured with it). For translation read
 //! ⟨1, ·⟩ for ⟨θ, ·⟩; rescale is the difference of the two sides in every measured input. The

@@ -6,18 +6,22 @@
 //! G(s) = e^{−γs} sin(Ωs)/Ω (the Green's function; sinh in the overdamped case, s·e^{−γs} at
 //! the critical point) and P(h) = ∫_0^h G, the exact solution over one step is
 //!
+//! ```text
 //!     r  = f − ω² y                         (the net "force" at the start of the step)
 //!     y' = y + G(h) ẏ + P(h) r
 //!     ẏ' = G'(h) ẏ + G(h) r
+//! ```
 //!
 //! which is the usual y' = K y + G ẏ + P f with K = 1 − ω²P written so that the fixed point
 //! y = f/ω², ẏ = 0 is exact in floating point (r = 0 there), instead of depending on how 1 − K
 //! rounds. Everything is evaluated in the dimensionless variables a = γh ∈ (0, 1] and
 //! w = ω²h², μ = w − a² (= (Ωh)², signed: > 0 underdamped, < 0 overdamped):
 //!
+//! ```text
 //!     G(h)/h = e^{−a} S(μ),   G'(h) = e^{−a} (C(μ) − a S(μ)),
 //!     P(h)/h² = Q = ∫_0^1 σ e^{−aσ} S(μσ²) dσ,
 //!     S(μ) = sin√μ/√μ  (sinh√−μ/√−μ for μ < 0),   C(μ) = cos√μ  (cosh√−μ for μ < 0).
+//! ```
 //!
 //! S and C are entire functions of μ, so one power series covers both sides of the critical
 //! point μ = 0 and the result is continuous (indeed analytic) across it. Only factors e^{−a}
