@@ -17,9 +17,10 @@ STEPS = 60  # enough for the lr step (at 75%) and for every charge to move; a fe
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()  # the demo command sets one thread; give the rest back
     out = tmp_path_factory.mktemp("demo")
     rc = cli.main(["demo", "--out", str(out), "--steps", str(STEPS), "--no-progress"])
+    torch.set_num_threads(threads)
     assert rc == 0
     return out
 
@@ -64,6 +65,18 @@ def test_summary_has_all_three_symmetries_and_exact_errors_within_1e_5(report):
         assert len(run.step_index) == STEPS + 1
         assert run.errors("exact").max() <= 1e-5, name
         assert np.isfinite(run.errors("paper")).all()
+
+
+def test_markdown_tables_are_well_formed(report):
+    # a "|" inside a header or cell (|θ|²) must be escaped, or the table falls apart
+    for md in [report / "summary.md", report / "index.md", *report.glob("*/summary.md")]:
+        widths = set()
+        for line in md.read_text().splitlines() + [""]:
+            if line.startswith("|"):
+                widths.add(len(re.split(r"(?<!\\)\|", line)))
+            elif widths:
+                assert len(widths) == 1, (md, widths)
+                widths = set()
 
 
 def test_report_from_saved_runs_reproduces_the_summary(report, tmp_path):

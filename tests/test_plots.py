@@ -13,10 +13,13 @@ from neural_mechanics import data_sources, models, plots, report
 
 @pytest.fixture(scope="module")
 def runs():
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest
     source = data_sources.digits()
     recipe = models.Recipe(steps=40)
-    return {name: models.train(name, source, recipe, progress=False).run for name in ("vgg_bn", "vgg")}
+    out = {name: models.train(name, source, recipe, progress=False).run for name in ("vgg_bn", "vgg")}
+    torch.set_num_threads(threads)
+    return out
 
 
 @pytest.fixture(autouse=True)

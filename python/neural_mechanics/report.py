@@ -197,7 +197,9 @@ def _fmt(v: Any) -> str:
         v = float(v)
         if not np.isfinite(v):
             return "—"
-        if v == 0 or 1e-3 <= abs(v) < 1e5:
+        if v.is_integer() and abs(v) < 1e9:
+            return f"{int(v)}"
+        if 1e-3 <= abs(v) < 1e5:
             return f"{v:.4g}"
         return f"{v:.2e}"
     return str(v)
@@ -205,7 +207,7 @@ def _fmt(v: Any) -> str:
 
 def to_markdown(frame: Any) -> str:
     """A pipe table (no tabulate dependency), numbers formatted compactly and deterministically."""
-    cols = [str(c) for c in frame.columns]
+    cols = [str(c).replace("|", "\\|") for c in frame.columns]  # "|θ|²" must not split a cell
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in frame.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
