@@ -73,8 +73,13 @@ def test_groups_are_discovered_at_the_first_forward_and_hooks_go_away():
     tracker.close()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert not model._forward_pre_hooks
+    before = run.to_pandas()
     loop(model, opt, 2)  # training after close is untouched and not recorded
-    assert run.to_pandas()["step"].max() == 3
+    after = tracker.run.to_pandas()
+    assert after["step"].max() == 3
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(before, after)  # the final row was frozen at close()
 
 
 def test_nothing_to_track_raises():

@@ -496,7 +496,8 @@ class Tracker:
                 return out
         if self._run is None:
             raise NothingToTrackError("nothing recorded yet: no forward pass / optimizer step has been seen")
-        self._refresh_final()
+        if not self._closed:  # after close() the last row stays as it was measured then
+            self._refresh_final()
         return self._run
 
     def _refresh_final(self) -> None:
