@@ -462,16 +462,26 @@ fn columns_portable<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
                 a4[c] += (x0 * y0 + x1 * y1) + (x2 * y2 + x3 * y3);
             }
         }
-        (Some(_), Some(_)) => {
-            // Three arrays: 8 sums x 4 rows of inputs exceed the registers; one row at a time.
-            let one = |j: usize| RowSet {
-                t: [r.t[j]; ROWS],
-                g: r.g.map(|g| [g[j]; ROWS]),
-                v: r.v.map(|v| [v[j]; ROWS]),
-                rows: ROWS,
-            };
-            for j in 0..ROWS {
-                columns_one(&one(j), [&mut *a0, &mut *a1, &mut a2[..n], &mut a3[..n], &mut a4[..n], &mut a5[..n], &mut a6[..n], &mut a7[..n]]);
+        (Some(g), Some(v)) => {
+            // Three arrays: 8 sums x 4 rows of inputs exceed the registers; two rows per pass
+            // still halve the accumulator loads and stores, which bound this kernel.
+            let [g0, g1, g2, g3] = g.map(|x| &x[..n]);
+            let [v0, v1, v2, v3] = v.map(|x| &x[..n]);
+            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
+            let (a5, a6, a7) = (&mut a5[..n], &mut a6[..n], &mut a7[..n]);
+            for ((ta, ga, va), (tb, gb, vb)) in [((t0, g0, v0), (t1, g1, v1)), ((t2, g2, v2), (t3, g3, v3))] {
+                for c in 0..n {
+                    let (x0, y0, z0) = (ta[c].f64(), ga[c].f64(), va[c].f64());
+                    let (x1, y1, z1) = (tb[c].f64(), gb[c].f64(), vb[c].f64());
+                    a0[c] += x0 + x1;
+                    a1[c] += x0 * x0 + x1 * x1;
+                    a2[c] += y0 + y1;
+                    a3[c] += y0 * y0 + y1 * y1;
+                    a4[c] += x0 * y0 + x1 * y1;
+                    a5[c] += z0 * z0 + z1 * z1;
+                    a6[c] += x0 * z0 + x1 * z1;
+                    a7[c] += y0 * z0 + y1 * z1;
+                }
             }
         }
     }
