@@ -137,6 +137,17 @@ def test_spilling_keeps_memory_bounded_and_the_table_identical(tmp_path):
     pd.testing.assert_frame_equal(plain.to_pandas(), back.to_pandas())
 
 
+def test_a_temporary_spill_folder_goes_away_with_the_run():
+    import gc
+
+    run = synthetic_run(steps=40, max_rows_in_memory=16)
+    folder = run.spill_dir
+    assert folder and len(os.listdir(folder)) == 2
+    del run
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
 def test_a_million_steps_of_the_acceptance_network_stay_under_the_limit(tmp_path):
     """10^6 steps at the acceptance network's group count (~210 groups), recorded every 10th
     step (the tracker's record_every) with a 16 MiB limit: the process's peak memory grows by

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,9 @@ class Run:
     def _spill(self) -> None:
         """Move the in-memory rows to a new chunk file (the same format as a saved run)."""
         if self.spill_dir is None:
+            # A folder of our own: removed with the Run (a folder the caller named is left alone).
             self.spill_dir = tempfile.mkdtemp(prefix="nmrun-spill-")
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, ignore_errors=True)
         os.makedirs(self.spill_dir, exist_ok=True)
         path = os.path.join(self.spill_dir, f"chunk-{len(self.chunks):06d}.nmrun")
         arrays = [(k, np.ascontiguousarray(v)) for k, v in self._mem.arrays().items()]
@@ -281,7 +285,9 @@ class Run:
 
         One file (format version ``neural_mechanics._native.RUN_FORMAT_VERSION``, checksummed)
         holding the groups, notes, hyperparameters per step and every column, final row
-        included. Reload with :func:`load_run`, in any process, without torch.
+        included. Reload with :func:`load_run`, in any process, without torch. A run that
+        spilled to disk is read back whole to be saved: thin very long runs with the tracker's
+        ``record_every``.
         """
         steps, time, cols = self._rows()
         arrays = [("steps", steps), ("time", time)] + [(c, np.ascontiguousarray(cols[c])) for c in COLUMNS]
