@@ -230,3 +230,16 @@ def test_save_and_reload_a_tracked_run(tmp_path):
 
     pd.testing.assert_frame_equal(run.to_pandas(), back.to_pandas())
     pd.testing.assert_frame_equal(run.summary(), back.summary())
+
+
+def test_a_parameter_without_gradient_is_reported():
+    model = mlp()
+    opt = sgd()(model)
+    with nm.track(model, opt) as tracker:
+        loop(model, opt, 3)
+        opt.zero_grad()
+        F.cross_entropy(model(X[:32]), Y[:32]).backward()
+        model[5].weight.grad = None  # e.g. a branch this batch did not use
+        opt.step()
+    notes = " ".join(tracker.run.notes)
+    assert "5.weight had no gradient" in notes and "step 3" in notes

@@ -300,7 +300,9 @@ class Run:
         kinds = {k: int((self.groups.symmetry == k).sum()) for k in ("translation", "scale", "rescale")}
         return (
             f"Run({self.optimizer or 'optimizer'}, {len(self.groups)} groups "
-            f"({', '.join(f'{v} {k}' for k, v in kinds.items() if v)}), {n_rows} recorded rows)"
+            f"({', '.join(f'{v} {k}' for k, v in kinds.items() if v)}), {n_rows} recorded rows"
+            + (f", {len(self.notes)} notes in .notes" if self.notes else "")
+            + ")"
         )
 
 

@@ -163,6 +163,7 @@ class Tracker:
         self._snapshot: dict[str, Any] | None = None
         self._measured_this_step = False
         self._cache: dict[tuple, Any] = {}
+        self._reported_no_grad: set[str] = set()
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _read_hyper(self) -> Hyper:
@@ -242,6 +243,17 @@ class Tracker:
         """A reduction's view of a tensor (FSDP2: row ranges stay lazy, see distributed.RowRange)."""
         return r.view if self._dist is None else self._dist.view(r)
 
+    def _no_grad(self, name: str, p: Any) -> Any:
+        """A tracked parameter without a gradient at this step: reported once, read as zeros."""
+        if name not in self._reported_no_grad:
+            self._reported_no_grad.add(name)
+            assert self._run is not None
+            self._run.notes.append(
+                f"step {self._step}: {name} had no gradient; the optimizer skipped it, so the exact ledger of its groups "
+                "no longer accounts for every step from here"
+            )
+        return _zeros(p)
+
     def _defer(self, work: Callable[[], None]) -> None:
         self._queue.append(work)
         if not self._reducer.delayed:
@@ -286,7 +298,7 @@ class Tracker:
         items, sum_only = [], []
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
             p = plan.params[r.name]
-            grad = p.grad if p.grad is not None else _zeros(p)
+            grad = p.grad if p.grad is not None else self._no_grad(r.name, p)
             buf = buffers[r.name]
             if has_buffer and buf is None:
                 buf = _zeros(p)  # a parameter that has not had a gradient yet: SGD gave it no buffer
