@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import neural_mechanics as nm
 from neural_mechanics import data_sources, models, plots, report
 
 

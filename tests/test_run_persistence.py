@@ -4,13 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import tracemalloc
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import neural_mechanics as nm
 from neural_mechanics.errors import NeuralMechanicsError, RunFormatError, RunIOError
 from neural_mechanics.run import STEP_COLUMNS, GroupInfo, Run, load_run
 

@@ -8,7 +8,6 @@ Every group the oracle finds true must be claimed by find_symmetries (up to unio
 entries without gradient), and every claim must hold.
 """
 
-import itertools
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Discovery on torchvision architectures (random weights), proved by verify."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
