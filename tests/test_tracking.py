@@ -243,3 +243,17 @@ def test_a_parameter_without_gradient_is_reported():
         opt.step()
     notes = " ".join(tracker.run.notes)
     assert "5.weight had no gradient" in notes and "step 3" in notes
+
+
+def test_a_param_group_added_during_training_does_not_break_the_loop():
+    model = mlp()
+    head = [p for n, p in model.named_parameters() if n.startswith("5.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("5.")]
+    opt = torch.optim.SGD(body, lr=0.05, momentum=0.9)
+    with nm.track(model, opt) as tracker:
+        loop(model, opt, 3)
+        opt.add_param_group({"params": head, "lr": 0.01})
+        loop(model, opt, 3)
+    run = tracker.run
+    assert run.step_index[-1] == 6
+    assert any("not in the optimizer" in why for why in run.skipped.values())

@@ -226,7 +226,13 @@ class Tracker:
             self._defer(lambda: self._process_sgd(pending, sum_only, has_buffer, hyper, step, time))
         else:
             self._idle.append(h)
-        self._time = self._time + hyper["dt"]
+        self._advance_time(hyper)
+
+    def _advance_time(self, hyper: dict[str, Any]) -> None:
+        dt = hyper["dt"]
+        if len(dt) != len(self._time):  # optimizer.add_param_group() during training
+            self._time = np.pad(self._time, (0, len(dt) - len(self._time)))
+        self._time = self._time + dt
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._plan is None:
@@ -235,7 +241,7 @@ class Tracker:
             hyper = self._hyper(self._read_hyper())
             if self._measured_this_step and self._snapshot is not None:
                 self._submit_generic(hyper)
-            self._time = self._time + hyper["dt"]
+            self._advance_time(hyper)
             self._snapshot = None
         self._step += 1
 
