@@ -6,6 +6,7 @@ pub mod pool;
 pub mod runfile;
 pub mod stats;
 pub mod theory;
+pub mod tracking;
 
 #[cfg(feature = "python")]
 mod python;

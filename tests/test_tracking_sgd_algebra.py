@@ -7,6 +7,15 @@ import torch
 from neural_mechanics import group_stats
 from neural_mechanics.tracking.sgd import PartSums, step_quantities
 
+def rust_core(n, translation):
+    """A plan of n parts, one row each, each its own column and group."""
+    from neural_mechanics import _native
+
+    idx = np.arange(n, dtype=np.int64)
+    flag = np.full(n, int(translation), dtype=np.int64)
+    return _native.TrackerPlan(np.arange(n + 1, dtype=np.int64), idx, np.ones(n), flag, idx, idx, np.ones(n), idx, flag, np.ones(n))
+
+
 CONFIGS = [
     dict(momentum=0.0, dampening=0.0, weight_decay=1e-2, nesterov=False),
     dict(momentum=0.0, dampening=0.5, weight_decay=0.0, nesterov=False),  # dampening ignored without momentum
@@ -33,9 +42,13 @@ def test_step_quantities_match_the_applied_update(cfg):
         sums = PartSums.from_rows(rows, bsum)
         h = {k: np.full(6, float(v)) for k, v in cfg.items()}
         q = step_quantities(sums, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"].astype(bool))
-        scalar = step_quantities(sums, cfg["momentum"], cfg["dampening"], cfg["weight_decay"], cfg["nesterov"])
-        for name in ("uu", "tu", "su", "drive"):
-            np.testing.assert_allclose(getattr(scalar, name), getattr(q, name), rtol=1e-14, atol=1e-300)
+        # The tracker's Rust path (one part per row, each its own column and group) agrees.
+        core = rust_core(6, translation=False)
+        cols, _ = core.measure_sgd(np.ascontiguousarray(rows), None if bsum is None else np.ascontiguousarray(bsum), *(np.asarray(h[k], dtype=float) for k in ("momentum", "dampening", "weight_decay", "nesterov")))
+        for j, name in ((3, "uu"), (6, "su"), (5, "drive")):
+            np.testing.assert_allclose(cols[:, j], getattr(q, name), rtol=1e-12, atol=1e-300)
+        if cfg["nesterov"]:
+            np.testing.assert_allclose(cols[:, 4], q.e, rtol=1e-12)
         opt.step()
         u = ((theta0 - w.detach()) / 0.1).numpy()
         th = theta0.numpy()

@@ -16,6 +16,7 @@ __all__ = [
     "THEORY_KINDS",
     "TheoryLedgerStream",
     "TheoryPaperStream",
+    "TrackerPlan",
     "__version__",
     "get_num_threads",
     "group_stats_batch",
@@ -120,3 +121,24 @@ class TheoryLedgerStream:
     def buffer_dot(self) -> _F64: ...
     @property
     def steps(self) -> int: ...
+
+_I64: TypeAlias = npt.NDArray[np.int64]
+
+@final
+class TrackerPlan:
+    def __new__(
+        cls,
+        part_row_starts: _I64,
+        part_rows: _I64,
+        part_sign: _F64,
+        part_translation: _I64,
+        part_column: _I64,
+        part_group: _I64,
+        part_size: _F64,
+        column_group: _I64,
+        group_translation: _I64,
+        group_size: _F64,
+    ) -> TrackerPlan: ...
+    def measure_sgd(
+        self, rows: _F64, buffer_sum: _F64 | None, momentum: _F64, dampening: _F64, weight_decay: _F64, nesterov: _F64
+    ) -> tuple[_F64, _F64]: ...

@@ -8,6 +8,7 @@ mod raw;
 mod runfile;
 mod stats;
 mod theory;
+mod tracking;
 
 /// Map a core error to the Python exception class of the same meaning (defined in Python so that
 /// each can subclass both NeuralMechanicsError and ValueError/TypeError).
@@ -38,5 +39,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runfile::register(m)?;
     raw::register(m)?;
     theory::register(m)?;
+    tracking::register(m)?;
     Ok(())
 }

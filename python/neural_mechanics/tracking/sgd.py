@@ -1,5 +1,9 @@
 """What one pre-step pass over (θ_n, ĝ_n, b_{n−1}) tells about step n of torch.optim.SGD.
 
+The reference implementation: the tracker's per-step path runs the same algebra in Rust
+(src/tracking.rs); tests/test_tracking_sgd_algebra.py checks this module against what torch
+applies and the Rust code against this module.
+
 PyTorch's SGD (coupled weight decay): w_n = ĝ_n + λθ_n; the buffer b_0 = w_0 on its first step,
 then b_n = β b_{n−1} + (1−d) w_n; the step direction u_n = b_n, or w_n + β b_n with nesterov, or
 w_n when β = 0; θ_{n+1} = θ_n − η_n u_n (THEORY.md §5.3). Every inner product the theories need
@@ -51,9 +55,8 @@ class StepQuantities:
 
 
 def step_quantities(p: PartSums, momentum: Any, dampening: Any, weight_decay: Any, nesterov: Any) -> StepQuantities:
-    """Hyperparameters per part (arrays), or scalars when every part shares them (faster)."""
-    if np.ndim(momentum) == 0:
-        return _step_quantities_scalar(p, float(momentum), float(dampening), float(weight_decay), bool(nesterov))
+    """Hyperparameters per part (arrays). The tracker runs the same algebra in Rust
+    (src/tracking.rs, one call per step); this is its readable reference, tested against torch."""
     lam, beta, d = weight_decay, momentum, dampening
     ww = p.gg + 2 * lam * p.s + lam * lam * p.x  # |w|²
     tw = p.s + lam * p.x  # ⟨θ, w⟩
@@ -79,30 +82,3 @@ def step_quantities(p: PartSums, momentum: Any, dampening: Any, weight_decay: An
     drive = np.where(no_mom, p.gg, bb_new)
     return StepQuantities(uu=uu, tu=tu, su=su, drive=drive, e=e)
 
-
-def _step_quantities_scalar(p: PartSums, beta: float, d: float, lam: float, nesterov: bool) -> StepQuantities:
-    """step_quantities for one hyperparameter setting: the same algebra, branching in Python."""
-    ww = p.gg + 2 * lam * p.s + lam * lam * p.x
-    tw = p.s + lam * p.x
-    sw = p.gs + lam * p.q
-    if beta == 0:
-        return StepQuantities(uu=ww, tu=tw, su=sw, drive=p.gg, e=np.zeros_like(ww))
-    if p.bb is None:
-        bb_new, tb_new, sb_new, wb_new = ww, tw, sw, ww
-    else:
-        assert p.tb is not None and p.gb is not None and p.bs is not None
-        wb = p.gb + lam * p.tb
-        k = 1 - d
-        bb_new = beta * beta * p.bb + 2 * beta * k * wb + k * k * ww
-        tb_new = beta * p.tb + k * tw
-        sb_new = beta * p.bs + k * sw
-        wb_new = beta * wb + k * ww
-    if not nesterov:
-        return StepQuantities(uu=bb_new, tu=tb_new, su=sb_new, drive=bb_new, e=bb_new)
-    return StepQuantities(
-        uu=ww + 2 * beta * wb_new + beta * beta * bb_new,
-        tu=tw + beta * tb_new,
-        su=sw + beta * sb_new,
-        drive=bb_new,
-        e=wb_new + beta * bb_new,
-    )

@@ -20,18 +20,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import theory
+from .. import _native, theory
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from .plan import Plan, build_plan
 from .reducers import Pending, choose
-from .sgd import PartSums, step_quantities
+from .sgd import PartSums
 
 KINDS = ("translation", "scale", "rescale")
 # A group's mean squared gradient entry below this fraction of the model's counts as no gradient.
 NO_GRADIENT = 1e-8
-# Columns of the per-part matrix that is summed into columns and groups with signs.
+# Columns of the per-part matrix that is summed into columns and groups with signs (the order of
+# src/tracking.rs COLUMN_FIELDS), and the per-group values of its GROUP_FIELDS.
 _CHARGE, _FLUX, _GG, _UU, _E, _DRIVE, _SU, _BDOT = range(8)
+_GROUP_FIELDS = ("measured", "flux", "grad_sq", "update_sq", "update_sum", "magnitude", "residual")
 
 Hyper = tuple  # per param_group: (lr, momentum, dampening, weight_decay, nesterov)
 
@@ -119,7 +121,6 @@ class Tracker:
         self._part_translation = np.repeat(plan.group_kind == 0, parts_per_group)
         cols_per_group = np.diff(np.append(plan.group_column_starts, len(plan.column_group)))
         self._single_column = cols_per_group[plan.column_group] == 1
-        self._single_pg = len(np.unique(plan.part_param_group)) == 1
         self._first_pg = plan.column_param_group[plan.group_column_starts]
         column_kind = plan.group_kind[plan.column_group]
         # Lanes: the columns of one (kind, param_group); each lane runs its own theory streams.
@@ -129,6 +130,23 @@ class Tracker:
                 cols = np.flatnonzero((column_kind == kind) & (plan.column_param_group == pg))
                 if cols.size:
                     self._lanes.append({"kind": KINDS[kind], "pg": int(pg), "cols": cols, "paper_cols": cols[self._single_column[cols]]})
+        self._core = _native.TrackerPlan(
+            np.append(plan.row_starts, len(plan.row_order)).astype(np.int64),
+            plan.row_order,
+            plan.part_sign.astype(np.float64),
+            self._part_translation.astype(np.int64),
+            np.repeat(np.arange(len(plan.column_starts)), np.diff(np.append(plan.column_starts, len(plan.part_sign)))).astype(np.int64),
+            np.repeat(np.arange(plan.n_groups), parts_per_group).astype(np.int64),
+            plan.part_size.astype(np.float64),
+            plan.column_group,
+            (plan.group_kind == 0).astype(np.int64),
+            plan.group_size.astype(np.float64),
+        )
+        offsets = plan.reduction_offsets
+        # Rows whose buffer sums the extra reductions give (the translation parts' ⟨1, b⟩).
+        self._translation_rows = np.concatenate(
+            [np.arange(offsets[i], offsets[i + 1]) for i, t in enumerate(plan.translation_reductions) if t] or [np.zeros(0, np.int64)]
+        )
         self._reducer = choose([named[n] for n in plan.params], self._reducer_kind)
         info = GroupInfo.from_groups(kept, plan.group_size)
         run = self._run = Run(
@@ -181,9 +199,6 @@ class Tracker:
         assert plan is not None
         lr, mom, damp, wd, nest = (np.array(v, dtype=float if i < 4 else bool) for i, v in enumerate(zip(*h)))
         pg = plan.part_param_group
-        per_part = (mom[pg], damp[pg], wd[pg], nest[pg])
-        if self._single_pg:  # scalars: cheaper arithmetic and no np.where chains in sgd.py
-            per_part = (float(mom[pg[0]]), float(damp[pg[0]]), float(wd[pg[0]]), bool(nest[pg[0]]))
         regimes = {}
         for lane in self._lanes:
             p = lane["pg"]
@@ -193,7 +208,8 @@ class Tracker:
                 regimes[lane["kind"]] = "n/a"
         # t_{n+1} = t_n + η_n(1 − d_n); PyTorch ignores dampening without momentum.
         dt = lr * (1 - np.where(mom > 0, damp, 0.0))
-        out = {"lr": lr, "momentum": mom, "dampening": damp, "weight_decay": wd, "nesterov": nest, "per_part": per_part, "regimes": regimes, "dt": dt}
+        core_hyper = tuple(np.ascontiguousarray(a[pg], dtype=np.float64) for a in (mom, damp, wd, nest))
+        out = {"lr": lr, "momentum": mom, "dampening": damp, "weight_decay": wd, "nesterov": nest, "core": core_hyper, "regimes": regimes, "dt": dt}
         # per-group hyperparameter columns of the Run (each group's first param_group)
         out["row"] = {"lr": lr[self._first_pg], "momentum": mom[self._first_pg], "dampening": damp[self._first_pg], "weight_decay": wd[self._first_pg]}
         if len(self._cache) > 4096:  # a schedule that changes every step: do not grow without bound
@@ -314,29 +330,19 @@ class Tracker:
         return items, sum_only, has_buffer
 
     def _process_sgd(self, pending: Pending, sum_only: list[Any], has_buffer: bool, hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
-        plan = self._plan
-        assert plan is not None
-        parts, buffer_sum = self._parse(pending.result(), sum_only)
-        sums = PartSums.from_rows(parts, buffer_sum if has_buffer else None)
-        q = step_quantities(sums, *hyper["per_part"])
-        t = self._part_translation
-        m = np.empty((len(t), 8))
-        m[:, _CHARGE] = np.where(t, sums.q, sums.x)
-        m[:, _FLUX] = np.where(t, sums.gs, sums.s)
-        m[:, _GG] = sums.gg
-        m[:, _UU] = q.uu
-        m[:, _E] = q.e
-        m[:, _DRIVE] = q.drive
-        m[:, _SU] = q.su
-        m[:, _BDOT] = 0.0 if sums.tb is None else np.where(t, sums.bs, sums.tb)
-        cols = plan.to_columns(m)
+        main, extra = pending.result()
+        buffer_sum = None
+        if has_buffer:
+            buffer_sum = np.zeros(len(main))
+            if extra is not None:
+                buffer_sum[self._translation_rows] = extra[:, 0]
+        # One call: per-part SGD algebra (tracking/sgd.py, in Rust), signed sums into columns and
+        # groups, magnitudes and constraint residuals.
+        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, *hyper["core"])
         if self._streams is None:
             self._init_streams(cols[:, _CHARGE], cols[:, _BDOT] if has_buffer else None, hyper)
         self._catch_up_paper()
-        groups = plan.to_groups(cols)
-        values = self._group_values(groups, sums)
-        values["update_sq"] = groups[:, _UU]
-        values["update_sum"] = np.where(plan.group_kind == 0, groups[:, _SU], np.nan)
+        values = {name: groups[:, i] for i, name in enumerate(_GROUP_FIELDS)}
         self._record(step, time, values, hyper)
         self._held_drive = cols[:, _DRIVE]
         self._advance_paper(hyper, cols[:, _DRIVE])
