@@ -25,11 +25,8 @@ from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from .plan import Plan, build_plan
 from .reducers import Pending, choose
-from .sgd import PartSums
 
 KINDS = ("translation", "scale", "rescale")
-# A group's mean squared gradient entry below this fraction of the model's counts as no gradient.
-NO_GRADIENT = 1e-8
 # Columns of the per-part matrix that is summed into columns and groups with signs (the order of
 # src/tracking.rs COLUMN_FIELDS), and the per-group values of its GROUP_FIELDS.
 _CHARGE, _FLUX, _GG, _UU, _E, _DRIVE, _SU, _BDOT = range(8)
@@ -349,29 +346,6 @@ class Tracker:
         if self.every == 1:
             self._advance_ledger(hyper, cols)
 
-    def _group_values(self, groups: np.ndarray, sums: PartSums) -> dict[str, np.ndarray]:
-        """Measured charge, flux, |ĝ|², magnitude and constraint residual per group."""
-        plan = self._plan
-        assert plan is not None
-        with np.errstate(invalid="ignore"):
-            unsigned = plan.parts_to_groups_unsigned(np.column_stack([sums.x, sums.gg, np.sqrt(sums.gg * sums.x)]))
-        x_abs, g_abs, norm_prod = unsigned[:, 0], unsigned[:, 1], unsigned[:, 2]
-        is_t = plan.group_kind == 0
-        flux = groups[:, _FLUX]
-        denom = np.where(is_t, np.sqrt(plan.group_size * g_abs), norm_prod)
-        residual = np.abs(flux) / np.where(denom > 0, denom, 1.0)
-        # A group whose gradient is at float rounding level (a bias before BatchNorm, a dead
-        # unit) proves nothing (THEORY §3): its residual is NaN, "no gradient".
-        mean_sq = sums.gg.sum() / max(float(plan.part_size.sum()), 1.0)
-        residual[(g_abs <= NO_GRADIENT * mean_sq * plan.group_size) | (denom <= 0)] = np.nan
-        return {
-            "measured": groups[:, _CHARGE],
-            "flux": flux,
-            "grad_sq": groups[:, _GG],
-            "magnitude": np.where(is_t, np.sqrt(plan.group_size * x_abs), x_abs),
-            "residual": residual,
-        }
-
     # -- theory streams ----------------------------------------------------------------------
     def _init_streams(self, columns_y0: np.ndarray, buffer_dot0: np.ndarray | None, hyper: dict[str, Any]) -> None:
         self._streams = []
@@ -482,33 +456,31 @@ class Tracker:
     def _process_generic(self, pending: Pending, sum_only: list[Any], hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
         plan = self._plan
         assert plan is not None
-        parts, d_sum = self._parse(pending.result(), sum_only)
+        main, _ = blocks = pending.result()
+        # Charges, fluxes, magnitudes and residuals: the Rust bookkeeping on the (θ_n, ĝ_n) sums,
+        # with no momentum and no decay (its update columns are not used here).
+        zeros = np.zeros(len(plan.part_sign))
+        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main[:, :5]), None, zeros, zeros, zeros, zeros)
+        parts, d_sum = self._parse(blocks, sum_only)
         d_sum = np.zeros(len(parts)) if d_sum is None else d_sum
-        sums = PartSums.from_rows(parts[:, :5], None)
         dd, td = parts[:, 5], parts[:, 6]
         t = self._part_translation
         lr = hyper["lr"][plan.part_param_group]
         safe_lr = np.where(lr > 0, lr, 1.0)
-        m = np.zeros((len(t), 8))
-        m[:, _CHARGE] = np.where(t, sums.q, sums.x)
-        m[:, _FLUX] = np.where(t, sums.gs, sums.s)
-        m[:, _GG] = sums.gg
-        m[:, _UU] = dd / safe_lr**2
-        m[:, _SU] = d_sum / safe_lr
-        # y_{n+1} = y_n − 2⟨θ_n, d_n⟩ + |d_n|² (scale, rescale); q_{n+1} = q_n − ⟨1, d_n⟩.
-        m[:, _E] = np.where(t, -d_sum, -2 * td + dd)
-        cols = plan.to_columns(m)
+        # The measured update d_n = θ_n − θ_{n+1}: |u|², ⟨1, u⟩ (u = d/η), and the exact change
+        # y_{n+1} − y_n = −2⟨θ_n, d_n⟩ + |d_n|² (scale, rescale), −⟨1, d_n⟩ (translation).
+        update = plan.to_columns(np.column_stack([dd / safe_lr**2, d_sum / safe_lr, np.where(t, -d_sum, -2 * td + dd)]))
+        update_groups = plan.to_groups(update)
         if self._streams is None:
             self._init_streams(cols[:, _CHARGE], None, hyper)
-        groups = plan.to_groups(cols)
-        values = self._group_values(groups, sums)
-        values["update_sq"] = groups[:, _UU]
-        values["update_sum"] = np.where(plan.group_kind == 0, groups[:, _SU], np.nan)
+        values = {name: groups[:, i] for i, name in enumerate(_GROUP_FIELDS)}
+        values["update_sq"] = update_groups[:, 0]
+        values["update_sum"] = np.where(plan.group_kind == 0, update_groups[:, 1], np.nan)
         self._record(step, time, values, hyper)
         if self.every == 1:
             assert self._streams is not None
             for lane, streams in zip(self._lanes, self._streams):
-                streams["ledger_y"] = streams["ledger_y"] + cols[lane["cols"], _E]
+                streams["ledger_y"] = streams["ledger_y"] + update[lane["cols"], 2]
 
     # -- results -----------------------------------------------------------------------------
     @property
