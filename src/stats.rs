@@ -50,6 +50,17 @@ impl<'a> Data<'a> {
         }
     }
 
+    /// (address, length, dtype): two equal identities are the same memory read the same way.
+    fn identity(&self) -> (usize, usize, &'static str) {
+        let addr = match self {
+            Data::F32(s) => s.as_ptr() as usize,
+            Data::F64(s) => s.as_ptr() as usize,
+            Data::F16(s) => s.as_ptr() as usize,
+            Data::BF16(s) => s.as_ptr() as usize,
+        };
+        (addr, self.len(), self.dtype_name())
+    }
+
     fn slice(self, start: usize, end: usize) -> Data<'a> {
         match self {
             Data::F32(s) => Data::F32(&s[start..end]),
@@ -206,11 +217,10 @@ impl Item<'_> {
 //   (rows, and column blocks whose segment is long). On x86-64 with AVX2+FMA (checked at run
 //   time: wheels are generic x86-64) these are the explicit kernels of `simd`; elsewhere the
 //   portable lane loops below.
-// * column kernels: when segments are short (a Linear's columns: segment length 1), one call per
-//   segment would cost more than the arithmetic. Instead each row of a tile of columns is added
-//   element-wise into per-column float64 accumulators (no reduction inside the loop, so it
-//   vectorises trivially), and the columns are folded into their groups at the end of the tile.
+// * the tile kernel (`columns`) for short segments: per-column accumulators over a tile of
+//   columns, optionally with each row's sums too (a tensor reduced by rows and columns at once).
 
+mod columns;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
@@ -401,243 +411,8 @@ fn as_f64<'a>(d: Data<'a>) -> &'a [f64] {
     }
 }
 
-/// Segments shorter than this are reduced by the column kernels.
+/// Segments shorter than this are reduced by the tile kernel of `columns`.
 const SHORT_SEG: usize = 32;
-/// Columns per tile of the column kernels: 8 accumulators x TILE f64 = 16 KiB stays in L1.
-const TILE: usize = 256;
-
-/// Per-column accumulators of one tile: `acc[j][c]` is sum j of column c of the tile.
-type ColAcc = [[f64; TILE]; 8];
-
-/// Rows added per sweep of the column accumulators: each accumulator is loaded and stored once
-/// per ROWS rows instead of once per row (the load/store traffic, not the arithmetic, bounds
-/// this kernel).
-const ROWS: usize = 4;
-
-/// Up to ROWS rows (equal lengths) of θ and optionally ĝ, v; unused rows are empty slices.
-struct RowSet<'a, E> {
-    t: [&'a [E]; ROWS],
-    g: Option<[&'a [E]; ROWS]>,
-    v: Option<[&'a [E]; ROWS]>,
-    rows: usize,
-}
-
-#[inline(always)]
-fn columns_portable<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
-    let n = r.t[0].len();
-    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
-    let (a0, a1) = (&mut a0[..n], &mut a1[..n]);
-    if r.rows < ROWS {
-        // The last rows of a task: one at a time.
-        for j in 0..r.rows {
-            let one = RowSet {
-                t: [r.t[j]; ROWS],
-                g: r.g.map(|g| [g[j]; ROWS]),
-                v: r.v.map(|v| [v[j]; ROWS]),
-                rows: ROWS,
-            };
-            columns_one(&one, [&mut *a0, &mut *a1, &mut a2[..n], &mut a3[..n], &mut a4[..n], &mut a5[..n], &mut a6[..n], &mut a7[..n]]);
-        }
-        return;
-    }
-    let [t0, t1, t2, t3] = r.t.map(|x| &x[..n]);
-    match (r.g, r.v) {
-        (None, _) => {
-            for c in 0..n {
-                let (x0, x1, x2, x3) = (t0[c].f64(), t1[c].f64(), t2[c].f64(), t3[c].f64());
-                a0[c] += (x0 + x1) + (x2 + x3);
-                a1[c] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
-            }
-        }
-        (Some(g), None) => {
-            let [g0, g1, g2, g3] = g.map(|x| &x[..n]);
-            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
-            for c in 0..n {
-                let (x0, x1, x2, x3) = (t0[c].f64(), t1[c].f64(), t2[c].f64(), t3[c].f64());
-                let (y0, y1, y2, y3) = (g0[c].f64(), g1[c].f64(), g2[c].f64(), g3[c].f64());
-                a0[c] += (x0 + x1) + (x2 + x3);
-                a1[c] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
-                a2[c] += (y0 + y1) + (y2 + y3);
-                a3[c] += (y0 * y0 + y1 * y1) + (y2 * y2 + y3 * y3);
-                a4[c] += (x0 * y0 + x1 * y1) + (x2 * y2 + x3 * y3);
-            }
-        }
-        (Some(g), Some(v)) => {
-            // Three arrays: 8 sums x 4 rows of inputs exceed the registers; two rows per pass
-            // still halve the accumulator loads and stores, which bound this kernel.
-            let [g0, g1, g2, g3] = g.map(|x| &x[..n]);
-            let [v0, v1, v2, v3] = v.map(|x| &x[..n]);
-            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
-            let (a5, a6, a7) = (&mut a5[..n], &mut a6[..n], &mut a7[..n]);
-            for ((ta, ga, va), (tb, gb, vb)) in [((t0, g0, v0), (t1, g1, v1)), ((t2, g2, v2), (t3, g3, v3))] {
-                for c in 0..n {
-                    let (x0, y0, z0) = (ta[c].f64(), ga[c].f64(), va[c].f64());
-                    let (x1, y1, z1) = (tb[c].f64(), gb[c].f64(), vb[c].f64());
-                    a0[c] += x0 + x1;
-                    a1[c] += x0 * x0 + x1 * x1;
-                    a2[c] += y0 + y1;
-                    a3[c] += y0 * y0 + y1 * y1;
-                    a4[c] += x0 * y0 + x1 * y1;
-                    a5[c] += z0 * z0 + z1 * z1;
-                    a6[c] += x0 * z0 + x1 * z1;
-                    a7[c] += y0 * z0 + y1 * z1;
-                }
-            }
-        }
-    }
-}
-
-/// One row (row 0 of `r`) added into the accumulators.
-#[inline(always)]
-fn columns_one<E: Real>(r: &RowSet<'_, E>, acc: [&mut [f64]; 8]) {
-    let t = r.t[0];
-    let n = t.len();
-    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
-    let (a0, a1) = (&mut a0[..n], &mut a1[..n]);
-    match (r.g, r.v) {
-        (None, _) => {
-            for c in 0..n {
-                let x = t[c].f64();
-                a0[c] += x;
-                a1[c] += x * x;
-            }
-        }
-        (Some(g), None) => {
-            let g = &g[0][..n];
-            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
-            for c in 0..n {
-                let (x, y) = (t[c].f64(), g[c].f64());
-                a0[c] += x;
-                a1[c] += x * x;
-                a2[c] += y;
-                a3[c] += y * y;
-                a4[c] += x * y;
-            }
-        }
-        (Some(g), Some(v)) => {
-            let (g, v) = (&g[0][..n], &v[0][..n]);
-            let (a2, a3, a4) = (&mut a2[..n], &mut a3[..n], &mut a4[..n]);
-            let (a5, a6, a7) = (&mut a5[..n], &mut a6[..n], &mut a7[..n]);
-            for c in 0..n {
-                let (x, y, z) = (t[c].f64(), g[c].f64(), v[c].f64());
-                a0[c] += x;
-                a1[c] += x * x;
-                a2[c] += y;
-                a3[c] += y * y;
-                a4[c] += x * y;
-                a5[c] += z * z;
-                a6[c] += x * z;
-                a7[c] += y * z;
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn columns_avx2<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
-    columns_portable(r, acc)
-}
-
-fn columns<E: Real>(r: &RowSet<'_, E>, acc: &mut ColAcc) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { columns_avx2(r, acc) };
-    }
-    columns_portable(r, acc)
-}
-
-/// Column kernel over one task (rows task.outer, all groups): adds each group's sums to
-/// `partial` (groups x k). Tiles, rows and the fold run in a fixed order.
-fn reduce_columns(item: &Item<'_>, task: &Task, partial: &mut [f64], scratch: &mut ColScratch) {
-    let k = item.width();
-    let Layout { groups, seg, .. } = item.layout;
-    let row_len = groups * seg;
-    let mut acc: Box<ColAcc> = Box::new([[0f64; TILE]; 8]);
-    let mut c0 = 0;
-    while c0 < row_len {
-        let c1 = (c0 + TILE).min(row_len);
-        let m = c1 - c0;
-        for a in acc.iter_mut() {
-            a[..m].fill(0.0);
-        }
-        let mut o = task.outer.0;
-        while o < task.outer.1 {
-            let rows = ROWS.min(task.outer.1 - o);
-            // Row j of this sweep (rows past the last repeat it; `rows` says how many count).
-            let start = |j: usize| (o + j.min(rows - 1)) * row_len + c0;
-            fn at(d: Data<'_>, s: usize, m: usize) -> Data<'_> {
-                d.slice(s, s + m)
-            }
-            match item.theta {
-                Data::F32(_) => {
-                    let set = RowSet {
-                        t: std::array::from_fn(|j| as_f32(at(item.theta, start(j), m))),
-                        g: item.grad.map(|d| std::array::from_fn(|j| as_f32(at(d, start(j), m)))),
-                        v: item.velocity.map(|d| std::array::from_fn(|j| as_f32(at(d, start(j), m)))),
-                        rows,
-                    };
-                    columns(&set, &mut acc);
-                }
-                Data::F64(_) => {
-                    let set = RowSet {
-                        t: std::array::from_fn(|j| as_f64(at(item.theta, start(j), m))),
-                        g: item.grad.map(|d| std::array::from_fn(|j| as_f64(at(d, start(j), m)))),
-                        v: item.velocity.map(|d| std::array::from_fn(|j| as_f64(at(d, start(j), m)))),
-                        rows,
-                    };
-                    columns(&set, &mut acc);
-                }
-                Data::F16(_) | Data::BF16(_) => {
-                    // Widen the rows of this sweep into float32 scratch (TILE columns each).
-                    let buf = &mut scratch.0;
-                    for j in 0..rows {
-                        let arrays = [Some(item.theta), item.grad, item.velocity];
-                        for (a, d) in arrays.iter().enumerate() {
-                            if let Some(d) = d {
-                                let off = (a * ROWS + j) * TILE;
-                                widen(at(*d, start(j), m), &mut buf[off..off + m]);
-                            }
-                        }
-                    }
-                    let buf = &scratch.0;
-                    let row = |a: usize, j: usize| {
-                        let off = (a * ROWS + j.min(rows - 1)) * TILE;
-                        &buf[off..off + m]
-                    };
-                    let set = RowSet {
-                        t: std::array::from_fn(|j| row(0, j)),
-                        g: item.grad.map(|_| std::array::from_fn(|j| row(1, j))),
-                        v: item.velocity.map(|_| std::array::from_fn(|j| row(2, j))),
-                        rows,
-                    };
-                    columns(&set, &mut acc);
-                }
-            }
-            o += rows;
-        }
-        for c in c0..c1 {
-            let row = &mut partial[(c / seg) * k..(c / seg + 1) * k];
-            for (j, r) in row.iter_mut().enumerate() {
-                *r += acc[j][c - c0];
-            }
-        }
-        c0 = c1;
-    }
-}
-
-/// Float32 scratch of the column kernel for 16-bit input: 3 arrays x ROWS rows x TILE columns.
-struct ColScratch(Vec<f32>);
-
-impl ColScratch {
-    fn new(item: &Item<'_>) -> ColScratch {
-        match item.theta {
-            Data::F16(_) | Data::BF16(_) => ColScratch(vec![0f32; 3 * ROWS * TILE]),
-            _ => ColScratch(Vec::new()),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Planning: cut every item into tasks of about TASK_ELEMS elements.
@@ -657,13 +432,52 @@ struct Task {
     outer: (usize, usize),
     groups: (usize, usize),
     seg: (usize, usize),
+    /// A rows item over the same tensor whose sums this task's read gives too (see [`pairs`]).
+    rows_of: Option<usize>,
+}
+
+/// A tensor reduced both by rows and by columns in one call (a conv or Linear between two
+/// symmetries: its rows are one neuron's incoming weights, its columns the previous neurons'
+/// outgoing ones) is read once: each column item is paired with the rows item over the same
+/// arrays, if any. Returns, per item, the rows item its column tasks also reduce.
+fn pairs(items: &[Item<'_>]) -> Vec<Option<usize>> {
+    let mut fused = vec![None; items.len()];
+    let mut taken = vec![false; items.len()];
+    for (c, cols) in items.iter().enumerate() {
+        let Layout { outer, groups, seg } = cols.layout;
+        if outer < 2 || cols.layout.is_empty() {
+            continue;
+        }
+        let rows_layout = Layout { outer: 1, groups: outer, seg: groups * seg };
+        let found = (0..items.len()).find(|&r| !taken[r] && items[r].layout == rows_layout && same_arrays(&items[r], cols));
+        if let Some(r) = found {
+            taken[r] = true;
+            fused[c] = Some(r);
+        }
+    }
+    fused
+}
+
+/// Whether two items read the same memory (same arrays, addresses, lengths and dtypes).
+fn same_arrays(a: &Item<'_>, b: &Item<'_>) -> bool {
+    let same = |x: Option<Data<'_>>, y: Option<Data<'_>>| match (x, y) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.identity() == y.identity(),
+        _ => false,
+    };
+    same(Some(a.theta), Some(b.theta)) && same(a.grad, b.grad) && same(a.velocity, b.velocity)
 }
 
 fn plan(items: &[Item<'_>]) -> Vec<Task> {
+    let fused = pairs(items);
+    let mut read_by_columns = vec![false; items.len()];
+    for r in fused.iter().flatten() {
+        read_by_columns[*r] = true;
+    }
     let mut tasks = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let Layout { outer, groups, seg } = item.layout;
-        if item.layout.is_empty() {
+        if item.layout.is_empty() || read_by_columns[i] {
             continue;
         }
         if outer == 1 {
@@ -675,7 +489,7 @@ fn plan(items: &[Item<'_>]) -> Vec<Task> {
                     let mut s = 0;
                     while s < seg {
                         let e = (s + step).min(seg);
-                        tasks.push(Task { item: i, outer: (0, 1), groups: (g, g + 1), seg: (s, e) });
+                        tasks.push(Task { item: i, outer: (0, 1), groups: (g, g + 1), seg: (s, e), rows_of: None });
                         s = e;
                     }
                 }
@@ -684,7 +498,7 @@ fn plan(items: &[Item<'_>]) -> Vec<Task> {
                 let mut g = 0;
                 while g < groups {
                     let e = (g + per).min(groups);
-                    tasks.push(Task { item: i, outer: (0, 1), groups: (g, e), seg: (0, seg) });
+                    tasks.push(Task { item: i, outer: (0, 1), groups: (g, e), seg: (0, seg), rows_of: None });
                     g = e;
                 }
             }
@@ -694,7 +508,7 @@ fn plan(items: &[Item<'_>]) -> Vec<Task> {
             let mut o = 0;
             while o < outer {
                 let e = (o + step).min(outer);
-                tasks.push(Task { item: i, outer: (o, e), groups: (0, groups), seg: (0, seg) });
+                tasks.push(Task { item: i, outer: (o, e), groups: (0, groups), seg: (0, seg), rows_of: fused[i] });
                 o = e;
             }
         }
@@ -702,26 +516,40 @@ fn plan(items: &[Item<'_>]) -> Vec<Task> {
     tasks
 }
 
-fn run_task(items: &[Item<'_>], task: &Task) -> Vec<f64> {
+/// One task's sums: per group of the task (k each) and, for a task with `rows_of`, per row of
+/// the task (k each, for the rows item).
+fn run_task(items: &[Item<'_>], task: &Task) -> (Vec<f64>, Vec<f64>) {
     let item = &items[task.item];
     let k = item.width();
-    let Layout { outer, groups, seg } = item.layout;
+    let Layout { groups, seg, .. } = item.layout;
     let (g0, g1) = task.groups;
+    let (o0, o1) = task.outer;
     let mut partial = vec![0f64; (g1 - g0) * k];
-    if outer > 1 && seg < SHORT_SEG {
-        // Column tasks always cover all groups (see `plan`).
-        reduce_columns(item, task, &mut partial, &mut ColScratch::new(item));
-        return partial;
+    let mut rows = vec![0f64; if task.rows_of.is_some() { (o1 - o0) * k } else { 0 }];
+    if seg < SHORT_SEG {
+        // Short segments are never split (task.seg is the whole segment).
+        let rows_out = task.rows_of.map(|_| rows.as_mut_slice());
+        columns::reduce_short(item, task.outer, (g0 * seg, g1 * seg), &mut partial, rows_out);
+        return (partial, rows);
     }
     let mut scratch = Scratch::new(item);
-    for o in task.outer.0..task.outer.1 {
+    for o in o0..o1 {
         for g in g0..g1 {
-            let base = (o * groups + g) * seg;
+            let (start, end) = ((o * groups + g) * seg + task.seg.0, (o * groups + g) * seg + task.seg.1);
             let out = &mut partial[(g - g0) * k..(g - g0 + 1) * k];
-            reduce_segment(item, base + task.seg.0, base + task.seg.1, out, &mut scratch);
+            if task.rows_of.is_none() {
+                reduce_segment(item, start, end, out, &mut scratch);
+                continue;
+            }
+            let mut one = [0f64; 8];
+            reduce_segment(item, start, end, &mut one[..k], &mut scratch);
+            for (q, x) in one[..k].iter().enumerate() {
+                out[q] += x;
+                rows[(o - o0) * k + q] += x;
+            }
         }
     }
-    partial
+    (partial, rows)
 }
 
 /// Per-group sums of every item: one row of `item.width()` sums per group, row-major, in the
@@ -733,24 +561,34 @@ pub fn group_stats_batch(items: &[Item<'_>]) -> Result<Vec<Vec<f64>>> {
     // Also validates NEURAL_MECHANICS_NUM_THREADS on every call, not only on the large ones.
     let threads = pool::num_threads()?;
     let tasks = plan(items);
-    let total: usize = items.iter().map(|it| it.layout.len()).sum();
+    let total: usize = tasks.iter().map(|t| task_elems(items, t)).sum();
     // One thread: work on the caller's thread (handing work to a one-thread pool only adds a
     // wake-up). Same tasks, same merge order, so the result is bit-identical either way.
-    let partials: Vec<Vec<f64>> = if threads == 1 || total < PARALLEL_MIN_ELEMS || tasks.len() < 2 {
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = if threads == 1 || total < PARALLEL_MIN_ELEMS || tasks.len() < 2 {
         tasks.iter().map(|t| run_task(items, t)).collect()
     } else {
         pool::pool()?.install(|| tasks.par_iter().map(|t| run_task(items, t)).collect())
     };
     let mut outputs: Vec<Vec<f64>> =
         items.iter().map(|it| vec![0f64; it.layout.groups * it.width()]).collect();
-    for (task, partial) in tasks.iter().zip(&partials) {
+    for (task, (partial, rows)) in tasks.iter().zip(&partials) {
         let k = items[task.item].width();
         let dst = &mut outputs[task.item][task.groups.0 * k..task.groups.1 * k];
         for (d, p) in dst.iter_mut().zip(partial) {
             *d += p;
         }
+        if let Some(r) = task.rows_of {
+            outputs[r][task.outer.0 * k..task.outer.1 * k].copy_from_slice(rows);
+        }
     }
     Ok(outputs)
+}
+
+/// Elements of one array a task reads.
+fn task_elems(items: &[Item<'_>], t: &Task) -> usize {
+    let seg = items[t.item].layout.seg;
+    let per_segment = if t.seg.1 > t.seg.0 { t.seg.1 - t.seg.0 } else { seg };
+    (t.outer.1 - t.outer.0) * (t.groups.1 - t.groups.0) * per_segment
 }
 
 /// The sums of one item.
@@ -1075,6 +913,56 @@ mod tests {
     }
 
     #[test]
+    fn rows_and_columns_of_one_tensor_are_read_once() {
+        // A tensor given twice (rows, then column blocks) is fused into one read; both results
+        // must match the reference, for short and long segments, every dtype and array count,
+        // and must not depend on the thread count.
+        for &(o, i, r, block) in &[(70usize, 600usize, 1usize, 1usize), (512, 64, 9, 1), (40, 12, 49, 1), (33, 30, 3, 5)] {
+            let n = o * i * r;
+            let raw: Vec<Vec<f64>> = (0..3).map(|s| random(n, 70 + s)).collect();
+            let h: Vec<Vec<u16>> = raw.iter().map(|v| v.iter().map(|&x| half::bf16::from_f64(x).to_bits()).collect()).collect();
+            let f: Vec<Vec<f32>> = raw.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
+            let rows = Layout::from_shape(&[o, i, r], 0, 1).unwrap();
+            let cols = Layout::from_shape(&[o, i, r], 1, block).unwrap();
+            for arrays in 1..=3 {
+                for dtype in 0..3 {
+                    let data = |k: usize| match dtype {
+                        0 => Data::F64(&raw[k]),
+                        1 => Data::F32(&f[k]),
+                        _ => Data::BF16(&h[k]),
+                    };
+                    let exact: Vec<Vec<f64>> = (0..3)
+                        .map(|k| match dtype {
+                            0 => raw[k].clone(),
+                            1 => f[k].iter().map(|&x| x as f64).collect(),
+                            _ => h[k].iter().map(|&x| half::bf16::from_bits(x).to_f64()).collect(),
+                        })
+                        .collect();
+                    let refs: Vec<&[f64]> = exact.iter().map(|v| &v[..]).collect();
+                    let item = |layout| Item { theta: data(0), grad: (arrays > 1).then(|| data(1)), velocity: (arrays > 2).then(|| data(2)), layout };
+                    let items = [item(rows), item(cols)];
+                    assert_eq!(pairs(&items), vec![None, Some(0)], "the pair must be fused");
+                    let got = group_stats_batch(&items).unwrap();
+                    close(&got[0], &reference((o, i, r), 0, 1, &refs[..arrays]), 1e-12);
+                    close(&got[1], &reference((o, i, r), 1, block, &refs[..arrays]), 1e-12);
+                    pool::set_num_threads(1).unwrap();
+                    let one = group_stats_batch(&items).unwrap();
+                    pool::set_num_threads(0).unwrap();
+                    assert_eq!(got, one, "results must not depend on the thread count");
+                }
+            }
+        }
+        // Different arrays, or a layout that is not the other's transpose: not fused.
+        let (a, b) = (random(24, 1), random(24, 2));
+        let item = |t: &'static [f64], layout| Item { theta: Data::F64(t), grad: None, velocity: None, layout };
+        let (a, b): (&'static [f64], &'static [f64]) = (a.leak(), b.leak());
+        let rows = Layout::from_shape(&[4, 6], 0, 1).unwrap();
+        let cols = Layout::from_shape(&[4, 6], 1, 2).unwrap();
+        assert_eq!(pairs(&[item(a, rows), item(b, cols)]), vec![None, None]);
+        assert_eq!(pairs(&[item(a, Layout::from_shape(&[6, 4], 0, 1).unwrap()), item(a, cols)]), vec![None, None]);
+    }
+
+    #[test]
     fn portable_and_simd_kernels_agree() {
         let t: Vec<f32> = random(1003, 5).iter().map(|&x| x as f32).collect();
         let g: Vec<f32> = random(1003, 6).iter().map(|&x| x as f32).collect();
@@ -1086,6 +974,24 @@ mod tests {
             portable_pass(&t, gs, vs, &mut a);
             pass_f32(&t, gs, vs, &mut b);
             close(&a, &b, 1e-14);
+            // The tile kernel: 7 rows of 203 columns (a vector part and a scalar tail).
+            let empty: &[f32] = &[];
+            let rows: Vec<columns::Row<'_, f32>> = (0..7)
+                .map(|j| [&t[j * 110..j * 110 + 203], gs.map_or(empty, |g| &g[j * 100..j * 100 + 203]), vs.map_or(empty, |v| &v[j * 90..j * 90 + 203])])
+                .collect();
+            let mut results = Vec::new();
+            for simd in [false, true] {
+                let mut acc = Box::new(columns::ColAcc([[0.0; columns::TILE + 8]; 8]));
+                let mut per_row = vec![0f64; 7 * k];
+                columns::tile_with(simd, &rows, arrays, 203, &mut acc, Some(&mut per_row));
+                let mut cols_only = Box::new(columns::ColAcc([[0.0; columns::TILE + 8]; 8]));
+                columns::tile_with(simd, &rows, arrays, 203, &mut cols_only, None);
+                let flat = |a: &columns::ColAcc| a.0[..k].iter().flat_map(|r| r[..203].to_vec()).collect::<Vec<f64>>();
+                close(&flat(&acc), &flat(&cols_only), 1e-14);
+                results.push((flat(&acc), per_row));
+            }
+            close(&results[0].0, &results[1].0, 1e-14);
+            close(&results[0].1, &results[1].1, 1e-14);
         }
     }
 

@@ -59,6 +59,14 @@ unsafe fn prefetch<E>(p: *const E, i: usize) {
     }
 }
 
+/// Prefetch the cache line holding element i of `p`, once per 64-byte line of elements.
+#[inline(always)]
+unsafe fn prefetch_line<E>(p: *const E, i: usize) {
+    if i % (64 / std::mem::size_of::<E>()).max(1) == 0 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i) as *const i8);
+    }
+}
+
 /// Horizontal sum in a fixed order: (l0 + l1) + (l2 + l3).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -208,4 +216,138 @@ pub(super) unsafe fn pass3<E: Lanes>(t: &[E], g: &[E], v: &[E], out: &mut [f64])
     for k in 0..8 {
         out[k] += r[k];
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tile kernel for short segments (see `super::columns`): rows of a tile of columns, each
+// element's sums added into per-column float64 accumulators in L1, and optionally each row's sums
+// kept in registers (a tensor reduced both by rows and by columns in one read).
+
+use super::columns::{ColAcc, Row};
+
+/// The sums of one 4-lane vector of (θ, ĝ, v), in the order of `Sums::NAMES` (first K used).
+#[inline(always)]
+unsafe fn sums<const A: usize>(x: __m256d, y: __m256d, z: __m256d) -> [__m256d; 8] {
+    let zero = _mm256_setzero_pd();
+    let mut s = [zero; 8];
+    s[0] = x;
+    s[1] = _mm256_mul_pd(x, x);
+    if A >= 2 {
+        s[2] = y;
+        s[3] = _mm256_mul_pd(y, y);
+        s[4] = _mm256_mul_pd(x, y);
+    }
+    if A >= 3 {
+        s[5] = _mm256_mul_pd(z, z);
+        s[6] = _mm256_mul_pd(x, z);
+        s[7] = _mm256_mul_pd(y, z);
+    }
+    s
+}
+
+/// `s` plus the sums of a second row's vector.
+#[inline(always)]
+unsafe fn add_sums<const A: usize>(s: &mut [__m256d; 8], x: __m256d, y: __m256d, z: __m256d) {
+    s[0] = _mm256_add_pd(s[0], x);
+    s[1] = _mm256_fmadd_pd(x, x, s[1]);
+    if A >= 2 {
+        s[2] = _mm256_add_pd(s[2], y);
+        s[3] = _mm256_fmadd_pd(y, y, s[3]);
+        s[4] = _mm256_fmadd_pd(x, y, s[4]);
+    }
+    if A >= 3 {
+        s[5] = _mm256_fmadd_pd(z, z, s[5]);
+        s[6] = _mm256_fmadd_pd(x, z, s[6]);
+        s[7] = _mm256_fmadd_pd(y, z, s[7]);
+    }
+}
+
+/// Adds columns [0, m) of every row in `rows` (θ, ĝ, v of A arrays from the tile's first column)
+/// into `acc`. With ROWS_OUT, row j's K sums are also added to rows_out[j*K..], the row's sums
+/// kept in registers; without, rows go four at a time, so each accumulator is loaded and stored
+/// once per four rows (those loads and stores, not the products, bound a one-row sweep).
+///
+/// # Safety
+/// AVX2 and FMA; the A used slices of every row hold at least m elements; m <= TILE.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn tile<E: Lanes, const A: usize, const ROWS_OUT: bool>(
+    rows: &[Row<'_, E>],
+    m: usize,
+    acc: &mut ColAcc,
+    rows_out: &mut [f64],
+) {
+    let k = super::Sums::count(A);
+    let whole = m - m % 4;
+    let ptrs = |j: usize| rows[j].map(|a| a.as_ptr());
+    let mut j = 0;
+    while j < rows.len() {
+        let n = if ROWS_OUT { 1 } else { (rows.len() - j).min(4) };
+        // The rows of the next sweep (rows of a tile are far apart: the hardware prefetcher
+        // would stall at the start of each).
+        let ahead = &rows[(j + n).min(rows.len())..(j + 2 * n).min(rows.len())];
+        let row = match n {
+            1 => sweep::<E, A, 1, ROWS_OUT>([ptrs(j)], ahead, whole, acc),
+            2 => sweep::<E, A, 2, ROWS_OUT>([ptrs(j), ptrs(j + 1)], ahead, whole, acc),
+            3 => sweep::<E, A, 3, ROWS_OUT>([ptrs(j), ptrs(j + 1), ptrs(j + 2)], ahead, whole, acc),
+            _ => sweep::<E, A, 4, ROWS_OUT>([ptrs(j), ptrs(j + 1), ptrs(j + 2), ptrs(j + 3)], ahead, whole, acc),
+        };
+        for r in &rows[j..j + n] {
+            let mut tail = [0f64; 8];
+            for c in whole..m {
+                let x = r[0][c].to_f64();
+                let y = if A >= 2 { r[1][c].to_f64() } else { 0.0 };
+                let z = if A >= 3 { r[2][c].to_f64() } else { 0.0 };
+                let v = [x, x * x, y, y * y, x * y, z * z, x * z, y * z];
+                for q in 0..k {
+                    acc.0[q][c] += v[q];
+                    tail[q] += v[q];
+                }
+            }
+            if ROWS_OUT {
+                for q in 0..k {
+                    rows_out[j * k + q] += hsum(row[q]) + tail[q];
+                }
+            }
+        }
+        j += n;
+    }
+}
+
+/// The vector part of R rows (columns [0, whole), whole a multiple of 4) added into `acc`; the
+/// row's own sums returned (ROWS_OUT, R = 1). `ahead`: rows to prefetch for the next sweep.
+#[inline(always)]
+unsafe fn sweep<E: Lanes, const A: usize, const R: usize, const ROWS_OUT: bool>(
+    rows: [[*const E; 3]; R],
+    ahead: &[Row<'_, E>],
+    whole: usize,
+    acc: &mut ColAcc,
+) -> [__m256d; 8] {
+    let k = super::Sums::count(A);
+    let mut row = [_mm256_setzero_pd(); 8];
+    let base = acc.0.as_mut_ptr() as *mut f64;
+    let stride = acc.0[0].len();
+    let mut c = 0;
+    while c < whole {
+        for p in ahead {
+            for a in 0..A {
+                prefetch_line(p[a].as_ptr(), c);
+            }
+        }
+        let at = |p: *const E| E::load4(p.add(c));
+        let (x, y, z) = (at(rows[0][0]), if A >= 2 { at(rows[0][1]) } else { _mm256_setzero_pd() }, if A >= 3 { at(rows[0][2]) } else { _mm256_setzero_pd() });
+        let mut s = sums::<A>(x, y, z);
+        for r in rows.iter().skip(1) {
+            let (x, y, z) = (at(r[0]), if A >= 2 { at(r[1]) } else { x }, if A >= 3 { at(r[2]) } else { x });
+            add_sums::<A>(&mut s, x, y, z);
+        }
+        for q in 0..k {
+            let p = base.add(q * stride + c);
+            _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), s[q]));
+            if ROWS_OUT {
+                row[q] = _mm256_add_pd(row[q], s[q]);
+            }
+        }
+        c += 4;
+    }
+    row
 }
