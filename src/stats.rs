@@ -974,18 +974,15 @@ mod tests {
             portable_pass(&t, gs, vs, &mut a);
             pass_f32(&t, gs, vs, &mut b);
             close(&a, &b, 1e-14);
-            // The tile kernel: 7 rows of 203 columns (a vector part and a scalar tail).
-            let empty: &[f32] = &[];
-            let rows: Vec<columns::Row<'_, f32>> = (0..7)
-                .map(|j| [&t[j * 110..j * 110 + 203], gs.map_or(empty, |g| &g[j * 100..j * 100 + 203]), vs.map_or(empty, |v| &v[j * 90..j * 90 + 203])])
-                .collect();
+            // The tile kernel: 7 rows of 203 columns (a vector part and a scalar tail), 110 apart.
+            let rows = columns::Rows::new([&t[..], &g[..], &v[..]], arrays, 110, 7, 203);
             let mut results = Vec::new();
             for simd in [false, true] {
                 let mut acc = Box::new(columns::ColAcc([[0.0; columns::TILE + 8]; 8]));
                 let mut per_row = vec![0f64; 7 * k];
-                columns::tile_with(simd, &rows, arrays, 203, &mut acc, Some(&mut per_row));
+                columns::tile_with(simd, &rows, &mut acc, Some(&mut per_row));
                 let mut cols_only = Box::new(columns::ColAcc([[0.0; columns::TILE + 8]; 8]));
-                columns::tile_with(simd, &rows, arrays, 203, &mut cols_only, None);
+                columns::tile_with(simd, &rows, &mut cols_only, None);
                 let flat = |a: &columns::ColAcc| a.0[..k].iter().flat_map(|r| r[..203].to_vec()).collect::<Vec<f64>>();
                 close(&flat(&acc), &flat(&cols_only), 1e-14);
                 results.push((flat(&acc), per_row));

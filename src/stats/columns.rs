@@ -17,8 +17,35 @@ pub(super) const TILE: usize = 256;
 #[repr(C, align(64))]
 pub(super) struct ColAcc(pub(super) [[f64; TILE + 8]; 8]);
 
-/// One row of a tile: θ, ĝ, v (an absent array is an empty slice).
-pub(super) type Row<'a, E> = [&'a [E]; 3];
+/// The rows of one tile: row j of array a is `data[a][j * stride..][..m]` (θ, ĝ, v; an absent
+/// array is empty). The bounds are checked once here, so the kernels read without checks.
+pub(super) struct Rows<'a, E> {
+    data: [&'a [E]; 3],
+    pub(super) arrays: usize,
+    stride: usize,
+    pub(super) count: usize,
+    pub(super) m: usize,
+}
+
+impl<'a, E> Rows<'a, E> {
+    pub(super) fn new(data: [&'a [E]; 3], arrays: usize, stride: usize, count: usize, m: usize) -> Rows<'a, E> {
+        assert!(m <= TILE, "a tile has at most TILE columns");
+        for d in &data[..arrays] {
+            assert!(count == 0 || d.len() >= (count - 1) * stride + m, "tile rows reach past the data");
+        }
+        Rows { data, arrays, stride, count, m }
+    }
+
+    /// Row j's first m elements of each array (empty for absent arrays).
+    pub(super) fn row(&self, j: usize) -> [&'a [E]; 3] {
+        std::array::from_fn(|a| if a < self.arrays { &self.data[a][j * self.stride..j * self.stride + self.m] } else { &[][..] })
+    }
+
+    /// Row j's start in each array (dangling for absent arrays; never read).
+    pub(super) fn ptrs(&self, j: usize) -> [*const E; 3] {
+        std::array::from_fn(|a| self.data[a].as_ptr().wrapping_add(j * self.stride))
+    }
+}
 
 /// 16-bit input is widened to float32 this many rows at a time.
 const WIDEN_ROWS: usize = 4;
@@ -31,9 +58,11 @@ impl Float for f32 {}
 impl Float for f64 {}
 
 /// Portable tile kernel: the same sums as `simd::tile`, one row and one column at a time.
-fn tile_portable<E: Float>(rows: &[Row<'_, E>], arrays: usize, m: usize, acc: &mut ColAcc, mut rows_out: Option<&mut [f64]>) {
+fn tile_portable<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, mut rows_out: Option<&mut [f64]>) {
+    let (arrays, m) = (rows.arrays, rows.m);
     let k = Sums::count(arrays);
-    for (j, r) in rows.iter().enumerate() {
+    for j in 0..rows.count {
+        let r = rows.row(j);
         let mut row = [0f64; 8];
         for c in 0..m {
             let x = r[0][c].f64();
@@ -54,39 +83,40 @@ fn tile_portable<E: Float>(rows: &[Row<'_, E>], arrays: usize, m: usize, acc: &m
 }
 
 /// Add columns [0, m) of `rows` into `acc` (and each row's sums into `rows_out`, k per row).
-fn tile<E: Float>(rows: &[Row<'_, E>], arrays: usize, m: usize, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
-    tile_with(super::has_avx2(), rows, arrays, m, acc, rows_out)
+fn tile<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
+    tile_with(super::has_avx2(), rows, acc, rows_out)
 }
 
 /// [`tile`] with the choice of kernel given (`simd` is honoured only where AVX2 and FMA exist).
-pub(super) fn tile_with<E: Float>(simd: bool, rows: &[Row<'_, E>], arrays: usize, m: usize, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
-    assert!(m <= TILE && rows.iter().all(|r| r[..arrays].iter().all(|a| a.len() >= m)), "tile rows shorter than the tile");
+pub(super) fn tile_with<E: Float>(simd: bool, rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
+    let k = Sums::count(rows.arrays);
+    assert!(rows_out.as_ref().is_none_or(|o| o.len() >= rows.count * k), "rows_out too short");
     #[cfg(target_arch = "x86_64")]
     if simd && super::has_avx2() {
         use super::simd::tile as t;
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time); every used row holds m
-        // elements (the slices were cut by the caller).
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time); `Rows::new` checked that
+        // every row of every used array holds m elements, and rows_out holds count*k sums.
         unsafe {
-            match (arrays, rows_out) {
-                (1, None) => t::<E, 1, false>(rows, m, acc, &mut []),
-                (2, None) => t::<E, 2, false>(rows, m, acc, &mut []),
-                (_, None) => t::<E, 3, false>(rows, m, acc, &mut []),
-                (1, Some(o)) => t::<E, 1, true>(rows, m, acc, o),
-                (2, Some(o)) => t::<E, 2, true>(rows, m, acc, o),
-                (_, Some(o)) => t::<E, 3, true>(rows, m, acc, o),
+            match (rows.arrays, rows_out) {
+                (1, None) => t::<E, 1, false>(rows, acc, &mut []),
+                (2, None) => t::<E, 2, false>(rows, acc, &mut []),
+                (_, None) => t::<E, 3, false>(rows, acc, &mut []),
+                (1, Some(o)) => t::<E, 1, true>(rows, acc, o),
+                (2, Some(o)) => t::<E, 2, true>(rows, acc, o),
+                (_, Some(o)) => t::<E, 3, true>(rows, acc, o),
             }
         }
         return;
     }
-    tile_portable(rows, arrays, m, acc, rows_out)
+    tile_portable(rows, acc, rows_out)
 }
 
 /// Sums of rows [o.0, o.1) x columns [cols.0, cols.1) of `item` (rows of groups*seg elements;
 /// the column range starts and ends on group boundaries): each group's sums are added to
 /// `partial` (k per group, from group cols.0 / seg), and with `rows_out` each row's (k per row,
 /// from row o.0). Tiles, rows and the fold run in a fixed order.
-pub(super) fn reduce_short(
-    item: &Item<'_>,
+pub(super) fn reduce_short<'a>(
+    item: &Item<'a>,
     o: (usize, usize),
     cols: (usize, usize),
     partial: &mut [f64],
@@ -108,39 +138,37 @@ pub(super) fn reduce_short(
         for a in acc.0.iter_mut().take(k) {
             a[..m].fill(0.0);
         }
-        fn cut(d: Data<'_>, start: usize, m: usize) -> Data<'_> {
-            d.slice(start, start + m)
-        }
-        let at_row = |r: usize| r * row_len + c0;
+        // Row o.0 of each array from column c0 on; rows follow every row_len elements.
+        let start = o.0 * row_len + c0;
+        let from = |d: Option<Data<'a>>| d.map(|d| d.slice(start, d.len()));
+        let count = o.1 - o.0;
         match item.theta {
             Data::F32(_) => {
-                let rows: Vec<Row<'_, f32>> =
-                    (o.0..o.1).map(|r| given.map(|d| d.map_or(&[][..], |d| as_f32(cut(d, at_row(r), m))))).collect();
-                tile(&rows, arrays, m, &mut acc, rows_out.as_deref_mut());
+                let data = given.map(|d| from(d).map_or(&[][..], as_f32));
+                tile(&Rows::new(data, arrays, row_len, count, m), &mut acc, rows_out.as_deref_mut());
             }
             Data::F64(_) => {
-                let rows: Vec<Row<'_, f64>> =
-                    (o.0..o.1).map(|r| given.map(|d| d.map_or(&[][..], |d| as_f64(cut(d, at_row(r), m))))).collect();
-                tile(&rows, arrays, m, &mut acc, rows_out.as_deref_mut());
+                let data = given.map(|d| from(d).map_or(&[][..], as_f64));
+                tile(&Rows::new(data, arrays, row_len, count, m), &mut acc, rows_out.as_deref_mut());
             }
             Data::F16(_) | Data::BF16(_) => {
-                let mut r = o.0;
-                while r < o.1 {
-                    let n = WIDEN_ROWS.min(o.1 - r);
-                    let at = |a: usize, j: usize| (a * WIDEN_ROWS + j) * TILE;
-                    for j in 0..n {
-                        for (a, d) in given.iter().enumerate() {
-                            if let Some(d) = d {
-                                widen(cut(*d, at_row(r + j), m), &mut scratch[at(a, j)..at(a, j) + m]);
+                // Widen WIDEN_ROWS rows at a time into float32 scratch, rows TILE apart.
+                let mut j = 0;
+                while j < count {
+                    let n = WIDEN_ROWS.min(count - j);
+                    for (a, d) in given.iter().enumerate() {
+                        if let Some(d) = d {
+                            for i in 0..n {
+                                let src = start + (j + i) * row_len;
+                                let dst = (a * WIDEN_ROWS + i) * TILE;
+                                widen(d.slice(src, src + m), &mut scratch[dst..dst + m]);
                             }
                         }
                     }
-                    let rows: Vec<Row<'_, f32>> = (0..n)
-                        .map(|j| std::array::from_fn(|a| if given[a].is_some() { &scratch[at(a, j)..at(a, j) + m] } else { &[][..] }))
-                        .collect();
-                    let out = rows_out.as_deref_mut().map(|out| &mut out[(r - o.0) * k..(r - o.0 + n) * k]);
-                    tile(&rows, arrays, m, &mut acc, out);
-                    r += n;
+                    let data: [&[f32]; 3] = std::array::from_fn(|a| &scratch[a * WIDEN_ROWS * TILE..(a + 1) * WIDEN_ROWS * TILE]);
+                    let out = rows_out.as_deref_mut().map(|out| &mut out[j * k..(j + n) * k]);
+                    tile(&Rows::new(data, arrays, TILE, n, m), &mut acc, out);
+                    j += n;
                 }
             }
         }

@@ -223,7 +223,7 @@ pub(super) unsafe fn pass3<E: Lanes>(t: &[E], g: &[E], v: &[E], out: &mut [f64])
 // element's sums added into per-column float64 accumulators in L1, and optionally each row's sums
 // kept in registers (a tensor reduced both by rows and by columns in one read).
 
-use super::columns::{ColAcc, Row};
+use super::columns::{ColAcc, Rows};
 
 /// The sums of one 4-lane vector of (θ, ĝ, v), in the order of `Sums::NAMES` (first K used).
 #[inline(always)]
@@ -245,6 +245,28 @@ unsafe fn sums<const A: usize>(x: __m256d, y: __m256d, z: __m256d) -> [__m256d; 
     s
 }
 
+/// `into` plus sum q (in the order of `Sums::NAMES`) of one vector of (θ, ĝ, v).
+#[inline(always)]
+unsafe fn accumulate(q: usize, x: __m256d, y: __m256d, z: __m256d, into: __m256d) -> __m256d {
+    match q {
+        0 => _mm256_add_pd(into, x),
+        1 => _mm256_fmadd_pd(x, x, into),
+        2 => _mm256_add_pd(into, y),
+        3 => _mm256_fmadd_pd(y, y, into),
+        4 => _mm256_fmadd_pd(x, y, into),
+        5 => _mm256_fmadd_pd(z, z, into),
+        6 => _mm256_fmadd_pd(x, z, into),
+        _ => _mm256_fmadd_pd(y, z, into),
+    }
+}
+
+/// Sum Q of one vector added to the column accumulators at `col` and to the row's `row[Q]`.
+#[inline(always)]
+unsafe fn both<const Q: usize>(x: __m256d, y: __m256d, z: __m256d, col: *mut f64, row: &mut [__m256d; 8]) {
+    _mm256_storeu_pd(col, accumulate(Q, x, y, z, _mm256_loadu_pd(col)));
+    row[Q] = accumulate(Q, x, y, z, row[Q]);
+}
+
 /// `s` plus the sums of a second row's vector.
 #[inline(always)]
 unsafe fn add_sums<const A: usize>(s: &mut [__m256d; 8], x: __m256d, y: __m256d, z: __m256d) {
@@ -262,36 +284,39 @@ unsafe fn add_sums<const A: usize>(s: &mut [__m256d; 8], x: __m256d, y: __m256d,
     }
 }
 
-/// Adds columns [0, m) of every row in `rows` (θ, ĝ, v of A arrays from the tile's first column)
-/// into `acc`. With ROWS_OUT, row j's K sums are also added to rows_out[j*K..], the row's sums
-/// kept in registers; without, rows go four at a time, so each accumulator is loaded and stored
-/// once per four rows (those loads and stores, not the products, bound a one-row sweep).
+/// Adds columns [0, m) of every row of `rows` into `acc`. With ROWS_OUT, row j's K sums are
+/// also added to rows_out[j*K..], the row's sums kept in registers (one row per sweep); without,
+/// rows go four at a time, so each accumulator is loaded and stored once per four rows (those loads and stores,
+/// not the products, bound a one-row sweep).
 ///
 /// # Safety
-/// AVX2 and FMA; the A used slices of every row hold at least m elements; m <= TILE.
+/// AVX2 and FMA; rows_out holds count*K sums with ROWS_OUT. (`Rows::new` checked the rows.)
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn tile<E: Lanes, const A: usize, const ROWS_OUT: bool>(
-    rows: &[Row<'_, E>],
-    m: usize,
-    acc: &mut ColAcc,
-    rows_out: &mut [f64],
-) {
+pub(super) unsafe fn tile<E: Lanes, const A: usize, const ROWS_OUT: bool>(rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: &mut [f64]) {
     let k = super::Sums::count(A);
+    let (count, m) = (rows.count, rows.m);
     let whole = m - m % 4;
-    let ptrs = |j: usize| rows[j].map(|a| a.as_ptr());
     let mut j = 0;
-    while j < rows.len() {
-        let n = if ROWS_OUT { 1 } else { (rows.len() - j).min(4) };
-        // The rows of the next sweep (rows of a tile are far apart: the hardware prefetcher
-        // would stall at the start of each).
-        let ahead = &rows[(j + n).min(rows.len())..(j + 2 * n).min(rows.len())];
+    while j < count {
+        let n = if ROWS_OUT { 1 } else { (count - j).min(4) };
+        // The rows of the next sweep: rows of a tile are far apart, and the hardware
+        // prefetcher would stall at the start of each.
+        let ahead = (j + n..(j + 2 * n).min(count)).map(|i| rows.ptrs(i));
+        let mut next = [[std::ptr::null::<E>(); 3]; 4];
+        let mut n_ahead = 0;
+        for (slot, p) in next.iter_mut().zip(ahead) {
+            *slot = p;
+            n_ahead += 1;
+        }
+        let p = |i: usize| rows.ptrs(j + i);
         let row = match n {
-            1 => sweep::<E, A, 1, ROWS_OUT>([ptrs(j)], ahead, whole, acc),
-            2 => sweep::<E, A, 2, ROWS_OUT>([ptrs(j), ptrs(j + 1)], ahead, whole, acc),
-            3 => sweep::<E, A, 3, ROWS_OUT>([ptrs(j), ptrs(j + 1), ptrs(j + 2)], ahead, whole, acc),
-            _ => sweep::<E, A, 4, ROWS_OUT>([ptrs(j), ptrs(j + 1), ptrs(j + 2), ptrs(j + 3)], ahead, whole, acc),
+            1 => sweep::<E, A, 1, ROWS_OUT>([p(0)], &next[..n_ahead], whole, acc),
+            2 => sweep::<E, A, 2, ROWS_OUT>([p(0), p(1)], &next[..n_ahead], whole, acc),
+            3 => sweep::<E, A, 3, ROWS_OUT>([p(0), p(1), p(2)], &next[..n_ahead], whole, acc),
+            _ => sweep::<E, A, 4, ROWS_OUT>([p(0), p(1), p(2), p(3)], &next[..n_ahead], whole, acc),
         };
-        for r in &rows[j..j + n] {
+        for i in j..j + n {
+            let r = rows.row(i);
             let mut tail = [0f64; 8];
             for c in whole..m {
                 let x = r[0][c].to_f64();
@@ -305,7 +330,7 @@ pub(super) unsafe fn tile<E: Lanes, const A: usize, const ROWS_OUT: bool>(
             }
             if ROWS_OUT {
                 for q in 0..k {
-                    rows_out[j * k + q] += hsum(row[q]) + tail[q];
+                    rows_out[i * k + q] += hsum(row[q]) + tail[q];
                 }
             }
         }
@@ -318,7 +343,7 @@ pub(super) unsafe fn tile<E: Lanes, const A: usize, const ROWS_OUT: bool>(
 #[inline(always)]
 unsafe fn sweep<E: Lanes, const A: usize, const R: usize, const ROWS_OUT: bool>(
     rows: [[*const E; 3]; R],
-    ahead: &[Row<'_, E>],
+    ahead: &[[*const E; 3]],
     whole: usize,
     acc: &mut ColAcc,
 ) -> [__m256d; 8] {
@@ -330,11 +355,32 @@ unsafe fn sweep<E: Lanes, const A: usize, const R: usize, const ROWS_OUT: bool>(
     while c < whole {
         for p in ahead {
             for a in 0..A {
-                prefetch_line(p[a].as_ptr(), c);
+                prefetch_line(p[a], c);
             }
         }
         let at = |p: *const E| E::load4(p.add(c));
-        let (x, y, z) = (at(rows[0][0]), if A >= 2 { at(rows[0][1]) } else { _mm256_setzero_pd() }, if A >= 3 { at(rows[0][2]) } else { _mm256_setzero_pd() });
+        let zero = _mm256_setzero_pd();
+        let (x, y, z) = (at(rows[0][0]), if A >= 2 { at(rows[0][1]) } else { zero }, if A >= 3 { at(rows[0][2]) } else { zero });
+        if ROWS_OUT {
+            // One row: each product goes into the row's register and the column's memory by
+            // FMA, one sum at a time (all eight at once would push the row's sums out of the
+            // 16 registers, and a spilled sum is a store-to-load chain on every iteration).
+            let col = |q: usize| base.add(q * stride + c);
+            both::<0>(x, y, z, col(0), &mut row);
+            both::<1>(x, y, z, col(1), &mut row);
+            if A >= 2 {
+                both::<2>(x, y, z, col(2), &mut row);
+                both::<3>(x, y, z, col(3), &mut row);
+                both::<4>(x, y, z, col(4), &mut row);
+            }
+            if A >= 3 {
+                both::<5>(x, y, z, col(5), &mut row);
+                both::<6>(x, y, z, col(6), &mut row);
+                both::<7>(x, y, z, col(7), &mut row);
+            }
+            c += 4;
+            continue;
+        }
         let mut s = sums::<A>(x, y, z);
         for r in rows.iter().skip(1) {
             let (x, y, z) = (at(r[0]), if A >= 2 { at(r[1]) } else { x }, if A >= 3 { at(r[2]) } else { x });
@@ -343,9 +389,6 @@ unsafe fn sweep<E: Lanes, const A: usize, const R: usize, const ROWS_OUT: bool>(
         for q in 0..k {
             let p = base.add(q * stride + c);
             _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), s[q]));
-            if ROWS_OUT {
-                row[q] = _mm256_add_pd(row[q], s[q]);
-            }
         }
         c += 4;
     }
