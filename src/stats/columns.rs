@@ -47,6 +47,10 @@ impl<'a, E> Rows<'a, E> {
     }
 }
 
+thread_local! {
+    static ACC: std::cell::RefCell<Box<ColAcc>> = std::cell::RefCell::new(Box::new(ColAcc([[0.0; TILE + 8]; 8])));
+}
+
 /// 16-bit input is widened to float32 this many rows at a time.
 const WIDEN_ROWS: usize = 4;
 
@@ -127,62 +131,65 @@ pub(super) fn reduce_short<'a>(
     let row_len = groups * seg;
     let first_group = cols.0 / seg;
     let given = [Some(item.theta), item.grad, item.velocity];
-    let mut acc: Box<ColAcc> = Box::new(ColAcc([[0.0; TILE + 8]; 8]));
     let mut scratch = match item.theta {
         Data::F16(_) | Data::BF16(_) => vec![0f32; 3 * WIDEN_ROWS * TILE],
         _ => Vec::new(),
     };
-    let mut c0 = cols.0;
-    while c0 < cols.1 {
-        let m = TILE.min(cols.1 - c0);
-        for a in acc.0.iter_mut().take(k) {
-            a[..m].fill(0.0);
-        }
-        // Row o.0 of each array from column c0 on; rows follow every row_len elements.
-        let start = o.0 * row_len + c0;
-        let from = |d: Option<Data<'a>>| d.map(|d| d.slice(start, d.len()));
-        let count = o.1 - o.0;
-        match item.theta {
-            Data::F32(_) => {
-                let data = given.map(|d| from(d).map_or(&[][..], as_f32));
-                tile(&Rows::new(data, arrays, row_len, count, m), &mut acc, rows_out.as_deref_mut());
+    // The accumulators (17 KiB) are the thread's own and reused: allocating and zeroing them
+    // per task would cost more than reducing a small tensor.
+    ACC.with_borrow_mut(|acc: &mut Box<ColAcc>| {
+        let mut c0 = cols.0;
+        while c0 < cols.1 {
+            let m = TILE.min(cols.1 - c0);
+            for a in acc.0.iter_mut().take(k) {
+                a[..m].fill(0.0);
             }
-            Data::F64(_) => {
-                let data = given.map(|d| from(d).map_or(&[][..], as_f64));
-                tile(&Rows::new(data, arrays, row_len, count, m), &mut acc, rows_out.as_deref_mut());
-            }
-            Data::F16(_) | Data::BF16(_) => {
-                // Widen WIDEN_ROWS rows at a time into float32 scratch, rows TILE apart.
-                let mut j = 0;
-                while j < count {
-                    let n = WIDEN_ROWS.min(count - j);
-                    for (a, d) in given.iter().enumerate() {
-                        if let Some(d) = d {
-                            for i in 0..n {
-                                let src = start + (j + i) * row_len;
-                                let dst = (a * WIDEN_ROWS + i) * TILE;
-                                widen(d.slice(src, src + m), &mut scratch[dst..dst + m]);
+            // Row o.0 of each array from column c0 on; rows follow every row_len elements.
+            let start = o.0 * row_len + c0;
+            let from = |d: Option<Data<'a>>| d.map(|d| d.slice(start, d.len()));
+            let count = o.1 - o.0;
+            match item.theta {
+                Data::F32(_) => {
+                    let data = given.map(|d| from(d).map_or(&[][..], as_f32));
+                    tile(&Rows::new(data, arrays, row_len, count, m), acc, rows_out.as_deref_mut());
+                }
+                Data::F64(_) => {
+                    let data = given.map(|d| from(d).map_or(&[][..], as_f64));
+                    tile(&Rows::new(data, arrays, row_len, count, m), acc, rows_out.as_deref_mut());
+                }
+                Data::F16(_) | Data::BF16(_) => {
+                    // Widen WIDEN_ROWS rows at a time into float32 scratch, rows TILE apart.
+                    let mut j = 0;
+                    while j < count {
+                        let n = WIDEN_ROWS.min(count - j);
+                        for (a, d) in given.iter().enumerate() {
+                            if let Some(d) = d {
+                                for i in 0..n {
+                                    let src = start + (j + i) * row_len;
+                                    let dst = (a * WIDEN_ROWS + i) * TILE;
+                                    widen(d.slice(src, src + m), &mut scratch[dst..dst + m]);
+                                }
                             }
                         }
+                        let data: [&[f32]; 3] = std::array::from_fn(|a| &scratch[a * WIDEN_ROWS * TILE..(a + 1) * WIDEN_ROWS * TILE]);
+                        let out = rows_out.as_deref_mut().map(|out| &mut out[j * k..(j + n) * k]);
+                        tile(&Rows::new(data, arrays, TILE, n, m), acc, out);
+                        j += n;
                     }
-                    let data: [&[f32]; 3] = std::array::from_fn(|a| &scratch[a * WIDEN_ROWS * TILE..(a + 1) * WIDEN_ROWS * TILE]);
-                    let out = rows_out.as_deref_mut().map(|out| &mut out[j * k..(j + n) * k]);
-                    tile(&Rows::new(data, arrays, TILE, n, m), &mut acc, out);
-                    j += n;
                 }
             }
-        }
-        // Fold the tile's columns into their groups, one group's run of columns at a time.
-        let mut c = 0;
-        while c < m {
-            let g = (c0 + c) / seg;
-            let end = ((g + 1) * seg - c0).min(m);
-            for q in 0..k {
-                let sum: f64 = acc.0[q][c..end].iter().sum();
-                partial[(g - first_group) * k + q] += sum;
+            // Fold the tile's columns into their groups, one group's run of columns at a time.
+            let mut c = 0;
+            while c < m {
+                let g = (c0 + c) / seg;
+                let end = ((g + 1) * seg - c0).min(m);
+                for q in 0..k {
+                    let sum: f64 = acc.0[q][c..end].iter().sum();
+                    partial[(g - first_group) * k + q] += sum;
+                }
+                c = end;
             }
-            c = end;
+            c0 += m;
         }
-        c0 += m;
-    }
+    })
 }
