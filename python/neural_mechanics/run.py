@@ -88,7 +88,8 @@ class _Rows:
 
     def append_row(self, step: int, time: float, row: np.ndarray) -> None:
         """``row``: a (columns, groups) array in NAMES order."""
-        self.block[self._slot(step, time)] = row
+        i = self._slot(step, time)  # first: it may grow (replace) the block
+        self.block[i] = row
         self.n += 1
 
     def _slot(self, step: int, time: float) -> int:

@@ -2,9 +2,12 @@
 
 use super::to_pyerr;
 use crate::error::Error;
-use crate::tracking::{self, PartHyper, Plan};
+use crate::theory::ledger::LedgerState;
+use crate::theory::paper::PaperState;
+use crate::theory::{Hyper, Kind};
+use crate::tracking::{self, Exact, LaneHyper, Lanes, PartHyper, Plan};
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 type I64s<'py> = PyReadonlyArray1<'py, i64>;
@@ -101,7 +104,104 @@ impl TrackerPlan {
     }
 }
 
+/// Per lane: (lr, momentum, dampening, weight_decay, nesterov) of its param_group.
+type HyperTuple = (f64, f64, f64, f64, bool);
+
+fn lane_hyper(hyper: &[HyperTuple]) -> Vec<LaneHyper> {
+    hyper.iter().map(|&(lr, m, d, w, nesterov)| LaneHyper { hp: Hyper::new(lr, m, d, w), nesterov }).collect()
+}
+
+fn take(values: &[f64], cols: &[usize], name: &str) -> Result<Vec<f64>, Error> {
+    cols.iter()
+        .map(|&c| values.get(c).copied().ok_or_else(|| Error::Shape(format!("{name} is shorter than the columns"))))
+        .collect()
+}
+
+/// TrackerLanes(column_group, n_groups): the tracker's theory streams, one lane per
+/// (kind, param_group), advanced with one call per step (see crate::tracking::Lanes).
+#[pyclass(module = "neural_mechanics._native", name = "TrackerLanes")]
+struct TrackerLanes {
+    inner: Lanes,
+}
+
+#[pymethods]
+impl TrackerLanes {
+    #[new]
+    fn new(py: Python<'_>, column_group: I64s<'_>, n_groups: usize) -> PyResult<Self> {
+        let groups = indices(&column_group, "column_group").map_err(|e| to_pyerr(py, e))?;
+        Ok(TrackerLanes { inner: Lanes::new(groups, n_groups).map_err(|e| to_pyerr(py, e))? })
+    }
+
+    /// add_lane(kind, cols, paper_cols, exact, y0, buffer_dot0=None, paper=False, ydot0=None):
+    /// exact is "ledger" (SGD), "measured" or "none"; y0 and buffer_dot0 are per column (all
+    /// columns), ydot0 per paper column.
+    #[pyo3(signature = (kind, cols, paper_cols, exact, y0, buffer_dot0 = None, paper = false, ydot0 = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_lane(
+        &mut self,
+        py: Python<'_>,
+        kind: &str,
+        cols: I64s<'_>,
+        paper_cols: I64s<'_>,
+        exact: &str,
+        y0: F64s<'_>,
+        buffer_dot0: Option<F64s<'_>>,
+        paper: bool,
+        ydot0: Option<F64s<'_>>,
+    ) -> PyResult<()> {
+        let mut run = || -> Result<(), Error> {
+            let kind = Kind::parse(kind)?;
+            let cols = indices(&cols, "cols")?;
+            let paper_cols = indices(&paper_cols, "paper_cols")?;
+            let y0 = floats(&y0, "y0")?;
+            let exact = match exact {
+                "ledger" => {
+                    let b0 = buffer_dot0.as_ref().map(|b| floats(b, "buffer_dot0").and_then(|b| take(b, &cols, "buffer_dot0"))).transpose()?;
+                    Exact::Ledger(LedgerState::new(kind, &take(y0, &cols, "y0")?, b0.as_deref())?)
+                }
+                "measured" => Exact::Measured(take(y0, &cols, "y0")?),
+                "none" => Exact::None,
+                other => return Err(Error::InvalidArgument(format!("exact must be 'ledger', 'measured' or 'none', got {other:?}"))),
+            };
+            let paper = if paper {
+                let v = ydot0.as_ref().map(|v| floats(v, "ydot0")).transpose()?;
+                Some(PaperState::new(kind, &take(y0, &paper_cols, "y0")?, v)?)
+            } else {
+                None
+            };
+            self.inner.add(kind, cols, paper_cols, exact, paper)
+        };
+        run().map_err(|e| to_pyerr(py, e))
+    }
+
+    /// advance_ledger(cols, hyper): cols (columns, 8) from measure_sgd, hyper one tuple per lane.
+    fn advance_ledger(&mut self, py: Python<'_>, cols: PyReadonlyArray2<'_, f64>, hyper: Vec<HyperTuple>) -> PyResult<()> {
+        let c = cols.as_slice().map_err(|_| to_pyerr(py, Error::Shape("cols must be C-contiguous".into())))?;
+        self.inner.advance_ledger(c, &lane_hyper(&hyper)).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// advance_measured(delta): add each column's measured change to the "measured" lanes.
+    fn advance_measured(&mut self, py: Python<'_>, delta: F64s<'_>) -> PyResult<()> {
+        let mut run = || self.inner.advance_measured(floats(&delta, "delta")?);
+        run().map_err(|e| to_pyerr(py, e))
+    }
+
+    /// advance_paper(drive, hyper) -> [(lane, why)]: the lanes whose closed form failed and stopped.
+    fn advance_paper(&mut self, py: Python<'_>, drive: F64s<'_>, hyper: Vec<HyperTuple>) -> PyResult<Vec<(usize, String)>> {
+        let mut run = || self.inner.advance_paper(floats(&drive, "drive")?, &lane_hyper(&hyper));
+        let failed = run().map_err(|e| to_pyerr(py, e))?;
+        Ok(failed.into_iter().map(|(lane, err)| (lane, err.to_string())).collect())
+    }
+
+    /// predictions() -> (paper, exact) per group, NaN where a theory does not apply.
+    fn predictions<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>) {
+        let (paper, exact) = self.inner.predictions();
+        (paper.into_pyarray(py), exact.into_pyarray(py))
+    }
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TrackerPlan>()?;
+    m.add_class::<TrackerLanes>()?;
     Ok(())
 }

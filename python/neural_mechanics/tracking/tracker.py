@@ -132,16 +132,6 @@ class Tracker:
                 cols = np.flatnonzero((column_kind == kind) & (plan.column_param_group == pg))
                 if cols.size:
                     self._lanes.append({"kind": KINDS[kind], "pg": int(pg), "cols": cols, "paper_cols": cols[self._single_column[cols]]})
-        # Per-column values are handed to the lanes' streams in lane order: one gather per step,
-        # then each lane reads a contiguous slice (``at``, ``paper_at``) of it.
-        self._lane_order = np.concatenate([lane["cols"] for lane in self._lanes])
-        self._paper_order = np.concatenate([lane["paper_cols"] for lane in self._lanes])
-        at = paper_at = 0
-        for lane in self._lanes:
-            lane["at"] = slice(at, at + len(lane["cols"]))
-            lane["paper_at"] = slice(paper_at, paper_at + len(lane["paper_cols"]))
-            lane["paper_groups"] = plan.column_group[lane["paper_cols"]]
-            at, paper_at = lane["at"].stop, lane["paper_at"].stop
         self._core = _native.TrackerPlan(
             np.append(plan.row_starts, len(plan.row_order)).astype(np.int64),
             plan.row_order,
@@ -189,8 +179,8 @@ class Tracker:
         if self.every > 1:
             run.exact_note = f"exact needs every step; every={self.every} leaves it NaN"
         self._time = np.zeros(len(self.optimizer.param_groups))
-        self._streams: list[dict[str, Any]] | None = None
-        self._held_drive = np.zeros(len(self._paper_order))  # in paper order
+        self._streams: Any = None  # _native.TrackerLanes, from the first measurement
+        self._held_drive = np.zeros(len(plan.column_group))
         self._idle: list[Hyper] = []  # hyperparameters of unmeasured steps, not yet seen by the paper
         self._snapshot: dict[str, Any] | None = None
         self._measured_this_step = False
@@ -369,47 +359,39 @@ class Tracker:
             self._init_streams(cols[:, _CHARGE], cols[:, _BDOT] if has_buffer else None, hyper)
         self._catch_up_paper()
         self._record(step, time, groups, hyper)
-        self._held_drive = cols[self._paper_order, _DRIVE]
+        self._held_drive = np.ascontiguousarray(cols[:, _DRIVE])
         self._advance_paper(hyper, self._held_drive)
         if self.every == 1:
             self._advance_ledger(hyper, cols)
 
     # -- theory streams ----------------------------------------------------------------------
     def _init_streams(self, columns_y0: np.ndarray, buffer_dot0: np.ndarray | None, hyper: dict[str, Any]) -> None:
-        self._streams = []
+        """The lanes' streams (native: one call per step advances them all) from the first measurement."""
+        plan = self._plan
+        assert plan is not None
+        exact = "none" if self.every > 1 else "ledger" if self._sgd else "measured"
+        columns_y0 = np.ascontiguousarray(columns_y0)
+        bd = None if buffer_dot0 is None else np.ascontiguousarray(buffer_dot0)
+        streams = _native.TrackerLanes(plan.column_group, plan.n_groups)
         for lane in self._lanes:
-            cols, pcols, pg = lane["cols"], lane["paper_cols"], lane["pg"]
-            streams: dict[str, Any] = {}
-            if self.every == 1:
-                if self._sgd:
-                    bd = None if buffer_dot0 is None else np.ascontiguousarray(buffer_dot0[cols])
-                    streams["ledger"] = theory.LedgerStream(lane["kind"], columns_y0[cols], buffer_dot0=bd)
-                else:
-                    streams["ledger_y"] = columns_y0[cols].copy()
-            if self._sgd and pcols.size:
-                ydot0 = None
-                if buffer_dot0 is not None and hyper["momentum"][pg] > 0:
-                    # ẏ(0) from the buffer that existed before tracking (THEORY §5.2).
-                    factor = -1.0 if lane["kind"] == "translation" else -2.0
-                    ydot0 = factor * buffer_dot0[pcols] / (1 - hyper["dampening"][pg])
-                streams["paper"] = theory.PaperStream(lane["kind"], columns_y0[pcols], ydot0=ydot0)
-            self._streams.append(streams)
+            pcols, pg = lane["paper_cols"], lane["pg"]
+            ydot0 = None
+            if bd is not None and hyper["momentum"][pg] > 0 and pcols.size:
+                # ẏ(0) from the buffer that existed before tracking (THEORY §5.2).
+                factor = -1.0 if lane["kind"] == "translation" else -2.0
+                ydot0 = factor * bd[pcols] / (1 - hyper["dampening"][pg])
+            paper = bool(self._sgd and pcols.size)
+            streams.add_lane(lane["kind"], lane["cols"], pcols, exact, columns_y0, bd if exact == "ledger" else None, paper, ydot0)
+        self._streams = streams
 
     def _advance_paper(self, hyper: dict[str, Any], drive: np.ndarray) -> None:
-        """One step of every lane's paper stream; ``drive`` per paper column in paper order."""
+        """One step of every lane's paper stream; ``drive`` (columns,) contiguous."""
         assert self._streams is not None
-        for lane, streams, (lr, mom, damp, wd, _) in zip(self._lanes, self._streams, hyper["lanes"]):
-            stream = streams.get("paper")
-            if stream is None:
-                continue
-            lane_drive = None if lane["kind"] == "translation" else drive[lane["paper_at"]]
-            try:
-                # The wrapper's checks were done once at set-up; the native stream takes arrays as they are.
-                stream._native.step(lane_drive, lr, mom, damp, wd)
-            except Exception as err:  # e.g. momentum switched between zero and non-zero mid-run
-                streams["paper"] = None
-                assert self._run is not None
-                self._run.notes.append(f"paper closed form stopped at step {self._step} for {lane['kind']}: {err}")
+        # A lane whose closed form fails stops there (e.g. momentum switched between zero and
+        # non-zero mid-run); the others go on.
+        for lane, why in self._streams.advance_paper(drive, hyper["lanes"]):
+            assert self._run is not None
+            self._run.notes.append(f"paper closed form stopped at step {self._step} for {self._lanes[lane]['kind']}: {why}")
 
     def _catch_up_paper(self) -> None:
         """Advance the paper's streams over unmeasured steps with the last measured drive."""
@@ -419,31 +401,12 @@ class Tracker:
 
     def _advance_ledger(self, hyper: dict[str, Any], cols: np.ndarray) -> None:
         assert self._streams is not None
-        by_lane = cols.T.take(self._lane_order, axis=1)  # (fields, columns in lane order), contiguous rows
-        flux, uu, e = by_lane[_FLUX], by_lane[_UU], by_lane[_E]
-        for lane, streams, (lr, mom, damp, wd, nesterov) in zip(self._lanes, self._streams, hyper["lanes"]):
-            at = lane["at"]
-            quadratic = lane["kind"] != "translation"
-            streams["ledger"]._native.step(
-                flux[at], uu[at] if quadratic else None, e[at] if quadratic and nesterov else None, lr, mom, damp, wd, nesterov
-            )
+        self._streams.advance_ledger(cols, hyper["lanes"])
 
     def _predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """Current (paper, exact) predictions per group (NaN where a theory does not apply)."""
-        plan = self._plan
-        assert plan is not None and self._streams is not None
-        paper = np.full(plan.n_groups, np.nan)
-        exact_by_lane = np.full(len(self._lane_order), np.nan)
-        for lane, streams in zip(self._lanes, self._streams):
-            if streams.get("paper") is not None:  # paper columns are whole groups
-                paper[lane["paper_groups"]] = streams["paper"].y
-            if "ledger" in streams:
-                exact_by_lane[lane["at"]] = streams["ledger"].y
-            elif "ledger_y" in streams:
-                exact_by_lane[lane["at"]] = streams["ledger_y"]
-        exact_cols = np.empty(len(plan.column_group))
-        exact_cols[self._lane_order] = exact_by_lane
-        return paper, plan.to_groups(exact_cols)
+        assert self._streams is not None
+        return self._streams.predictions()
 
     def _record(self, step: int, time: np.ndarray, groups: np.ndarray, hyper: dict[str, Any]) -> None:
         """Note the regimes and append a row; ``groups`` (groups, 7) holds the _GROUP_FIELDS."""
@@ -505,8 +468,7 @@ class Tracker:
         self._record(step, time, groups, hyper)
         if self.every == 1:
             assert self._streams is not None
-            for lane, streams in zip(self._lanes, self._streams):
-                streams["ledger_y"] = streams["ledger_y"] + update[lane["cols"], 2]
+            self._streams.advance_measured(np.ascontiguousarray(update[:, 2]))
 
     # -- results -----------------------------------------------------------------------------
     @property
