@@ -207,3 +207,27 @@ def test_append_row_stores_what_append_stores():
     for c in COLUMNS:
         np.testing.assert_array_equal(a.array(c), b.array(c))
     np.testing.assert_array_equal(a.time_index, b.time_index)
+
+
+# -- measure_sgd with the buffer sums of some rows only ----------------------------------------
+def test_buffer_rows_give_the_dense_buffer_sums():
+    n = 6
+    idx = np.arange(n, dtype=np.int64)
+    flag = (idx % 2).astype(np.int64)  # odd parts are translation parts
+    core = _native.TrackerPlan(np.arange(n + 1, dtype=np.int64), idx, np.ones(n), flag, idx, idx, np.ones(n), idx, flag, np.ones(n))
+    rng = np.random.default_rng(2)
+    rows, hyper = np.abs(rng.normal(size=(n, 8))), [np.full(n, 0.9), np.zeros(n), np.full(n, 1e-3), np.zeros(n)]
+    at = np.array([1, 3, 5], dtype=np.int64)
+    sums = rng.normal(size=3)
+    dense = np.zeros(n)
+    dense[at] = sums
+    want = core.measure_sgd(rows, dense, *hyper)
+    got = core.measure_sgd(rows, sums, *hyper, at)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    with pytest.raises(ShapeError):
+        core.measure_sgd(rows, sums[:2], *hyper, at)
+    with pytest.raises(ShapeError):
+        core.measure_sgd(rows, sums, *hyper, np.array([1, 3, 6], dtype=np.int64))
+    with pytest.raises(InvalidArgumentError):
+        core.measure_sgd(rows, None, *hyper, at)

@@ -7,7 +7,7 @@ use crate::theory::paper::PaperState;
 use crate::theory::{Hyper, Kind};
 use crate::tracking::{self, Exact, LaneHyper, Lanes, PartHyper, Plan};
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 type I64s<'py> = PyReadonlyArray1<'py, i64>;
@@ -67,9 +67,12 @@ impl TrackerPlan {
         Ok(TrackerPlan { plan })
     }
 
-    /// measure_sgd(rows, buffer_sum, momentum, dampening, weight_decay, nesterov) ->
-    /// (columns (C, 8), groups (G, 7)); rows (R, 5 or 8) from the fused kernel, buffer_sum (R,)
-    /// or None, hyperparameters per part (nesterov as 0/1 floats).
+    /// measure_sgd(rows, buffer_sum, momentum, dampening, weight_decay, nesterov, buffer_rows=None)
+    /// -> (columns (C, 8), groups (G, 7)); rows (R, 5 or 8) from the fused kernel, buffer_sum
+    /// (R,) or None, hyperparameters per part (nesterov as 0/1 floats). With buffer_rows,
+    /// buffer_sum[i] is the sum of row buffer_rows[i] and every other row's is 0 (the tracker
+    /// sums the buffer of the translation reductions only).
+    #[pyo3(signature = (rows, buffer_sum, momentum, dampening, weight_decay, nesterov, buffer_rows = None))]
     #[allow(clippy::too_many_arguments)]
     fn measure_sgd<'py>(
         &self,
@@ -80,11 +83,18 @@ impl TrackerPlan {
         dampening: F64s<'py>,
         weight_decay: F64s<'py>,
         nesterov: F64s<'py>,
+        buffer_rows: Option<I64s<'py>>,
     ) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
         let k = rows.shape()[1];
         let run = || -> Result<(Vec<f64>, Vec<f64>), Error> {
             let r = rows.as_slice().map_err(|_| Error::Shape("rows must be C-contiguous".into()))?;
             let b = buffer_sum.as_ref().map(|b| floats(b, "buffer_sum")).transpose()?;
+            let scattered = match (&buffer_rows, b) {
+                (Some(at), Some(b)) => Some(scatter(b, &indices(at, "buffer_rows")?, r.len() / k.max(1))?),
+                (Some(_), None) => return Err(Error::InvalidArgument("buffer_rows needs buffer_sum".into())),
+                _ => None,
+            };
+            let b = scattered.as_deref().or(b);
             let nest: Vec<bool> = floats(&nesterov, "nesterov")?.iter().map(|&v| v != 0.0).collect();
             let h = PartHyper {
                 momentum: floats(&momentum, "momentum")?,
@@ -102,6 +112,18 @@ impl TrackerPlan {
         let g = Array2::from_shape_vec((n_groups, 7), groups).map_err(shape)?;
         Ok((c.into_pyarray(py), g.into_pyarray(py)))
     }
+}
+
+/// A dense per-row vector (n_rows,) holding `values[i]` at row `at[i]`, zeros elsewhere.
+fn scatter(values: &[f64], at: &[usize], n_rows: usize) -> Result<Vec<f64>, Error> {
+    if values.len() != at.len() {
+        return Err(Error::Shape(format!("buffer_sum has {} values for {} buffer_rows", values.len(), at.len())));
+    }
+    let mut dense = vec![0.0; n_rows];
+    for (&i, &v) in at.iter().zip(values) {
+        *dense.get_mut(i).ok_or_else(|| Error::Shape(format!("buffer_rows: row {i} is past the {n_rows} rows")))? = v;
+    }
+    Ok(dense)
 }
 
 /// Per lane: (lr, momentum, dampening, weight_decay, nesterov) of its param_group.
@@ -193,10 +215,14 @@ impl TrackerLanes {
         Ok(failed.into_iter().map(|(lane, err)| (lane, err.to_string())).collect())
     }
 
-    /// predictions() -> (paper, exact) per group, NaN where a theory does not apply.
-    fn predictions<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>) {
-        let (paper, exact) = self.inner.predictions();
-        (paper.into_pyarray(py), exact.into_pyarray(py))
+    /// predictions() -> (2, groups): paper (row 0) and exact (row 1) per group, NaN where a
+    /// theory does not apply. One array: they are neighbouring rows of a Run's row.
+    fn predictions<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let (mut both, exact) = self.inner.predictions();
+        let groups = both.len();
+        both.extend(exact);
+        let array = Array2::from_shape_vec((2, groups), both).map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))?;
+        Ok(array.into_pyarray(py))
     }
 }
 

@@ -75,8 +75,8 @@ class KernelPlan:
         self._sum_velocity = [s for s, wanted in zip(self._static, sum_velocity) if wanted]
 
     @staticmethod
-    def _static_spec(r: Any, p: Any, param_index: int) -> tuple:
-        """(parameter index, byte offset, numel, outer, groups, seg, dtype code) of one reduction."""
+    def _static_spec(r: Any, p: Any, param_index: int) -> tuple[int, int, tuple]:
+        """(parameter index, byte offset, (numel, outer, groups, seg, dtype code)) of one reduction."""
         shape = tuple(p.shape)
         offset = 0
         if r.rows is not None:  # a row range of a C-contiguous tensor is one contiguous run
@@ -84,7 +84,7 @@ class KernelPlan:
             offset = r.rows[0] * row_elems * p.element_size()
             shape = (r.rows[1] - r.rows[0],) + shape[1:]
         numel = int(np.prod(shape))
-        return (param_index, offset, numel, *_layout(shape, r.axis, r.block), _DTYPE_CODES.get(p.dtype, 0))
+        return param_index, offset, (numel, *_layout(shape, r.axis, r.block), _DTYPE_CODES.get(p.dtype, 0))
 
     def addresses(self, tensors: Sequence[tuple], keep: list[Any]) -> list[tuple[int, int, int]]:
         """Addresses of (θ, ĝ or None, v or None) per parameter (0 for None), after the checks.
@@ -92,33 +92,32 @@ class KernelPlan:
         Non-contiguous tensors (channels_last weights, say) are read through a contiguous copy
         that is appended to ``keep``: the caller holds it until the kernel returns.
         """
-        out = []
-        for triple, (shape, dtype) in zip(tensors, self.expected):
-            addrs = []
-            for t in triple:
-                if t is None:
-                    addrs.append(0)
-                    continue
-                if t.dtype is not dtype or not t.is_cpu or t.shape != shape:
-                    raise _unexpected_tensor_error(t, shape, dtype)
-                if not t.is_contiguous():
-                    t = t.contiguous()
-                    keep.append(t)
-                addrs.append(t.data_ptr())
-            out.append(tuple(addrs))
-        return out
+        return [
+            (_address(t, shape, dtype, keep), 0 if g is None else _address(g, shape, dtype, keep), 0 if v is None else _address(v, shape, dtype, keep))
+            for (t, g, v), (shape, dtype) in zip(tensors, self.expected)
+        ]
 
     def specs(self, addrs: list[tuple[int, int, int]]) -> list[tuple]:
         """group_stats_ptrs specs of every reduction from this step's addresses."""
         out = []
-        for i, offset, *rest in self._static:
+        for i, offset, rest in self._static:
             t, g, v = addrs[i]
-            out.append((t + offset, g + offset if g else 0, v + offset if v else 0, *rest))
+            out.append((t + offset, g + offset if g else 0, v + offset if v else 0) + rest)
         return out
 
     def velocity_sum_specs(self, addrs: list[tuple[int, int, int]]) -> list[tuple]:
         """Specs of plain sums of the velocity (v in θ's place) of the ``sum_velocity`` reductions."""
-        return [(addrs[i][2] + offset, 0, 0, *rest) for i, offset, *rest in self._sum_velocity]
+        return [(addrs[i][2] + offset, 0, 0) + rest for i, offset, rest in self._sum_velocity]
+
+
+def _address(t: Any, shape: Any, dtype: Any, keep: list[Any]) -> int:
+    """The address of ``t`` after checking it is a CPU tensor of ``shape`` and ``dtype``."""
+    if t.dtype is not dtype or not t.is_cpu or t.shape != shape:
+        raise _unexpected_tensor_error(t, shape, dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+        keep.append(t)
+    return t.data_ptr()
 
 
 def _unexpected_tensor_error(t: Any, shape: Any, dtype: Any) -> Exception:

@@ -35,8 +35,10 @@ _GROUP_FIELDS = ("measured", "flux", "grad_sq", "update_sq", "update_sum", "magn
 _ROW_HYPER = slice(0, 4)
 assert COLUMNS[_ROW_HYPER] == ("lr", "momentum", "dampening", "weight_decay")
 _ROW_GROUP_FIELDS = np.array([COLUMNS.index(c) for c in _GROUP_FIELDS])
-_ROW_PAPER, _ROW_EXACT = COLUMNS.index("paper"), COLUMNS.index("exact")
+_ROW_PREDICTIONS = slice(COLUMNS.index("paper"), COLUMNS.index("paper") + 2)
+assert COLUMNS[_ROW_PREDICTIONS] == ("paper", "exact")  # the rows of TrackerLanes.predictions()
 
+_EMPTY, _NO_ROWS = np.zeros(0), np.zeros(0, dtype=np.int64)
 Hyper = tuple  # per param_group: (lr, momentum, dampening, weight_decay, nesterov)
 
 
@@ -148,10 +150,13 @@ class Tracker:
         # Rows whose buffer sums the extra reductions give (the translation parts' ⟨1, b⟩).
         self._translation_rows = np.concatenate(
             [np.arange(offsets[i], offsets[i + 1]) for i, t in enumerate(plan.translation_reductions) if t] or [np.zeros(0, np.int64)]
-        )
+        ).astype(np.int64)
         self._reducer = choose([named[n] for n in plan.params], self._reducer_kind)
         # The Rust kernel in this process reads tensors by address: its specs are compiled once.
         self._kernel_plan = KernelPlan(plan.reductions, plan.params, plan.translation_reductions) if isinstance(self._reducer, RustReducer) else None
+        # (name, parameter) in the order of first appearance in plan.reductions: KernelPlan.names,
+        # and the order in which "no gradient" notes are written.
+        self._tracked = [(name, plan.params[name]) for name in dict.fromkeys(r.name for r in plan.reductions)]
         info = GroupInfo.from_groups(kept, plan.group_size)
         run = self._run = Run(
             groups=info,
@@ -218,7 +223,9 @@ class Tracker:
         # per-group hyperparameter columns of the Run (each group's first param_group)
         # per lane: its param_group's hyperparameters as the native streams take them
         out["lanes"] = [(float(lr[p]), float(mom[p]), float(damp[p]), float(wd[p]), bool(nest[p])) for p in (lane["pg"] for lane in self._lanes)]
-        out["row"] = np.stack([a[self._first_pg] for a in (lr, mom, damp, wd)])  # rows _ROW_HYPER
+        # A Run row (COLUMNS order) with this setting's per-group hyperparameters filled in.
+        out["row"] = np.full((len(COLUMNS), plan.n_groups), np.nan)
+        out["row"][_ROW_HYPER] = np.stack([a[self._first_pg] for a in (lr, mom, damp, wd)])
         if len(self._cache) > 4096:  # a schedule that changes every step: do not grow without bound
             self._cache.clear()
         self._cache[h] = out
@@ -323,23 +330,22 @@ class Tracker:
         plan = self._plan
         assert plan is not None
         state = self.optimizer.state
-        tensors = {}
-        for r in plan.reductions:  # in order of the reductions: "no gradient" notes keep that order
-            if r.name not in tensors:
-                p = plan.params[r.name]
-                st = state.get(p)  # .get: optimizer.state is a defaultdict, [p] would add an entry
-                tensors[r.name] = [p, p.grad if p.grad is not None else self._no_grad(r.name, p), None if st is None else st.get("momentum_buffer")]
-        has_buffer = any(t[2] is not None for t in tensors.values())
+        tensors = []
+        for name, p in self._tracked:
+            st = state.get(p)  # .get: optimizer.state is a defaultdict, [p] would add an entry
+            grad = p.grad
+            tensors.append([p, grad if grad is not None else self._no_grad(name, p), None if st is None else st.get("momentum_buffer")])
+        has_buffer = any(t[2] is not None for t in tensors)
         if has_buffer:
-            for t in tensors.values():
+            for t in tensors:
                 if t[2] is None:
                     t[2] = _zeros(t[0])  # a parameter that has not had a gradient yet: SGD gave it no buffer
         if self._kernel_plan is not None:
-            # tensors is in the order of KernelPlan.names (both: first appearance in plan.reductions)
-            return self._reducer.submit_tensors(self._kernel_plan, list(tensors.values()), has_buffer), has_buffer
+            return self._reducer.submit_tensors(self._kernel_plan, tensors, has_buffer), has_buffer
+        by_name = {name: t for (name, _), t in zip(self._tracked, tensors)}
         items, sum_only = [], []
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
-            p, grad, buf = tensors[r.name]
+            p, grad, buf = by_name[r.name]
             view = self._view(r)
             items.append((view(p), view(grad), None if buf is None else view(buf), r.axis, r.block))
             sum_only.append(view(buf) if has_buffer and is_translation else None)
@@ -347,14 +353,15 @@ class Tracker:
 
     def _process_sgd(self, pending: Pending, has_buffer: bool, hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
         main, extra = pending.result()
-        buffer_sum = None
-        if has_buffer:
-            buffer_sum = np.zeros(len(main))
-            if extra is not None:
-                buffer_sum[self._translation_rows] = extra[:, 0]
+        buffer_sum = buffer_rows = None
+        if has_buffer:  # ⟨1, b⟩ of the translation rows (the extra block); other rows read 0
+            if extra is None:
+                buffer_sum, buffer_rows = _EMPTY, _NO_ROWS
+            else:
+                buffer_sum, buffer_rows = np.ascontiguousarray(extra[:, 0]), self._translation_rows
         # One call: per-part SGD algebra (tracking/sgd.py, in Rust), signed sums into columns and
         # groups, magnitudes and constraint residuals.
-        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, *hyper["core"])
+        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, *hyper["core"], buffer_rows)
         if self._streams is None:
             self._init_streams(cols[:, _CHARGE], cols[:, _BDOT] if has_buffer else None, hyper)
         self._catch_up_paper()
@@ -406,7 +413,8 @@ class Tracker:
     def _predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """Current (paper, exact) predictions per group (NaN where a theory does not apply)."""
         assert self._streams is not None
-        return self._streams.predictions()
+        paper, exact = self._streams.predictions()
+        return paper, exact
 
     def _record(self, step: int, time: np.ndarray, groups: np.ndarray, hyper: dict[str, Any]) -> None:
         """Note the regimes and append a row; ``groups`` (groups, 7) holds the _GROUP_FIELDS."""
@@ -418,10 +426,9 @@ class Tracker:
             self._regimes_noted = hyper
         if step % self._stride:
             return
-        row = np.empty((len(COLUMNS), len(groups)))
-        row[_ROW_HYPER] = hyper["row"]
+        row = hyper["row"].copy()
         row[_ROW_GROUP_FIELDS] = groups.T
-        row[_ROW_PAPER], row[_ROW_EXACT] = self._predictions()
+        row[_ROW_PREDICTIONS] = self._streams.predictions()
         # A run's clock is the first param_group's (mixed groups are rare; their lr column differs).
         run.append_row(step, float(time[self._first_pg[0]]), row)
 
