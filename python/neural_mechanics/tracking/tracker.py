@@ -251,7 +251,7 @@ class Tracker:
             return
         if measure:
             pending, has_buffer = self._submit_sgd()
-            step, time = self._step, self._time.copy()
+            step, time = self._step, self._time  # no copy: _advance_time rebinds, never writes in place
             self._defer(lambda: self._process_sgd(pending, has_buffer, hyper, step, time))
         else:
             self._idle.append(h)
