@@ -7,15 +7,19 @@
 - Run.append_row (one copy per row) against Run.append (a dict of columns).
 """
 
+import neural_mechanics as nm
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import neural_mechanics as nm
 from neural_mechanics import _native, theory
-from neural_mechanics.errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError
+from neural_mechanics.errors import (
+    DeviceError,
+    DTypeError,
+    InvalidArgumentError,
+    ShapeError,
+)
 from neural_mechanics.run import COLUMNS, GroupInfo, Run
 
 X, Y = nm.load_digits()

@@ -65,7 +65,7 @@ class KernelPlan:
     shape and dtype the layouts were computed for, so a stale layout is an error, not a bad read.
     """
 
-    def __init__(self, reductions: Sequence[Any], params: dict[str, Any], sum_velocity: Sequence[bool]):
+    def __init__(self, reductions: Sequence[Any], params: dict[str, Any], sum_velocity: Sequence[bool] | np.ndarray):
         # Parameters in the order their reductions first appear.
         names = list(dict.fromkeys(r.name for r in reductions))
         self.names = names

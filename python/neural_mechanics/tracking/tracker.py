@@ -361,7 +361,8 @@ class Tracker:
                 buffer_sum, buffer_rows = np.ascontiguousarray(extra[:, 0]), self._translation_rows
         # One call: per-part SGD algebra (tracking/sgd.py, in Rust), signed sums into columns and
         # groups, magnitudes and constraint residuals.
-        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, *hyper["core"], buffer_rows)
+        momentum, dampening, weight_decay, nesterov = hyper["core"]  # per part
+        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, momentum, dampening, weight_decay, nesterov, buffer_rows)
         if self._streams is None:
             self._init_streams(cols[:, _CHARGE], cols[:, _BDOT] if has_buffer else None, hyper)
         self._catch_up_paper()
