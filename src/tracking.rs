@@ -10,6 +10,9 @@
 //! run of parts of one group sharing one param_group; a group is a run of columns.
 
 use crate::error::{Error, Result};
+use crate::theory::ledger::{LedgerInputs, LedgerState};
+use crate::theory::paper::PaperState;
+use crate::theory::{Hyper, Kind};
 
 /// Columns of the per-column output: signed sums over the column's parts.
 pub const COLUMN_FIELDS: [&str; 8] = ["charge", "flux", "grad_sq", "update_sq", "update_dot", "drive", "update_sum", "buffer_dot"];
@@ -173,6 +176,170 @@ pub fn measure_sgd(plan: &Plan, rows: &[f64], k: usize, buffer_sum: Option<&[f64
     Ok((cols, out))
 }
 
+/// Hyperparameters of one lane's param_group for one step.
+#[derive(Clone, Copy, Debug)]
+pub struct LaneHyper {
+    pub hp: Hyper,
+    pub nesterov: bool,
+}
+
+/// What a lane predicts for the charges of its columns: the SGD ledger, the optimizer-agnostic
+/// running sum of measured changes, or nothing (`every > 1`: the ledger needs every step).
+#[derive(Clone, Debug)]
+pub enum Exact {
+    None,
+    Ledger(LedgerState),
+    Measured(Vec<f64>),
+}
+
+/// One lane: the columns of one (kind, param_group). Its exact prediction covers all its
+/// columns; the paper's closed form covers the columns that are whole groups (`paper_cols`).
+#[derive(Clone, Debug)]
+pub struct Lane {
+    kind: Kind,
+    cols: Vec<usize>,
+    paper_cols: Vec<usize>,
+    exact: Exact,
+    paper: Option<PaperState>,
+}
+
+/// The theory streams of every lane, advanced with one call per step from the per-column
+/// matrix of [`measure_sgd`] (the loop over lanes and the gathers of their columns stay here).
+#[derive(Clone, Debug)]
+pub struct Lanes {
+    column_group: Vec<usize>,
+    n_groups: usize,
+    lanes: Vec<Lane>,
+}
+
+const FLUX: usize = 1;
+const UPDATE_SQ: usize = 3;
+const UPDATE_DOT: usize = 4;
+
+fn gather(values: &[f64], stride: usize, field: usize, cols: &[usize]) -> Vec<f64> {
+    cols.iter().map(|&c| values[c * stride + field]).collect()
+}
+
+impl Lanes {
+    pub fn new(column_group: Vec<usize>, n_groups: usize) -> Result<Lanes> {
+        if column_group.iter().any(|&g| g >= n_groups) {
+            return Err(Error::Shape("lanes: a column's group is out of range".into()));
+        }
+        Ok(Lanes { column_group, n_groups, lanes: Vec::new() })
+    }
+
+    pub fn columns(&self) -> usize {
+        self.column_group.len()
+    }
+
+    /// Add a lane. `exact` and `paper` must already hold `cols.len()` and `paper_cols.len()`
+    /// groups respectively; `paper_cols` must be columns that are whole groups.
+    pub fn add(&mut self, kind: Kind, cols: Vec<usize>, paper_cols: Vec<usize>, exact: Exact, paper: Option<PaperState>) -> Result<()> {
+        let n = self.columns();
+        if cols.iter().chain(&paper_cols).any(|&c| c >= n) {
+            return Err(Error::Shape(format!("lane: a column index is out of range (columns: {n})")));
+        }
+        let exact_len = match &exact {
+            Exact::None => cols.len(),
+            Exact::Ledger(l) => l.groups(),
+            Exact::Measured(y) => y.len(),
+        };
+        if exact_len != cols.len() || paper.as_ref().is_some_and(|p| p.groups() != paper_cols.len()) {
+            return Err(Error::Shape("lane: a stream's length differs from its columns".into()));
+        }
+        self.lanes.push(Lane { kind, cols, paper_cols, exact, paper });
+        Ok(())
+    }
+
+    fn check_hyper(&self, hyper: &[LaneHyper]) -> Result<()> {
+        if hyper.len() != self.lanes.len() {
+            return Err(Error::Shape(format!("{} lane hyperparameters for {} lanes", hyper.len(), self.lanes.len())));
+        }
+        Ok(())
+    }
+
+    /// One step of every lane's SGD ledger from `cols` (columns × 8, COLUMN_FIELDS). Stops at
+    /// the first lane whose step fails (that lane's state is unchanged).
+    pub fn advance_ledger(&mut self, cols: &[f64], hyper: &[LaneHyper]) -> Result<()> {
+        self.check_hyper(hyper)?;
+        if cols.len() != self.columns() * 8 {
+            return Err(Error::Shape(format!("columns must be ({}, 8)", self.columns())));
+        }
+        for (lane, h) in self.lanes.iter_mut().zip(hyper) {
+            let Exact::Ledger(ledger) = &mut lane.exact else { continue };
+            let quadratic = lane.kind.is_quadratic();
+            let flux = gather(cols, 8, FLUX, &lane.cols);
+            let update_sq = quadratic.then(|| gather(cols, 8, UPDATE_SQ, &lane.cols));
+            let update_dot = (quadratic && h.nesterov).then(|| gather(cols, 8, UPDATE_DOT, &lane.cols));
+            let inputs = LedgerInputs { flux: &flux, update_sq: update_sq.as_deref(), update_dot: update_dot.as_deref() };
+            ledger.step(inputs, h.hp, h.nesterov)?;
+        }
+        Ok(())
+    }
+
+    /// Add each column's measured change `delta` (columns,) to the lanes' measured sums.
+    pub fn advance_measured(&mut self, delta: &[f64]) -> Result<()> {
+        if delta.len() != self.columns() {
+            return Err(Error::Shape(format!("delta must have {} columns", self.columns())));
+        }
+        for lane in &mut self.lanes {
+            if let Exact::Measured(y) = &mut lane.exact {
+                for (v, &c) in y.iter_mut().zip(&lane.cols) {
+                    *v += delta[c];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of every lane's closed form with `drive` (columns,). A lane whose step fails
+    /// stops predicting (its paper column is NaN from then on); the others go on. Returns the
+    /// failed lanes and why.
+    pub fn advance_paper(&mut self, drive: &[f64], hyper: &[LaneHyper]) -> Result<Vec<(usize, Error)>> {
+        self.check_hyper(hyper)?;
+        if drive.len() != self.columns() {
+            return Err(Error::Shape(format!("drive must have {} columns", self.columns())));
+        }
+        let mut failed = Vec::new();
+        for (i, (lane, h)) in self.lanes.iter_mut().zip(hyper).enumerate() {
+            let Some(paper) = &mut lane.paper else { continue };
+            let lane_drive = lane.kind.is_quadratic().then(|| gather(drive, 1, 0, &lane.paper_cols));
+            if let Err(err) = paper.step(lane_drive.as_deref(), h.hp) {
+                lane.paper = None;
+                failed.push((i, err));
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Current (paper, exact) per group, NaN where a theory does not apply. A group's exact
+    /// value is the sum of its columns' (in column order: the group's ledger is their sum).
+    pub fn predictions(&self) -> (Vec<f64>, Vec<f64>) {
+        let mut paper = vec![f64::NAN; self.n_groups];
+        let mut exact_cols = vec![f64::NAN; self.columns()];
+        for lane in &self.lanes {
+            if let Some(p) = &lane.paper {
+                for (&c, &y) in lane.paper_cols.iter().zip(p.y()) {
+                    paper[self.column_group[c]] = y;
+                }
+            }
+            let y = match &lane.exact {
+                Exact::None => continue,
+                Exact::Ledger(l) => l.y(),
+                Exact::Measured(y) => y,
+            };
+            for (&c, &v) in lane.cols.iter().zip(y) {
+                exact_cols[c] = v;
+            }
+        }
+        let mut exact = vec![0.0; self.n_groups];
+        for (&g, v) in self.column_group.iter().zip(exact_cols) {
+            exact[g] += v;
+        }
+        (paper, exact)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +373,25 @@ mod tests {
         let mut bad = plan(1);
         bad.part_rows = vec![7];
         assert!(matches!(measure_sgd(&bad, &rows, 5, None, &h), Err(Error::Shape(_))));
+    }
+
+    #[test]
+    fn lanes_sum_columns_into_groups_and_refuse_bad_input() {
+        // Columns 0 and 1 form group 0 (no paper); column 2 is group 1.
+        let mut lanes = Lanes::new(vec![0, 0, 1], 2).unwrap();
+        let measured = |y: &[f64]| Exact::Measured(y.to_vec());
+        lanes.add(Kind::Scale, vec![0, 2], vec![2], measured(&[1.0, 3.0]), Some(PaperState::new(Kind::Scale, &[3.0], None).unwrap())).unwrap();
+        lanes.add(Kind::Scale, vec![1], vec![], measured(&[2.0]), None).unwrap();
+        lanes.advance_measured(&[0.5, 0.25, 1.0]).unwrap();
+        let (paper, exact) = lanes.predictions();
+        assert_eq!(exact, vec![1.5 + 2.25, 4.0]);
+        assert!(paper[0].is_nan() && paper[1] == 3.0);
+        assert!(matches!(lanes.add(Kind::Scale, vec![3], vec![], Exact::None, None), Err(Error::Shape(_))));
+        assert!(matches!(lanes.add(Kind::Scale, vec![0], vec![], measured(&[1.0, 2.0]), None), Err(Error::Shape(_))));
+        assert!(matches!(lanes.advance_measured(&[0.0]), Err(Error::Shape(_))));
+        let h = LaneHyper { hp: Hyper::new(0.1, 0.0, 0.0, 0.0), nesterov: false };
+        assert!(matches!(lanes.advance_paper(&[0.0; 3], &[h]), Err(Error::Shape(_))));
+        assert!(lanes.advance_paper(&[0.0; 3], &[h, h]).unwrap().is_empty());
+        assert!(matches!(lanes.advance_ledger(&[0.0; 8], &[h, h]), Err(Error::Shape(_))));
     }
 }

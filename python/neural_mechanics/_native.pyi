@@ -16,6 +16,7 @@ __all__ = [
     "THEORY_KINDS",
     "TheoryLedgerStream",
     "TheoryPaperStream",
+    "TrackerLanes",
     "TrackerPlan",
     "__version__",
     "get_num_threads",
@@ -140,5 +141,31 @@ class TrackerPlan:
         group_size: _F64,
     ) -> TrackerPlan: ...
     def measure_sgd(
-        self, rows: _F64, buffer_sum: _F64 | None, momentum: _F64, dampening: _F64, weight_decay: _F64, nesterov: _F64
+        self,
+        rows: _F64,
+        buffer_sum: _F64 | None,
+        momentum: _F64,
+        dampening: _F64,
+        weight_decay: _F64,
+        nesterov: _F64,
+        buffer_rows: _I64 | None = None,
     ) -> tuple[_F64, _F64]: ...
+
+@final
+class TrackerLanes:
+    def __new__(cls, column_group: _I64, n_groups: int) -> TrackerLanes: ...
+    def add_lane(
+        self,
+        kind: str,
+        cols: _I64,
+        paper_cols: _I64,
+        exact: str,
+        y0: _F64,
+        buffer_dot0: _F64 | None = None,
+        paper: bool = False,
+        ydot0: _F64 | None = None,
+    ) -> None: ...
+    def advance_ledger(self, cols: _F64, hyper: list[tuple[float, float, float, float, bool]]) -> None: ...
+    def advance_measured(self, delta: _F64) -> None: ...
+    def advance_paper(self, drive: _F64, hyper: list[tuple[float, float, float, float, bool]]) -> list[tuple[int, str]]: ...
+    def predictions(self) -> _F64: ...

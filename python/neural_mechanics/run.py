@@ -61,7 +61,11 @@ class GroupInfo:
 
 
 class _Rows:
-    """Recorded rows in preallocated blocks: steps (n,), time (n,), and (n, groups) per column."""
+    """Recorded rows in preallocated blocks: steps (n,), time (n,), and (n, groups) per column.
+
+    The columns are views into one (capacity, columns, groups) array, so that a whole row is
+    stored with one copy (``append_row``: the tracker's per-step path).
+    """
 
     NAMES = COLUMNS
 
@@ -70,24 +74,37 @@ class _Rows:
         self.n = 0
         self.steps = np.empty(capacity, dtype=np.int64)
         self.time = np.empty(capacity, dtype=np.float64)
-        self.cols = {c: np.empty((capacity, groups)) for c in self.NAMES}
+        self._set_block(np.empty((capacity, len(self.NAMES), groups)))
+
+    def _set_block(self, block: np.ndarray) -> None:
+        self.block = block
+        self.cols = {c: block[:, j] for j, c in enumerate(self.NAMES)}
 
     def append(self, step: int, time: float, row: dict[str, Any]) -> None:
+        i = self._slot(step, time)
+        for j, c in enumerate(self.NAMES):
+            self.block[i, j] = row[c]  # a copy: callers may reuse their arrays; scalars broadcast
+        self.n += 1
+
+    def append_row(self, step: int, time: float, row: np.ndarray) -> None:
+        """``row``: a (columns, groups) array in NAMES order."""
+        i = self._slot(step, time)  # first: it may grow (replace) the block
+        self.block[i] = row
+        self.n += 1
+
+    def _slot(self, step: int, time: float) -> int:
+        """The index of the next row, holding ``step`` and ``time``; counted once its columns are written."""
         if self.n == len(self.steps):
             self._grow(2 * len(self.steps))
-        i = self.n
-        self.steps[i], self.time[i] = step, time
-        for c in self.NAMES:
-            self.cols[c][i] = row[c]  # a copy: callers may reuse their arrays
-        self.n += 1
+        self.steps[self.n], self.time[self.n] = step, time
+        return self.n
 
     def _grow(self, capacity: int) -> None:
         self.steps = np.resize(self.steps, capacity)
         self.time = np.resize(self.time, capacity)
-        for c in self.NAMES:
-            grown = np.empty((capacity, self.groups))
-            grown[: self.n] = self.cols[c][: self.n]
-            self.cols[c] = grown
+        grown = np.empty((capacity, len(self.NAMES), self.groups))
+        grown[: self.n] = self.block[: self.n]
+        self._set_block(grown)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"steps": self.steps[: self.n], "time": self.time[: self.n]}
@@ -127,6 +144,14 @@ class Run:
     def append(self, step: int, time: float, values: dict[str, Any]) -> None:
         """One row: ``values`` maps every name of COLUMNS to a (groups,) array (or a scalar)."""
         self._mem.append(int(step), float(time), values)
+        self._spill_if_full()
+
+    def append_row(self, step: int, time: float, row: np.ndarray) -> None:
+        """One row as a (len(COLUMNS), groups) array in COLUMNS order (the tracker's fast path)."""
+        self._mem.append_row(int(step), float(time), row)
+        self._spill_if_full()
+
+    def _spill_if_full(self) -> None:
         if self.max_rows_in_memory is not None and self._mem.n >= self.max_rows_in_memory:
             self._spill()
 

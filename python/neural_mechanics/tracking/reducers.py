@@ -55,6 +55,86 @@ def _layout(shape: tuple, axis: int, block: int) -> tuple[int, int, int]:
     return out, inner // block, block * rest
 
 
+class KernelPlan:
+    """The fixed part of the Rust kernel's spec of every reduction of a plan, computed once.
+
+    A reduction's element count, layout and dtype code never change during a run, so a step only
+    reads the tensors' current addresses (``addresses``) and adds each reduction's byte offset
+    (``specs``). Addresses are never kept from one step to the next: the optimizer, autograd or
+    the user may have replaced any tensor in between. Each step checks every tensor against the
+    shape and dtype the layouts were computed for, so a stale layout is an error, not a bad read.
+    """
+
+    def __init__(self, reductions: Sequence[Any], params: dict[str, Any], sum_velocity: Sequence[bool] | np.ndarray):
+        # Parameters in the order their reductions first appear.
+        names = list(dict.fromkeys(r.name for r in reductions))
+        self.names = names
+        # None: a dtype the kernel does not read, so that the first step reports it
+        self.expected = [(params[n].shape, params[n].dtype if params[n].dtype in _DTYPE_CODES else None) for n in names]
+        self._static = [self._static_spec(r, params[r.name], names.index(r.name)) for r in reductions]
+        self._sum_velocity = [s for s, wanted in zip(self._static, sum_velocity) if wanted]
+
+    @staticmethod
+    def _static_spec(r: Any, p: Any, param_index: int) -> tuple[int, int, tuple]:
+        """(parameter index, byte offset, (numel, outer, groups, seg, dtype code)) of one reduction."""
+        shape = tuple(p.shape)
+        offset = 0
+        if r.rows is not None:  # a row range of a C-contiguous tensor is one contiguous run
+            row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            offset = r.rows[0] * row_elems * p.element_size()
+            shape = (r.rows[1] - r.rows[0],) + shape[1:]
+        numel = int(np.prod(shape))
+        return param_index, offset, (numel, *_layout(shape, r.axis, r.block), _DTYPE_CODES.get(p.dtype, 0))
+
+    def addresses(self, tensors: Sequence[tuple], keep: list[Any]) -> list[tuple[int, int, int]]:
+        """Addresses of (θ, ĝ or None, v or None) per parameter (0 for None), after the checks.
+
+        Non-contiguous tensors (channels_last weights, say) are read through a contiguous copy
+        that is appended to ``keep``: the caller holds it until the kernel returns.
+        """
+        return [
+            (_address(t, shape, dtype, keep), 0 if g is None else _address(g, shape, dtype, keep), 0 if v is None else _address(v, shape, dtype, keep))
+            for (t, g, v), (shape, dtype) in zip(tensors, self.expected)
+        ]
+
+    def specs(self, addrs: list[tuple[int, int, int]]) -> list[tuple]:
+        """group_stats_ptrs specs of every reduction from this step's addresses."""
+        out = []
+        for i, offset, rest in self._static:
+            t, g, v = addrs[i]
+            out.append((t + offset, g + offset if g else 0, v + offset if v else 0) + rest)
+        return out
+
+    def velocity_sum_specs(self, addrs: list[tuple[int, int, int]]) -> list[tuple]:
+        """Specs of plain sums of the velocity (v in θ's place) of the ``sum_velocity`` reductions."""
+        return [(addrs[i][2] + offset, 0, 0) + rest for i, offset, rest in self._sum_velocity]
+
+
+def _address(t: Any, shape: Any, dtype: Any, keep: list[Any]) -> int:
+    """The address of ``t`` after checking it is a CPU tensor of ``shape`` and ``dtype``."""
+    if t.dtype is not dtype or not t.is_cpu or t.shape != shape:
+        raise _unexpected_tensor_error(t, shape, dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+        keep.append(t)
+    return t.data_ptr()
+
+
+def _unexpected_tensor_error(t: Any, shape: Any, dtype: Any) -> Exception:
+    from ..errors import DeviceError, DTypeError, ShapeError
+
+    if t.device.type != "cpu":
+        return DeviceError(f"the Rust reducer reads CPU tensors; got one on {t.device}")
+    if dtype is None:
+        return DTypeError(f"unsupported dtype {t.dtype}; expected float32/64, float16, bfloat16")
+    if t.dtype != dtype:
+        return DTypeError(f"mixed dtypes {t.dtype} / {dtype}: a gradient or momentum buffer differs from its parameter")
+    return ShapeError(
+        f"a tensor of shape {tuple(t.shape)} where the tracker's plan expects {tuple(shape)} "
+        "(a parameter replaced by one of another shape after track() cannot be tracked)"
+    )
+
+
 class RustReducer:
     """CPU tensors: one call into the fused Rust kernel per step, GIL released.
 
@@ -93,6 +173,17 @@ class RustReducer:
         keep: list[Any] = []  # contiguous copies must outlive the call
         main = _native.group_stats_ptrs([self._spec(it, keep) for it in items])
         more = _native.group_stats_ptrs([self._spec(it, keep) for it in extra]) if extra else None
+        del keep
+        return Pending(lambda: (main, more))
+
+    def submit_tensors(self, plan: KernelPlan, tensors: Sequence[tuple], sum_velocity: bool) -> Pending:
+        """``submit_blocks`` for the reductions of ``plan``: (θ, ĝ, v) per parameter of plan.names,
+        with the plain sums of v of its sum_velocity reductions as the extra block if asked."""
+        keep: list[Any] = []  # contiguous copies must outlive the call
+        addrs = plan.addresses(tensors, keep)
+        main = _native.group_stats_ptrs(plan.specs(addrs))
+        extra = plan.velocity_sum_specs(addrs) if sum_velocity else []
+        more = _native.group_stats_ptrs(extra) if extra else None
         del keep
         return Pending(lambda: (main, more))
 

@@ -22,16 +22,23 @@ import numpy as np
 
 from .. import _native, theory
 from ..errors import InvalidArgumentError, NothingToTrackError
-from ..run import GroupInfo, Run
+from ..run import COLUMNS, GroupInfo, Run
 from .plan import Plan, build_plan
-from .reducers import Pending, choose
+from .reducers import KernelPlan, Pending, RustReducer, choose
 
 KINDS = ("translation", "scale", "rescale")
 # Columns of the per-part matrix that is summed into columns and groups with signs (the order of
 # src/tracking.rs COLUMN_FIELDS), and the per-group values of its GROUP_FIELDS.
 _CHARGE, _FLUX, _GG, _UU, _E, _DRIVE, _SU, _BDOT = range(8)
 _GROUP_FIELDS = ("measured", "flux", "grad_sq", "update_sq", "update_sum", "magnitude", "residual")
+# Where the per-group values land in a Run's row (COLUMNS order).
+_ROW_HYPER = slice(0, 4)
+assert COLUMNS[_ROW_HYPER] == ("lr", "momentum", "dampening", "weight_decay")
+_ROW_GROUP_FIELDS = np.array([COLUMNS.index(c) for c in _GROUP_FIELDS])
+_ROW_PREDICTIONS = slice(COLUMNS.index("paper"), COLUMNS.index("paper") + 2)
+assert COLUMNS[_ROW_PREDICTIONS] == ("paper", "exact")  # the rows of TrackerLanes.predictions()
 
+_EMPTY, _NO_ROWS = np.zeros(0), np.zeros(0, dtype=np.int64)
 Hyper = tuple  # per param_group: (lr, momentum, dampening, weight_decay, nesterov)
 
 
@@ -143,8 +150,13 @@ class Tracker:
         # Rows whose buffer sums the extra reductions give (the translation parts' ⟨1, b⟩).
         self._translation_rows = np.concatenate(
             [np.arange(offsets[i], offsets[i + 1]) for i, t in enumerate(plan.translation_reductions) if t] or [np.zeros(0, np.int64)]
-        )
+        ).astype(np.int64)
         self._reducer = choose([named[n] for n in plan.params], self._reducer_kind)
+        # The Rust kernel in this process reads tensors by address: its specs are compiled once.
+        self._kernel_plan = KernelPlan(plan.reductions, plan.params, plan.translation_reductions) if isinstance(self._reducer, RustReducer) else None
+        # (name, parameter) in the order of first appearance in plan.reductions: KernelPlan.names,
+        # and the order in which "no gradient" notes are written.
+        self._tracked = [(name, plan.params[name]) for name in dict.fromkeys(r.name for r in plan.reductions)]
         info = GroupInfo.from_groups(kept, plan.group_size)
         run = self._run = Run(
             groups=info,
@@ -172,13 +184,14 @@ class Tracker:
         if self.every > 1:
             run.exact_note = f"exact needs every step; every={self.every} leaves it NaN"
         self._time = np.zeros(len(self.optimizer.param_groups))
-        self._streams: list[dict[str, Any]] | None = None
+        self._streams: Any = None  # _native.TrackerLanes, from the first measurement
         self._held_drive = np.zeros(len(plan.column_group))
         self._idle: list[Hyper] = []  # hyperparameters of unmeasured steps, not yet seen by the paper
         self._snapshot: dict[str, Any] | None = None
         self._measured_this_step = False
         self._cache: dict[tuple, Any] = {}
         self._reported_no_grad: set[str] = set()
+        self._regimes_noted: dict[str, Any] | None = None  # the hyper whose regimes the run has last noted
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _read_hyper(self) -> Hyper:
@@ -208,7 +221,11 @@ class Tracker:
         core_hyper = tuple(np.ascontiguousarray(a[pg], dtype=np.float64) for a in (mom, damp, wd, nest))
         out = {"lr": lr, "momentum": mom, "dampening": damp, "weight_decay": wd, "nesterov": nest, "core": core_hyper, "regimes": regimes, "dt": dt}
         # per-group hyperparameter columns of the Run (each group's first param_group)
-        out["row"] = {"lr": lr[self._first_pg], "momentum": mom[self._first_pg], "dampening": damp[self._first_pg], "weight_decay": wd[self._first_pg]}
+        # per lane: its param_group's hyperparameters as the native streams take them
+        out["lanes"] = [(float(lr[p]), float(mom[p]), float(damp[p]), float(wd[p]), bool(nest[p])) for p in (lane["pg"] for lane in self._lanes)]
+        # A Run row (COLUMNS order) with this setting's per-group hyperparameters filled in.
+        out["row"] = np.full((len(COLUMNS), plan.n_groups), np.nan)
+        out["row"][_ROW_HYPER] = np.stack([a[self._first_pg] for a in (lr, mom, damp, wd)])
         if len(self._cache) > 4096:  # a schedule that changes every step: do not grow without bound
             self._cache.clear()
         self._cache[h] = out
@@ -233,10 +250,9 @@ class Tracker:
                 self._snapshot = {name: p.detach().clone() for name, p in self._plan.params.items()}
             return
         if measure:
-            items, sum_only, has_buffer = self._sgd_items()
-            pending = self._submit(items, sum_only)
-            step, time = self._step, self._time.copy()
-            self._defer(lambda: self._process_sgd(pending, sum_only, has_buffer, hyper, step, time))
+            pending, has_buffer = self._submit_sgd()
+            step, time = self._step, self._time  # no copy: _advance_time rebinds, never writes in place
+            self._defer(lambda: self._process_sgd(pending, has_buffer, hyper, step, time))
         else:
             self._idle.append(h)
         self._advance_time(hyper)
@@ -307,81 +323,83 @@ class Tracker:
                 at += n
         return parts, plan.reduce_parts(extra_rows[:, None])[:, 0]
 
-    def _sgd_items(self) -> tuple[list[tuple], list[Any], bool]:
-        """(θ_n, ĝ_n, b_{n−1}) per reduction, and b_{n−1} again where a plain sum is needed."""
+    def _submit_sgd(self) -> tuple[Pending, bool]:
+        """Reduce (θ_n, ĝ_n, b_{n−1}) per reduction, and b_{n−1} again where a plain sum is needed.
+
+        Also says whether any momentum buffer exists (then every reduction carries one)."""
         plan = self._plan
         assert plan is not None
         state = self.optimizer.state
-        buffers = {name: state[p].get("momentum_buffer") if p in state else None for name, p in plan.params.items()}
-        has_buffer = any(b is not None for b in buffers.values())
+        tensors = []
+        for name, p in self._tracked:
+            st = state.get(p)  # .get: optimizer.state is a defaultdict, [p] would add an entry
+            grad = p.grad
+            tensors.append([p, grad if grad is not None else self._no_grad(name, p), None if st is None else st.get("momentum_buffer")])
+        has_buffer = any(t[2] is not None for t in tensors)
+        if has_buffer:
+            for t in tensors:
+                if t[2] is None:
+                    t[2] = _zeros(t[0])  # a parameter that has not had a gradient yet: SGD gave it no buffer
+        if self._kernel_plan is not None:
+            return self._reducer.submit_tensors(self._kernel_plan, tensors, has_buffer), has_buffer
+        by_name = {name: t for (name, _), t in zip(self._tracked, tensors)}
         items, sum_only = [], []
         for r, is_translation in zip(plan.reductions, plan.translation_reductions):
-            p = plan.params[r.name]
-            grad = p.grad if p.grad is not None else self._no_grad(r.name, p)
-            buf = buffers[r.name]
-            if has_buffer and buf is None:
-                buf = _zeros(p)  # a parameter that has not had a gradient yet: SGD gave it no buffer
+            p, grad, buf = by_name[r.name]
             view = self._view(r)
             items.append((view(p), view(grad), None if buf is None else view(buf), r.axis, r.block))
             sum_only.append(view(buf) if has_buffer and is_translation else None)
-        return items, sum_only, has_buffer
+        return self._submit(items, sum_only), has_buffer
 
-    def _process_sgd(self, pending: Pending, sum_only: list[Any], has_buffer: bool, hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
+    def _process_sgd(self, pending: Pending, has_buffer: bool, hyper: dict[str, Any], step: int, time: np.ndarray) -> None:
         main, extra = pending.result()
-        buffer_sum = None
-        if has_buffer:
-            buffer_sum = np.zeros(len(main))
-            if extra is not None:
-                buffer_sum[self._translation_rows] = extra[:, 0]
+        buffer_sum = buffer_rows = None
+        if has_buffer:  # ⟨1, b⟩ of the translation rows (the extra block); other rows read 0
+            if extra is None:
+                buffer_sum, buffer_rows = _EMPTY, _NO_ROWS
+            else:
+                buffer_sum, buffer_rows = np.ascontiguousarray(extra[:, 0]), self._translation_rows
         # One call: per-part SGD algebra (tracking/sgd.py, in Rust), signed sums into columns and
         # groups, magnitudes and constraint residuals.
-        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, *hyper["core"])
+        momentum, dampening, weight_decay, nesterov = hyper["core"]  # per part
+        cols, groups = self._core.measure_sgd(np.ascontiguousarray(main), buffer_sum, momentum, dampening, weight_decay, nesterov, buffer_rows)
         if self._streams is None:
             self._init_streams(cols[:, _CHARGE], cols[:, _BDOT] if has_buffer else None, hyper)
         self._catch_up_paper()
-        values = {name: groups[:, i] for i, name in enumerate(_GROUP_FIELDS)}
-        self._record(step, time, values, hyper)
-        self._held_drive = cols[:, _DRIVE]
-        self._advance_paper(hyper, cols[:, _DRIVE])
+        self._record(step, time, groups, hyper)
+        self._held_drive = np.ascontiguousarray(cols[:, _DRIVE])
+        self._advance_paper(hyper, self._held_drive)
         if self.every == 1:
             self._advance_ledger(hyper, cols)
 
     # -- theory streams ----------------------------------------------------------------------
     def _init_streams(self, columns_y0: np.ndarray, buffer_dot0: np.ndarray | None, hyper: dict[str, Any]) -> None:
-        self._streams = []
+        """The lanes' streams (native: one call per step advances them all) from the first measurement."""
+        plan = self._plan
+        assert plan is not None
+        exact = "none" if self.every > 1 else "ledger" if self._sgd else "measured"
+        columns_y0 = np.ascontiguousarray(columns_y0)
+        bd = None if buffer_dot0 is None else np.ascontiguousarray(buffer_dot0)
+        streams = _native.TrackerLanes(plan.column_group, plan.n_groups)
         for lane in self._lanes:
-            cols, pcols, pg = lane["cols"], lane["paper_cols"], lane["pg"]
-            streams: dict[str, Any] = {}
-            if self.every == 1:
-                if self._sgd:
-                    bd = None if buffer_dot0 is None else np.ascontiguousarray(buffer_dot0[cols])
-                    streams["ledger"] = theory.LedgerStream(lane["kind"], columns_y0[cols], buffer_dot0=bd)
-                else:
-                    streams["ledger_y"] = columns_y0[cols].copy()
-            if self._sgd and pcols.size:
-                ydot0 = None
-                if buffer_dot0 is not None and hyper["momentum"][pg] > 0:
-                    # ẏ(0) from the buffer that existed before tracking (THEORY §5.2).
-                    factor = -1.0 if lane["kind"] == "translation" else -2.0
-                    ydot0 = factor * buffer_dot0[pcols] / (1 - hyper["dampening"][pg])
-                streams["paper"] = theory.PaperStream(lane["kind"], columns_y0[pcols], ydot0=ydot0)
-            self._streams.append(streams)
+            pcols, pg = lane["paper_cols"], lane["pg"]
+            ydot0 = None
+            if bd is not None and hyper["momentum"][pg] > 0 and pcols.size:
+                # ẏ(0) from the buffer that existed before tracking (THEORY §5.2).
+                factor = -1.0 if lane["kind"] == "translation" else -2.0
+                ydot0 = factor * bd[pcols] / (1 - hyper["dampening"][pg])
+            paper = bool(self._sgd and pcols.size)
+            streams.add_lane(lane["kind"], lane["cols"], pcols, exact, columns_y0, bd if exact == "ledger" else None, paper, ydot0)
+        self._streams = streams
 
-    def _advance_paper(self, hyper: dict[str, Any], drive_cols: np.ndarray) -> None:
+    def _advance_paper(self, hyper: dict[str, Any], drive: np.ndarray) -> None:
+        """One step of every lane's paper stream; ``drive`` (columns,) contiguous."""
         assert self._streams is not None
-        for lane, streams in zip(self._lanes, self._streams):
-            stream = streams.get("paper")
-            if stream is None:
-                continue
-            p = lane["pg"]
-            drive = None if lane["kind"] == "translation" else np.ascontiguousarray(drive_cols[lane["paper_cols"]])
-            try:
-                # The wrapper's checks were done once at set-up; the native stream takes arrays as they are.
-                stream._native.step(drive, hyper["lr"][p], hyper["momentum"][p], hyper["dampening"][p], hyper["weight_decay"][p])
-            except Exception as err:  # e.g. momentum switched between zero and non-zero mid-run
-                streams["paper"] = None
-                assert self._run is not None
-                self._run.notes.append(f"paper closed form stopped at step {self._step} for {lane['kind']}: {err}")
+        # A lane whose closed form fails stops there (e.g. momentum switched between zero and
+        # non-zero mid-run); the others go on.
+        for lane, why in self._streams.advance_paper(drive, hyper["lanes"]):
+            assert self._run is not None
+            self._run.notes.append(f"paper closed form stopped at step {self._step} for {self._lanes[lane]['kind']}: {why}")
 
     def _catch_up_paper(self) -> None:
         """Advance the paper's streams over unmeasured steps with the last measured drive."""
@@ -391,49 +409,29 @@ class Tracker:
 
     def _advance_ledger(self, hyper: dict[str, Any], cols: np.ndarray) -> None:
         assert self._streams is not None
-        for lane, streams in zip(self._lanes, self._streams):
-            c, p = lane["cols"], lane["pg"]
-            quadratic = lane["kind"] != "translation"
-            nesterov = bool(hyper["nesterov"][p])
-            streams["ledger"]._native.step(
-                np.ascontiguousarray(cols[c, _FLUX]),
-                np.ascontiguousarray(cols[c, _UU]) if quadratic else None,
-                np.ascontiguousarray(cols[c, _E]) if quadratic and nesterov else None,
-                hyper["lr"][p],
-                hyper["momentum"][p],
-                hyper["dampening"][p],
-                hyper["weight_decay"][p],
-                nesterov,
-            )
+        self._streams.advance_ledger(cols, hyper["lanes"])
 
     def _predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """Current (paper, exact) predictions per group (NaN where a theory does not apply)."""
-        plan = self._plan
-        assert plan is not None and self._streams is not None
-        n_cols = len(plan.column_group)
-        paper_cols = np.full(n_cols, np.nan)
-        exact_cols = np.full(n_cols, np.nan)
-        for lane, streams in zip(self._lanes, self._streams):
-            if streams.get("paper") is not None:
-                paper_cols[lane["paper_cols"]] = streams["paper"].y
-            if "ledger" in streams:
-                exact_cols[lane["cols"]] = streams["ledger"].y
-            elif "ledger_y" in streams:
-                exact_cols[lane["cols"]] = streams["ledger_y"]
-        paper = np.full(plan.n_groups, np.nan)
-        paper[plan.column_group[self._single_column]] = paper_cols[self._single_column]
-        return paper, plan.to_groups(exact_cols)
+        assert self._streams is not None
+        paper, exact = self._streams.predictions()
+        return paper, exact
 
-    def _record(self, step: int, time: np.ndarray, values: dict[str, np.ndarray], hyper: dict[str, Any]) -> None:
+    def _record(self, step: int, time: np.ndarray, groups: np.ndarray, hyper: dict[str, Any]) -> None:
+        """Note the regimes and append a row; ``groups`` (groups, 7) holds the _GROUP_FIELDS."""
         run = self._run
         assert run is not None
-        for kind, reg in hyper["regimes"].items():
-            run.note_regime(kind, reg)
+        if hyper is not self._regimes_noted:  # the same setting as last time: nothing new to note
+            for kind, reg in hyper["regimes"].items():
+                run.note_regime(kind, reg)
+            self._regimes_noted = hyper
         if step % self._stride:
             return
-        values["paper"], values["exact"] = self._predictions()
+        row = hyper["row"].copy()
+        row[_ROW_GROUP_FIELDS] = groups.T
+        row[_ROW_PREDICTIONS] = self._streams.predictions()
         # A run's clock is the first param_group's (mixed groups are rare; their lr column differs).
-        run.append(step, float(time[self._first_pg[0]]), {**hyper["row"], **values})
+        run.append_row(step, float(time[self._first_pg[0]]), row)
 
     # -- any other optimizer -----------------------------------------------------------------
     def _submit_generic(self, hyper: dict[str, Any]) -> None:
@@ -473,14 +471,12 @@ class Tracker:
         update_groups = plan.to_groups(update)
         if self._streams is None:
             self._init_streams(cols[:, _CHARGE], None, hyper)
-        values = {name: groups[:, i] for i, name in enumerate(_GROUP_FIELDS)}
-        values["update_sq"] = update_groups[:, 0]
-        values["update_sum"] = np.where(plan.group_kind == 0, update_groups[:, 1], np.nan)
-        self._record(step, time, values, hyper)
+        groups[:, _GROUP_FIELDS.index("update_sq")] = update_groups[:, 0]
+        groups[:, _GROUP_FIELDS.index("update_sum")] = np.where(plan.group_kind == 0, update_groups[:, 1], np.nan)
+        self._record(step, time, groups, hyper)
         if self.every == 1:
             assert self._streams is not None
-            for lane, streams in zip(self._lanes, self._streams):
-                streams["ledger_y"] = streams["ledger_y"] + update[lane["cols"], 2]
+            self._streams.advance_measured(np.ascontiguousarray(update[:, 2]))
 
     # -- results -----------------------------------------------------------------------------
     @property
