@@ -2,7 +2,9 @@
 
 Blocks of steps are interleaved in one process (untracked, every=1, every=4, ... then again), so
 slow drift of a shared machine hits every configuration alike; the figure is the median over
-blocks of each configuration's per-step time, divided by the untracked median.
+blocks of each configuration's per-step time, divided by the untracked median. The last two
+columns time the tracker's pre-step hook itself during the same blocks (median per measured step,
+spread over every step of the block): the work the tracker adds, without the machine's drift.
 
     python benchmarks/bench_overhead.py --net acceptance            # (a) CPU, batch 64
     python benchmarks/bench_overhead.py --net vgg11                 # (b) CPU, batch 32, 32x32
@@ -68,6 +70,23 @@ def run_block(model, opt, x, y, steps: int, device: str) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def time_hook(tracker, opt, into: list[float]) -> None:
+    """Time the tracker's pre-step hook (the steadier figure on a noisy machine: the work the
+    tracker adds, without the step-to-step drift of the machine). Steps it does not measure
+    (every > 1) return in microseconds and are not counted."""
+    inner = tracker._pre_step
+    measured = tracker.every
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        inner(*args)
+        if tracker._step % measured == 0:
+            into.append(time.perf_counter() - t0)
+
+    tracker._handles[-2].remove()  # the pre-step handle (set-up registered [pre, post])
+    tracker._handles[-2] = opt.register_step_pre_hook(timed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--net", default="acceptance", choices=["acceptance", "vgg11", "vgg16"])
@@ -86,6 +105,7 @@ def main() -> None:
     symmetries = nm.find_symmetries(model, x)
     configs = ["off"] + [f"every={k}" for k in EVERY]
     times: dict[str, list[float]] = {c: [] for c in configs}
+    hooks: dict[str, list[float]] = {c: [] for c in configs}  # seconds inside the pre-step hook
     run_block(model, opt, x, y, 3, args.device)  # warm-up: allocator, buffers, kernels
     for r in range(args.rounds):
         for c in configs:
@@ -94,18 +114,23 @@ def main() -> None:
                 continue
             k = int(c.split("=")[1])
             with nm.track(model, opt, symmetries, every=k) as tracker:
+                time_hook(tracker, opt, hooks[c])
+                n0 = len(hooks[c])
                 run_block(model, opt, x, y, 1, args.device)  # set-up step, not timed
+                del hooks[c][n0:]
                 times[c].append(run_block(model, opt, x, y, args.block, args.device))
             del tracker
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     base = statistics.median(times["off"])
     rows = []
     print(f"\n{args.net} on {args.device}: {len(symmetries)} groups, untracked step {base * 1e3:.2f} ms (median of {args.rounds} blocks of {args.block})")
-    print(f"{'config':>10} {'median ms':>10} {'min ms':>8} {'ratio':>7}")
+    print(f"{'config':>10} {'median ms':>10} {'min ms':>8} {'ratio':>7} {'hook ms':>8} {'1+hook/step':>11}")
     for c in configs:
         med, lo = statistics.median(times[c]), min(times[c])
-        rows.append({"config": c, "median_ms": med * 1e3, "min_ms": lo * 1e3, "ratio": med / base})
-        print(f"{c:>10} {med * 1e3:10.2f} {lo * 1e3:8.2f} {med / base:7.3f}")
+        # The hook's median over the measured steps, spread over every step of the block.
+        hook = statistics.median(hooks[c]) * len(hooks[c]) / (args.rounds * args.block) if hooks[c] else 0.0
+        rows.append({"config": c, "median_ms": med * 1e3, "min_ms": lo * 1e3, "ratio": med / base, "hook_ms_per_step": hook * 1e3})
+        print(f"{c:>10} {med * 1e3:10.2f} {lo * 1e3:8.2f} {med / base:7.3f} {hook * 1e3:8.3f} {1 + hook / base:11.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"net": args.net, "device": args.device, "rows": rows, "groups": len(symmetries)}, fh, indent=1)
