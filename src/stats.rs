@@ -532,6 +532,12 @@ fn run_task(items: &[Item<'_>], task: &Task) -> (Vec<f64>, Vec<f64>) {
         columns::reduce_short(item, task.outer, (g0 * seg, g1 * seg), &mut partial, rows_out);
         return (partial, rows);
     }
+    #[cfg(target_arch = "x86_64")]
+    if task.rows_of.is_some() && has_avx2() && matches!(item.theta, Data::F32(_) | Data::F64(_)) {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        unsafe { fused_segments(item, task, &mut partial, &mut rows) };
+        return (partial, rows);
+    }
     let mut scratch = Scratch::new(item);
     for o in o0..o1 {
         for g in g0..g1 {
@@ -550,6 +556,49 @@ fn run_task(items: &[Item<'_>], task: &Task) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (partial, rows)
+}
+
+/// Long segments reduced by rows and by column blocks in one read (float32/64, AVX2): one
+/// `simd::segments` call per row, vector sums per group and row, horizontal sums once at the end.
+///
+/// # Safety
+/// AVX2 and FMA must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fused_segments(item: &Item<'_>, task: &Task, partial: &mut [f64], rows: &mut [f64]) {
+    let (k, arrays) = (item.width(), item.arrays());
+    let Layout { groups, seg, .. } = item.layout;
+    let row_len = groups * seg;
+    let mut cols = vec![simd::zero_sums(); groups];
+    for o in task.outer.0..task.outer.1 {
+        let mut row = simd::zero_sums();
+        let (start, end) = (o * row_len, (o + 1) * row_len);
+        match item.theta {
+            Data::F32(_) => {
+                let cut = |d: Option<Data<'_>>| d.map_or(std::ptr::null(), |d| as_f32(d.slice(start, end)).as_ptr());
+                let p = [cut(Some(item.theta)), cut(item.grad), cut(item.velocity)];
+                match arrays {
+                    1 => simd::segments::<f32, 1>(p, groups, seg, &mut cols, &mut row),
+                    2 => simd::segments::<f32, 2>(p, groups, seg, &mut cols, &mut row),
+                    _ => simd::segments::<f32, 3>(p, groups, seg, &mut cols, &mut row),
+                }
+            }
+            _ => {
+                let cut = |d: Option<Data<'_>>| d.map_or(std::ptr::null(), |d| as_f64(d.slice(start, end)).as_ptr());
+                let p = [cut(Some(item.theta)), cut(item.grad), cut(item.velocity)];
+                match arrays {
+                    1 => simd::segments::<f64, 1>(p, groups, seg, &mut cols, &mut row),
+                    2 => simd::segments::<f64, 2>(p, groups, seg, &mut cols, &mut row),
+                    _ => simd::segments::<f64, 3>(p, groups, seg, &mut cols, &mut row),
+                }
+            }
+        }
+        let r = o - task.outer.0;
+        simd::add_hsums(&row, k, &mut rows[r * k..(r + 1) * k]);
+    }
+    for (g, col) in cols.iter().enumerate() {
+        simd::add_hsums(col, k, &mut partial[g * k..(g + 1) * k]);
+    }
 }
 
 /// Per-group sums of every item: one row of `item.width()` sums per group, row-major, in the

@@ -18,13 +18,26 @@ pub(super) trait Lanes: Copy {
     /// # Safety
     /// `p` must point at 4 readable elements and the CPU must support AVX2.
     unsafe fn load4(p: *const Self) -> __m256d;
+    /// The first n (1..=3) elements at `p`, zeros in the other lanes (masked: nothing past the
+    /// n-th element is read).
+    /// # Safety
+    /// `p` must point at n readable elements and the CPU must support AVX2.
+    unsafe fn load_first(p: *const Self, n: usize) -> __m256d;
     fn to_f64(self) -> f64;
 }
+
+/// Lane masks for `load_first`: lanes below n set.
+const MASK32: [[i32; 4]; 4] = [[0, 0, 0, 0], [-1, 0, 0, 0], [-1, -1, 0, 0], [-1, -1, -1, 0]];
+const MASK64: [[i64; 4]; 4] = [[0, 0, 0, 0], [-1, 0, 0, 0], [-1, -1, 0, 0], [-1, -1, -1, 0]];
 
 impl Lanes for f32 {
     #[inline(always)]
     unsafe fn load4(p: *const f32) -> __m256d {
         _mm256_cvtps_pd(_mm_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn load_first(p: *const f32, n: usize) -> __m256d {
+        _mm256_cvtps_pd(_mm_maskload_ps(p, _mm_loadu_si128(MASK32[n].as_ptr() as *const __m128i)))
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
@@ -36,6 +49,10 @@ impl Lanes for f64 {
     #[inline(always)]
     unsafe fn load4(p: *const f64) -> __m256d {
         _mm256_loadu_pd(p)
+    }
+    #[inline(always)]
+    unsafe fn load_first(p: *const f64, n: usize) -> __m256d {
+        _mm256_maskload_pd(p, _mm256_loadu_si256(MASK64[n].as_ptr() as *const __m256i))
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
@@ -393,4 +410,64 @@ unsafe fn sweep<E: Lanes, const A: usize, const R: usize, const ROWS_OUT: bool>(
         c += 4;
     }
     row
+}
+
+// ---------------------------------------------------------------------------------------------
+// Long segments of a tensor reduced by rows and by column blocks in one read (a Flatten→Linear:
+// blocks of 49). One call per row; each segment is summed in registers, and its vector sums are
+// added to its group's and to the row's vector accumulators (no horizontal sums per segment;
+// those are done once per group and row by the caller).
+
+/// Vector sums of one group or row: `[q]` is sum q in 4 lanes.
+pub(super) type VecSums = [__m256d; 8];
+
+/// Adds each of the `groups` segments of `seg` (>= 1) elements of one row (θ, ĝ, v of A arrays
+/// from `p`) to `cols[g]` and all of them to `row`.
+///
+/// # Safety
+/// AVX2 and FMA; the A used arrays hold groups*seg elements from `p`; cols.len() >= groups.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn segments<E: Lanes, const A: usize>(p: [*const E; 3], groups: usize, seg: usize, cols: &mut [VecSums], row: &mut VecSums) {
+    let k = super::Sums::count(A);
+    let (whole, rest) = (seg - seg % 4, seg % 4);
+    let zero = _mm256_setzero_pd();
+    for (g, col) in cols.iter_mut().enumerate().take(groups) {
+        let at = g * seg;
+        let mut s = [zero; 8];
+        let mut i = 0;
+        while i < whole {
+            for a in 0..A {
+                prefetch(p[a], at + i);
+            }
+            let x = E::load4(p[0].add(at + i));
+            let y = if A >= 2 { E::load4(p[1].add(at + i)) } else { zero };
+            let z = if A >= 3 { E::load4(p[2].add(at + i)) } else { zero };
+            add_sums::<A>(&mut s, x, y, z);
+            i += 4;
+        }
+        if rest > 0 {
+            let x = E::load_first(p[0].add(at + whole), rest);
+            let y = if A >= 2 { E::load_first(p[1].add(at + whole), rest) } else { zero };
+            let z = if A >= 3 { E::load_first(p[2].add(at + whole), rest) } else { zero };
+            add_sums::<A>(&mut s, x, y, z);
+        }
+        for q in 0..k {
+            col[q] = _mm256_add_pd(col[q], s[q]);
+            row[q] = _mm256_add_pd(row[q], s[q]);
+        }
+    }
+}
+
+/// The horizontal sums of the first k vector sums, added to out[..k].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn add_hsums(v: &VecSums, k: usize, out: &mut [f64]) {
+    for q in 0..k {
+        out[q] += hsum(v[q]);
+    }
+}
+
+/// Zeroed vector sums.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn zero_sums() -> VecSums {
+    [_mm256_setzero_pd(); 8]
 }
