@@ -223,6 +223,8 @@ impl Item<'_> {
 mod columns;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd512;
 
 trait Real: Copy {
     fn f64(self) -> f64;
@@ -251,6 +253,24 @@ fn has_avx2() -> bool {
             std::env::var_os("NEURAL_MECHANICS_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 fused tile sweep can run (NEURAL_MECHANICS_NO_AVX512=1 keeps AVX2, for
+/// comparisons; NEURAL_MECHANICS_NO_SIMD=1 turns both off).
+#[inline]
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| {
+            has_avx2() && std::env::var_os("NEURAL_MECHANICS_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -1026,16 +1046,18 @@ mod tests {
             // The tile kernel: 7 rows of 203 columns (a vector part and a scalar tail), 110 apart.
             let rows = columns::Rows::new([&t[..], &g[..], &v[..]], arrays, 110, 7, 203);
             let mut results = Vec::new();
-            for simd in [false, true] {
+            for kernel in [columns::Kernel::Portable, columns::Kernel::Avx2, columns::Kernel::Avx512] {
                 let mut acc = Box::new(columns::ColAcc([[0.0; columns::TILE + 8]; 8]));
                 let mut per_row = vec![0f64; 7 * k];
-                columns::tile_with(simd, &rows, &mut acc, Some(&mut per_row));
+                columns::tile_with(kernel, &rows, &mut acc, Some(&mut per_row));
                 let mut cols_only = Box::new(columns::ColAcc([[0.0; columns::TILE + 8]; 8]));
-                columns::tile_with(simd, &rows, &mut cols_only, None);
+                columns::tile_with(kernel, &rows, &mut cols_only, None);
                 let flat = |a: &columns::ColAcc| a.0[..k].iter().flat_map(|r| r[..203].to_vec()).collect::<Vec<f64>>();
                 close(&flat(&acc), &flat(&cols_only), 1e-14);
                 results.push((flat(&acc), per_row));
             }
+            close(&results[0].0, &results[2].0, 1e-14);
+            close(&results[0].1, &results[2].1, 1e-14);
             close(&results[0].0, &results[1].0, 1e-14);
             close(&results[0].1, &results[1].1, 1e-14);
         }

@@ -55,7 +55,7 @@ thread_local! {
 const WIDEN_ROWS: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
-pub(super) trait Float: Real + super::simd::Lanes {}
+pub(super) trait Float: Real + super::simd512::Lanes8 {}
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) trait Float: Real {}
 impl Float for f32 {}
@@ -88,15 +88,42 @@ fn tile_portable<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, mut rows_out: O
 
 /// Add columns [0, m) of `rows` into `acc` (and each row's sums into `rows_out`, k per row).
 fn tile<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
-    tile_with(super::has_avx2(), rows, acc, rows_out)
+    let best = if super::has_avx512() { Kernel::Avx512 } else if super::has_avx2() { Kernel::Avx2 } else { Kernel::Portable };
+    tile_with(best, rows, acc, rows_out)
 }
 
-/// [`tile`] with the choice of kernel given (`simd` is honoured only where AVX2 and FMA exist).
-pub(super) fn tile_with<E: Float>(simd: bool, rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
+/// Which tile kernel runs: the portable loops, AVX2, or AVX-512 for the fused sweep (rows and
+/// columns; the columns-only sweep is AVX2 there too). A kernel the CPU lacks falls back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kernel {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// [`tile`] with the choice of kernel given.
+pub(super) fn tile_with<E: Float>(kernel: Kernel, rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
     let k = Sums::count(rows.arrays);
     assert!(rows_out.as_ref().is_none_or(|o| o.len() >= rows.count * k), "rows_out too short");
     #[cfg(target_arch = "x86_64")]
-    if simd && super::has_avx2() {
+    if kernel == Kernel::Avx512 && super::has_avx512() {
+        if let Some(o) = rows_out {
+            use super::simd512::tile_rows as t;
+            // SAFETY: the CPU supports AVX-512F (checked at run time); `Rows::new` checked that
+            // every row of every used array holds m elements, and o holds count*k sums.
+            unsafe {
+                match rows.arrays {
+                    1 => t::<E, 1>(rows, acc, o),
+                    2 => t::<E, 2>(rows, acc, o),
+                    _ => t::<E, 3>(rows, acc, o),
+                }
+            }
+            return;
+        }
+        return tile_with(Kernel::Avx2, rows, acc, None);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable && super::has_avx2() {
         use super::simd::tile as t;
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time); `Rows::new` checked that
         // every row of every used array holds m elements, and rows_out holds count*k sums.
