@@ -554,7 +554,7 @@ fn run_task(items: &[Item<'_>], task: &Task) -> (Vec<f64>, Vec<f64>) {
     }
     #[cfg(target_arch = "x86_64")]
     if task.rows_of.is_some() && has_avx2() && matches!(item.theta, Data::F32(_) | Data::F64(_)) {
-        // SAFETY: AVX2 and FMA are present (checked at run time).
+        // SAFETY: AVX2 and FMA are present (checked at run time); AVX-512 is checked inside.
         unsafe { fused_segments(item, task, &mut partial, &mut rows) };
         return (partial, rows);
     }
@@ -578,46 +578,52 @@ fn run_task(items: &[Item<'_>], task: &Task) -> (Vec<f64>, Vec<f64>) {
     (partial, rows)
 }
 
-/// Long segments reduced by rows and by column blocks in one read (float32/64, AVX2): one
-/// `simd::segments` call per row, vector sums per group and row, horizontal sums once at the end.
+/// Long segments reduced by rows and by column blocks in one read (float32/64, AVX2 or AVX-512):
+/// one `segments` call per row, vector sums per group and row, the lanes added up once at the end
+/// (in a fixed order, so the result does not depend on the thread count).
 ///
 /// # Safety
 /// AVX2 and FMA must be present.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 unsafe fn fused_segments(item: &Item<'_>, task: &Task, partial: &mut [f64], rows: &mut [f64]) {
     let (k, arrays) = (item.width(), item.arrays());
     let Layout { groups, seg, .. } = item.layout;
     let row_len = groups * seg;
-    let mut cols = vec![simd::zero_sums(); groups];
+    let wide = has_avx512();
+    let lanes = if wide { 8 } else { 4 };
+    let add_lanes = |v: &simd::LaneSums, out: &mut [f64]| {
+        for q in 0..k {
+            out[q] += v[q * lanes..(q + 1) * lanes].iter().sum::<f64>();
+        }
+    };
+    let mut cols = vec![[0f64; 64]; groups];
     for o in task.outer.0..task.outer.1 {
-        let mut row = simd::zero_sums();
+        let mut row = [0f64; 64];
         let (start, end) = (o * row_len, (o + 1) * row_len);
+        // Row o of each array (a null pointer for an absent one: never read).
+        macro_rules! run {
+            ($t:ty, $as:ident) => {{
+                let cut = |d: Option<Data<'_>>| d.map_or(std::ptr::null(), |d| $as(d.slice(start, end)).as_ptr());
+                let p: [*const $t; 3] = [cut(Some(item.theta)), cut(item.grad), cut(item.velocity)];
+                match (wide, arrays) {
+                    (true, 1) => simd512::segments::<$t, 1>(p, groups, seg, &mut cols, &mut row),
+                    (true, 2) => simd512::segments::<$t, 2>(p, groups, seg, &mut cols, &mut row),
+                    (true, _) => simd512::segments::<$t, 3>(p, groups, seg, &mut cols, &mut row),
+                    (false, 1) => simd::segments::<$t, 1>(p, groups, seg, &mut cols, &mut row),
+                    (false, 2) => simd::segments::<$t, 2>(p, groups, seg, &mut cols, &mut row),
+                    (false, _) => simd::segments::<$t, 3>(p, groups, seg, &mut cols, &mut row),
+                }
+            }};
+        }
         match item.theta {
-            Data::F32(_) => {
-                let cut = |d: Option<Data<'_>>| d.map_or(std::ptr::null(), |d| as_f32(d.slice(start, end)).as_ptr());
-                let p = [cut(Some(item.theta)), cut(item.grad), cut(item.velocity)];
-                match arrays {
-                    1 => simd::segments::<f32, 1>(p, groups, seg, &mut cols, &mut row),
-                    2 => simd::segments::<f32, 2>(p, groups, seg, &mut cols, &mut row),
-                    _ => simd::segments::<f32, 3>(p, groups, seg, &mut cols, &mut row),
-                }
-            }
-            _ => {
-                let cut = |d: Option<Data<'_>>| d.map_or(std::ptr::null(), |d| as_f64(d.slice(start, end)).as_ptr());
-                let p = [cut(Some(item.theta)), cut(item.grad), cut(item.velocity)];
-                match arrays {
-                    1 => simd::segments::<f64, 1>(p, groups, seg, &mut cols, &mut row),
-                    2 => simd::segments::<f64, 2>(p, groups, seg, &mut cols, &mut row),
-                    _ => simd::segments::<f64, 3>(p, groups, seg, &mut cols, &mut row),
-                }
-            }
+            Data::F32(_) => run!(f32, as_f32),
+            _ => run!(f64, as_f64),
         }
         let r = o - task.outer.0;
-        simd::add_hsums(&row, k, &mut rows[r * k..(r + 1) * k]);
+        add_lanes(&row, &mut rows[r * k..(r + 1) * k]);
     }
     for (g, col) in cols.iter().enumerate() {
-        simd::add_hsums(col, k, &mut partial[g * k..(g + 1) * k]);
+        add_lanes(col, &mut partial[g * k..(g + 1) * k]);
     }
 }
 

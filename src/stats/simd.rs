@@ -418,16 +418,17 @@ unsafe fn sweep<E: Lanes, const A: usize, const R: usize, const ROWS_OUT: bool>(
 // added to its group's and to the row's vector accumulators (no horizontal sums per segment;
 // those are done once per group and row by the caller).
 
-/// Vector sums of one group or row: `[q]` is sum q in 4 lanes.
-pub(super) type VecSums = [__m256d; 8];
+/// Vector sums of one group or row: lanes l of sum q at `[q * LANES + l]` (LANES = 4 here,
+/// 8 for the AVX-512 kernel; the caller adds the lanes up once at the end).
+pub(super) type LaneSums = [f64; 64];
 
 /// Adds each of the `groups` segments of `seg` (>= 1) elements of one row (θ, ĝ, v of A arrays
-/// from `p`) to `cols[g]` and all of them to `row`.
+/// from `p`) to `cols[g]` and all of them to `row` (4 lanes per sum).
 ///
 /// # Safety
 /// AVX2 and FMA; the A used arrays hold groups*seg elements from `p`; cols.len() >= groups.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn segments<E: Lanes, const A: usize>(p: [*const E; 3], groups: usize, seg: usize, cols: &mut [VecSums], row: &mut VecSums) {
+pub(super) unsafe fn segments<E: Lanes, const A: usize>(p: [*const E; 3], groups: usize, seg: usize, cols: &mut [LaneSums], row: &mut LaneSums) {
     let k = super::Sums::count(A);
     let (whole, rest) = (seg - seg % 4, seg % 4);
     let zero = _mm256_setzero_pd();
@@ -452,22 +453,10 @@ pub(super) unsafe fn segments<E: Lanes, const A: usize>(p: [*const E; 3], groups
             add_sums::<A>(&mut s, x, y, z);
         }
         for q in 0..k {
-            col[q] = _mm256_add_pd(col[q], s[q]);
-            row[q] = _mm256_add_pd(row[q], s[q]);
+            for acc in [col.as_mut_ptr(), row.as_mut_ptr()] {
+                let at = acc.add(q * 4);
+                _mm256_storeu_pd(at, _mm256_add_pd(_mm256_loadu_pd(at), s[q]));
+            }
         }
     }
-}
-
-/// The horizontal sums of the first k vector sums, added to out[..k].
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn add_hsums(v: &VecSums, k: usize, out: &mut [f64]) {
-    for q in 0..k {
-        out[q] += hsum(v[q]);
-    }
-}
-
-/// Zeroed vector sums.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn zero_sums() -> VecSums {
-    [_mm256_setzero_pd(); 8]
 }

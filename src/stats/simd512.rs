@@ -8,12 +8,17 @@
 use std::arch::x86_64::*;
 
 use super::columns::{ColAcc, Rows};
+use super::simd::LaneSums;
 
 /// An element type that loads as 8 float64 lanes.
 pub(super) trait Lanes8: super::simd::Lanes {
     /// # Safety
     /// `p` must point at 8 readable elements and the CPU must support AVX-512F.
     unsafe fn load8(p: *const Self) -> __m512d;
+    /// The first n (1..=7) elements, zeros in the other lanes (nothing past them is read).
+    /// # Safety
+    /// `p` must point at n readable elements and the CPU must support AVX-512F.
+    unsafe fn load_first8(p: *const Self, n: usize) -> __m512d;
 }
 
 impl Lanes8 for f32 {
@@ -21,12 +26,23 @@ impl Lanes8 for f32 {
     unsafe fn load8(p: *const f32) -> __m512d {
         _mm512_cvtps_pd(_mm256_loadu_ps(p))
     }
+    #[inline(always)]
+    unsafe fn load_first8(p: *const f32, n: usize) -> __m512d {
+        // A masked AVX load (lanes past n are neither read nor faulted on).
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+        _mm512_cvtps_pd(_mm256_maskload_ps(p, mask))
+    }
 }
 
 impl Lanes8 for f64 {
     #[inline(always)]
     unsafe fn load8(p: *const f64) -> __m512d {
         _mm512_loadu_pd(p)
+    }
+    #[inline(always)]
+    unsafe fn load_first8(p: *const f64, n: usize) -> __m512d {
+        _mm512_maskz_loadu_pd(((1u32 << n) - 1) as __mmask8, p)
     }
 }
 
@@ -110,6 +126,61 @@ pub(super) unsafe fn tile_rows<E: Lanes8, const A: usize>(rows: &Rows<'_, E>, ac
             for q in 0..k {
                 acc.0[q][c] += v[q];
                 out[q] += v[q];
+            }
+        }
+    }
+}
+
+/// `simd::segments` with 8 lanes per sum (`LaneSums` lanes at `[q * 8 + l]`).
+///
+/// # Safety
+/// AVX-512F (and AVX2); the A used arrays hold groups*seg elements from `p`; cols.len() >= groups.
+#[target_feature(enable = "avx512f,avx2")]
+pub(super) unsafe fn segments<E: Lanes8, const A: usize>(p: [*const E; 3], groups: usize, seg: usize, cols: &mut [LaneSums], row: &mut LaneSums) {
+    let k = super::Sums::count(A);
+    let (whole, rest) = (seg - seg % 8, seg % 8);
+    let zero = _mm512_setzero_pd();
+    let line = (64 / std::mem::size_of::<E>()).max(1);
+    for (g, col) in cols.iter_mut().enumerate().take(groups) {
+        let at = g * seg;
+        let mut s = [zero; 8];
+        let mut i = 0;
+        let mut step = |x: __m512d, y: __m512d, z: __m512d| {
+            s[0] = add::<0>(x, y, z, s[0]);
+            s[1] = add::<1>(x, y, z, s[1]);
+            if A >= 2 {
+                s[2] = add::<2>(x, y, z, s[2]);
+                s[3] = add::<3>(x, y, z, s[3]);
+                s[4] = add::<4>(x, y, z, s[4]);
+            }
+            if A >= 3 {
+                s[5] = add::<5>(x, y, z, s[5]);
+                s[6] = add::<6>(x, y, z, s[6]);
+                s[7] = add::<7>(x, y, z, s[7]);
+            }
+        };
+        while i < whole {
+            if (at + i) % line < 8 {
+                for a in p.iter().take(A) {
+                    _mm_prefetch::<_MM_HINT_T0>((a.wrapping_add(at + i) as *const i8).wrapping_add(4096));
+                }
+            }
+            let x = E::load8(p[0].add(at + i));
+            let y = if A >= 2 { E::load8(p[1].add(at + i)) } else { zero };
+            let z = if A >= 3 { E::load8(p[2].add(at + i)) } else { zero };
+            step(x, y, z);
+            i += 8;
+        }
+        if rest > 0 {
+            let x = E::load_first8(p[0].add(at + whole), rest);
+            let y = if A >= 2 { E::load_first8(p[1].add(at + whole), rest) } else { zero };
+            let z = if A >= 3 { E::load_first8(p[2].add(at + whole), rest) } else { zero };
+            step(x, y, z);
+        }
+        for q in 0..k {
+            for acc in [col.as_mut_ptr(), row.as_mut_ptr()] {
+                let at = acc.add(q * 8);
+                _mm512_storeu_pd(at, _mm512_add_pd(_mm512_loadu_pd(at), s[q]));
             }
         }
     }
