@@ -61,6 +61,17 @@ pub(super) trait Float: Real {}
 impl Float for f32 {}
 impl Float for f64 {}
 
+/// The k sums of one element triple added to column c's accumulators and to `row` (the
+/// portable kernel, and the scalar tails of the vector ones).
+#[inline(always)]
+pub(super) fn add_element(x: f64, y: f64, z: f64, k: usize, c: usize, acc: &mut ColAcc, row: &mut [f64; 8]) {
+    let v = [x, x * x, y, y * y, x * y, z * z, x * z, y * z];
+    for q in 0..k {
+        acc.0[q][c] += v[q];
+        row[q] += v[q];
+    }
+}
+
 /// Portable tile kernel: the same sums as `simd::tile`, one row and one column at a time.
 fn tile_portable<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, mut rows_out: Option<&mut [f64]>) {
     let (arrays, m) = (rows.arrays, rows.m);
@@ -72,11 +83,7 @@ fn tile_portable<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, mut rows_out: O
             let x = r[0][c].f64();
             let y = if arrays >= 2 { r[1][c].f64() } else { 0.0 };
             let z = if arrays >= 3 { r[2][c].f64() } else { 0.0 };
-            let v = [x, x * x, y, y * y, x * y, z * z, x * z, y * z];
-            for q in 0..k {
-                acc.0[q][c] += v[q];
-                row[q] += v[q];
-            }
+            add_element(x, y, z, k, c, acc, &mut row);
         }
         if let Some(out) = rows_out.as_deref_mut() {
             for q in 0..k {

@@ -339,11 +339,7 @@ pub(super) unsafe fn tile<E: Lanes, const A: usize, const ROWS_OUT: bool>(rows: 
                 let x = r[0][c].to_f64();
                 let y = if A >= 2 { r[1][c].to_f64() } else { 0.0 };
                 let z = if A >= 3 { r[2][c].to_f64() } else { 0.0 };
-                let v = [x, x * x, y, y * y, x * y, z * z, x * z, y * z];
-                for q in 0..k {
-                    acc.0[q][c] += v[q];
-                    tail[q] += v[q];
-                }
+                super::columns::add_element(x, y, z, k, c, acc, &mut tail);
             }
             if ROWS_OUT {
                 for q in 0..k {

@@ -115,18 +115,15 @@ pub(super) unsafe fn tile_rows<E: Lanes8, const A: usize>(rows: &Rows<'_, E>, ac
         }
         let r = rows.row(j);
         let out = &mut rows_out[j * k..(j + 1) * k];
-        for q in 0..k {
-            out[q] += _mm512_reduce_add_pd(row[q]);
-        }
+        let mut tail = [0f64; 8];
         for c in whole..m {
             let x = super::simd::Lanes::to_f64(r[0][c]);
             let y = if A >= 2 { super::simd::Lanes::to_f64(r[1][c]) } else { 0.0 };
             let z = if A >= 3 { super::simd::Lanes::to_f64(r[2][c]) } else { 0.0 };
-            let v = [x, x * x, y, y * y, x * y, z * z, x * z, y * z];
-            for q in 0..k {
-                acc.0[q][c] += v[q];
-                out[q] += v[q];
-            }
+            super::columns::add_element(x, y, z, k, c, acc, &mut tail);
+        }
+        for q in 0..k {
+            out[q] += _mm512_reduce_add_pd(row[q]) + tail[q];
         }
     }
 }
