@@ -86,10 +86,14 @@ class _Rows:
             self.block[i, j] = row[c]  # a copy: callers may reuse their arrays; scalars broadcast
         self.n += 1
 
-    def append_row(self, step: int, time: float, row: np.ndarray) -> None:
-        """``row``: a (columns, groups) array in NAMES order."""
+    def append_row(self, step: int, time: float, row: np.ndarray, *over: tuple[Any, np.ndarray]) -> None:
+        """``row``: a (columns, groups) array in NAMES order, copied into the block; then each
+        (index, values) of ``over`` is written over the stored row (no copy of ``row`` needed)."""
         i = self._slot(step, time)  # first: it may grow (replace) the block
-        self.block[i] = row
+        stored = self.block[i]
+        stored[...] = row
+        for index, values in over:
+            stored[index] = values
         self.n += 1
 
     def _slot(self, step: int, time: float) -> int:
@@ -146,9 +150,10 @@ class Run:
         self._mem.append(int(step), float(time), values)
         self._spill_if_full()
 
-    def append_row(self, step: int, time: float, row: np.ndarray) -> None:
-        """One row as a (len(COLUMNS), groups) array in COLUMNS order (the tracker's fast path)."""
-        self._mem.append_row(int(step), float(time), row)
+    def append_row(self, step: int, time: float, row: np.ndarray, *over: tuple[Any, np.ndarray]) -> None:
+        """One row as a (len(COLUMNS), groups) array in COLUMNS order, with (index, values)
+        pieces written over it (the tracker's fast path: its template is never copied first)."""
+        self._mem.append_row(int(step), float(time), row, *over)
         self._spill_if_full()
 
     def _spill_if_full(self) -> None:

@@ -411,11 +411,10 @@ class Tracker:
         assert self._streams is not None
         self._streams.advance_ledger(cols, hyper["lanes"])
 
-    def _predictions(self) -> tuple[np.ndarray, np.ndarray]:
-        """Current (paper, exact) predictions per group (NaN where a theory does not apply)."""
+    def _predictions(self) -> np.ndarray:
+        """Current predictions per group, rows (paper, exact) (NaN where a theory does not apply)."""
         assert self._streams is not None
-        paper, exact = self._streams.predictions()
-        return paper, exact
+        return self._streams.predictions()
 
     def _record(self, step: int, time: np.ndarray, groups: np.ndarray, hyper: dict[str, Any]) -> None:
         """Note the regimes and append a row; ``groups`` (groups, 7) holds the _GROUP_FIELDS."""
@@ -427,11 +426,11 @@ class Tracker:
             self._regimes_noted = hyper
         if step % self._stride:
             return
-        row = hyper["row"].copy()
-        row[_ROW_GROUP_FIELDS] = groups.T
-        row[_ROW_PREDICTIONS] = self._streams.predictions()
         # A run's clock is the first param_group's (mixed groups are rare; their lr column differs).
-        run.append_row(step, float(time[self._first_pg[0]]), row)
+        # The setting's row template goes straight into the run, the measured values over it.
+        run.append_row(
+            step, float(time[self._first_pg[0]]), hyper["row"], (_ROW_GROUP_FIELDS, groups.T), (_ROW_PREDICTIONS, self._predictions())
+        )
 
     # -- any other optimizer -----------------------------------------------------------------
     def _submit_generic(self, hyper: dict[str, Any]) -> None:
