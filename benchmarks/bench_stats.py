@@ -28,7 +28,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -197,7 +197,7 @@ def run_set(set_name: str, threads: int, rounds: int, skip: list[str]) -> list[s
           file=sys.stderr, flush=True)
     for line in lines:
         print(line, file=sys.stderr, flush=True)
-    del pairs, npairs, bufs
+    contenders.clear()  # drop the tensors before the next set is made
     gc.collect()
     return lines
 

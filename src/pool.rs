@@ -49,9 +49,7 @@ fn wanted_threads() -> Result<usize> {
 /// Set the pool size; 0 goes back to the default (environment variable, else the core count).
 pub fn set_num_threads(n: usize) -> Result<()> {
     if n > MAX_THREADS {
-        return Err(Error::InvalidArgument(format!(
-            "set_num_threads({n}): at most {MAX_THREADS} threads (0 restores the default)"
-        )));
+        return Err(Error::InvalidArgument(format!("set_num_threads({n}): at most {MAX_THREADS} threads (0 restores the default)")));
     }
     *REQUESTED.lock().unwrap_or_else(|e| e.into_inner()) = n;
     // Validate now (a bad environment variable surfaces here rather than mid-training).

@@ -93,27 +93,16 @@ fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
 
 /// Serialise the whole file into memory (runs are O(groups x rows); callers thin long runs).
 pub fn encode(meta_json: &str, arrays: &[ArrayRef<'_>]) -> Result<Vec<u8>> {
-    let meta: serde_json::Value = serde_json::from_str(meta_json)
-        .map_err(|e| Error::InvalidArgument(format!("run metadata is not valid JSON: {e}")))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(meta_json).map_err(|e| Error::InvalidArgument(format!("run metadata is not valid JSON: {e}")))?;
     let mut entries = Vec::with_capacity(arrays.len());
     let mut offset = 0u64;
     for a in arrays {
         let n: usize = a.shape.iter().product();
         if a.bytes.len() != n * 8 {
-            return Err(Error::Shape(format!(
-                "array {:?}: {} bytes for shape {:?} (8-byte elements)",
-                a.name,
-                a.bytes.len(),
-                a.shape
-            )));
+            return Err(Error::Shape(format!("array {:?}: {} bytes for shape {:?} (8-byte elements)", a.name, a.bytes.len(), a.shape)));
         }
-        entries.push(Entry {
-            name: a.name.to_string(),
-            elem: a.elem,
-            shape: a.shape.clone(),
-            offset,
-            nbytes: a.bytes.len() as u64,
-        });
+        entries.push(Entry { name: a.name.to_string(), elem: a.elem, shape: a.shape.clone(), offset, nbytes: a.bytes.len() as u64 });
         offset += a.bytes.len() as u64;
     }
     let header = Header {
@@ -163,8 +152,8 @@ pub fn decode(data: &[u8]) -> Result<(String, Vec<OwnedArray>)> {
     if checksum(body) != stored {
         return Err(bad("run file is truncated or corrupted (checksum mismatch)".into()));
     }
-    let header: Header = serde_json::from_slice(&data[24..24 + header_len])
-        .map_err(|e| bad(format!("run file header is not valid: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(&data[24..24 + header_len]).map_err(|e| bad(format!("run file header is not valid: {e}")))?;
     if header.format_version != version {
         return Err(bad("run file header and preamble disagree on the format version".into()));
     }
@@ -186,10 +175,7 @@ pub fn decode(data: &[u8]) -> Result<(String, Vec<OwnedArray>)> {
 
 fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     path.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()))
 }
 

@@ -117,11 +117,7 @@ impl Layout {
     /// (out, in, 1), more dimensions as (out, in, product of the rest).
     pub fn from_shape(shape: &[usize], axis: usize, block: usize) -> Result<Layout> {
         let (out, inner, rest) = match shape.len() {
-            0 => {
-                return Err(Error::Shape(
-                    "a 0-d tensor has no groups: pass a tensor with at least one dimension".into(),
-                ))
-            }
+            0 => return Err(Error::Shape("a 0-d tensor has no groups: pass a tensor with at least one dimension".into())),
             1 => (shape[0], 1, 1),
             2 => (shape[0], shape[1], 1),
             _ => (shape[0], shape[1], shape[2..].iter().product()),
@@ -147,9 +143,7 @@ impl Layout {
                 }
                 Ok(Layout { outer: out, groups: inner / block, seg: block * rest })
             }
-            _ => Err(Error::InvalidArgument(format!(
-                "axis must be 0 (rows) or 1 (columns), got {axis}"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("axis must be 0 (rows) or 1 (columns), got {axis}"))),
         }
     }
 
@@ -203,9 +197,7 @@ impl Item<'_> {
             }
         }
         if self.velocity.is_some() && self.grad.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "tensor {index}: a velocity needs a gradient too"
-            )));
+            return Err(Error::InvalidArgument(format!("tensor {index}: a velocity needs a gradient too")));
         }
         Ok(())
     }
@@ -250,9 +242,7 @@ fn has_avx2() -> bool {
         static AVX2: OnceLock<bool> = OnceLock::new();
         *AVX2.get_or_init(|| {
             // NEURAL_MECHANICS_NO_SIMD=1 forces the portable loops (for comparisons and tests).
-            std::env::var_os("NEURAL_MECHANICS_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
+            std::env::var_os("NEURAL_MECHANICS_NO_SIMD").is_none() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -269,9 +259,8 @@ fn has_avx512() -> bool {
     {
         use std::sync::OnceLock;
         static AVX512: OnceLock<bool> = OnceLock::new();
-        *AVX512.get_or_init(|| {
-            has_avx2() && std::env::var_os("NEURAL_MECHANICS_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
-        })
+        *AVX512
+            .get_or_init(|| has_avx2() && std::env::var_os("NEURAL_MECHANICS_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -404,12 +393,7 @@ fn reduce_segment(item: &Item<'_>, start: usize, end: usize, out: &mut [f64], sc
             let mut at = 0;
             while at < n {
                 let m = HALF_CHUNK.min(n - at);
-                let (bt, bg, bv) = scratch.widen3(
-                    t.slice(at, at + m),
-                    g.map(|d| d.slice(at, at + m)),
-                    v.map(|d| d.slice(at, at + m)),
-                    m,
-                );
+                let (bt, bg, bv) = scratch.widen3(t.slice(at, at + m), g.map(|d| d.slice(at, at + m)), v.map(|d| d.slice(at, at + m)), m);
                 pass_f32(bt, bg, bv, out);
                 at += m;
             }
@@ -644,8 +628,7 @@ pub fn group_stats_batch(items: &[Item<'_>]) -> Result<Vec<Vec<f64>>> {
     } else {
         pool::pool()?.install(|| tasks.par_iter().map(|t| run_task(items, t)).collect())
     };
-    let mut outputs: Vec<Vec<f64>> =
-        items.iter().map(|it| vec![0f64; it.layout.groups * it.width()]).collect();
+    let mut outputs: Vec<Vec<f64>> = items.iter().map(|it| vec![0f64; it.layout.groups * it.width()]).collect();
     for (task, (partial, rows)) in tasks.iter().zip(&partials) {
         let k = items[task.item].width();
         let dst = &mut outputs[task.item][task.groups.0 * k..task.groups.1 * k];
@@ -683,10 +666,7 @@ pub fn check_finite(items: &[Item<'_>], outputs: &[Vec<f64>]) -> Result<()> {
                     2..=4 => "grad",
                     _ => "velocity",
                 };
-                return Err(Error::NonFinite(format!(
-                    "tensor {i}, group {g}: {} is not finite (NaN or inf in {which})",
-                    Sums::NAMES[bad]
-                )));
+                return Err(Error::NonFinite(format!("tensor {i}, group {g}: {} is not finite (NaN or inf in {which})", Sums::NAMES[bad])));
             }
         }
     }
@@ -764,9 +744,7 @@ pub fn read_pass(buffers: &[&[u8]]) -> Result<u64> {
     let sum = if pool::num_threads()? == 1 || total < PARALLEL_MIN_ELEMS * 4 || chunks.len() < 2 {
         chunks.iter().fold(0u64, |a, c| a.wrapping_add(read_chunk(c)))
     } else {
-        pool::pool()?.install(|| {
-            chunks.par_iter().map(|c| read_chunk(c)).reduce(|| 0, |a, b| a.wrapping_add(b))
-        })
+        pool::pool()?.install(|| chunks.par_iter().map(|c| read_chunk(c)).reduce(|| 0, |a, b| a.wrapping_add(b)))
     };
     Ok(sum)
 }
@@ -830,10 +808,7 @@ mod tests {
     fn layouts() {
         assert_eq!(Layout::from_shape(&[7], 0, 1).unwrap(), Layout { outer: 1, groups: 7, seg: 1 });
         assert_eq!(Layout::from_shape(&[4, 6], 1, 3).unwrap(), Layout { outer: 4, groups: 2, seg: 3 });
-        assert_eq!(
-            Layout::from_shape(&[4, 6, 3, 3], 0, 1).unwrap(),
-            Layout { outer: 1, groups: 4, seg: 54 }
-        );
+        assert_eq!(Layout::from_shape(&[4, 6, 3, 3], 0, 1).unwrap(), Layout { outer: 1, groups: 4, seg: 54 });
         assert!(matches!(Layout::from_shape(&[4, 6], 1, 4), Err(Error::InvalidArgument(_))));
         assert!(matches!(Layout::from_shape(&[4, 6], 0, 2), Err(Error::InvalidArgument(_))));
         assert!(matches!(Layout::from_shape(&[4, 6], 2, 1), Err(Error::InvalidArgument(_))));
@@ -888,24 +863,9 @@ mod tests {
             let got = group_stats(&Item { theta, grad: Some(grad), velocity: None, layout }).unwrap();
             close(&got, &reference((3, 2500, 1), 0, 1, &[&tr, &gr]), 1e-12);
         };
-        check(
-            Data::F16(&t16),
-            Data::F16(&g16),
-            t16.iter().map(|x| x.to_f64()).collect(),
-            g16.iter().map(|x| x.to_f64()).collect(),
-        );
-        check(
-            Data::BF16(&tbits),
-            Data::BF16(&gbits),
-            tb.iter().map(|x| x.to_f64()).collect(),
-            gb.iter().map(|x| x.to_f64()).collect(),
-        );
-        check(
-            Data::F32(&t32),
-            Data::F32(&g32),
-            t32.iter().map(|&x| x as f64).collect(),
-            g32.iter().map(|&x| x as f64).collect(),
-        );
+        check(Data::F16(&t16), Data::F16(&g16), t16.iter().map(|x| x.to_f64()).collect(), g16.iter().map(|x| x.to_f64()).collect());
+        check(Data::BF16(&tbits), Data::BF16(&gbits), tb.iter().map(|x| x.to_f64()).collect(), gb.iter().map(|x| x.to_f64()).collect());
+        check(Data::F32(&t32), Data::F32(&g32), t32.iter().map(|&x| x as f64).collect(), g32.iter().map(|&x| x as f64).collect());
     }
 
     #[test]
@@ -966,15 +926,30 @@ mod tests {
                 let exact = |conv: &dyn Fn(usize) -> Vec<f64>| (0..3).map(conv).collect::<Vec<_>>();
                 let cases: Vec<(Item, Vec<Vec<f64>>)> = vec![
                     (
-                        Item { theta: Data::F16(&h[0]), grad: (arrays > 1).then_some(Data::F16(&h[1])), velocity: (arrays > 2).then_some(Data::F16(&h[2])), layout },
+                        Item {
+                            theta: Data::F16(&h[0]),
+                            grad: (arrays > 1).then_some(Data::F16(&h[1])),
+                            velocity: (arrays > 2).then_some(Data::F16(&h[2])),
+                            layout,
+                        },
                         exact(&|k| h[k].iter().map(|x| x.to_f64()).collect()),
                     ),
                     (
-                        Item { theta: Data::BF16(&b[0]), grad: (arrays > 1).then_some(Data::BF16(&b[1])), velocity: (arrays > 2).then_some(Data::BF16(&b[2])), layout },
+                        Item {
+                            theta: Data::BF16(&b[0]),
+                            grad: (arrays > 1).then_some(Data::BF16(&b[1])),
+                            velocity: (arrays > 2).then_some(Data::BF16(&b[2])),
+                            layout,
+                        },
                         exact(&|k| b[k].iter().map(|&x| half::bf16::from_bits(x).to_f64()).collect()),
                     ),
                     (
-                        Item { theta: Data::F32(&f[0]), grad: (arrays > 1).then_some(Data::F32(&f[1])), velocity: (arrays > 2).then_some(Data::F32(&f[2])), layout },
+                        Item {
+                            theta: Data::F32(&f[0]),
+                            grad: (arrays > 1).then_some(Data::F32(&f[1])),
+                            velocity: (arrays > 2).then_some(Data::F32(&f[2])),
+                            layout,
+                        },
                         exact(&|k| f[k].iter().map(|&x| x as f64).collect()),
                     ),
                 ];
@@ -1014,7 +989,12 @@ mod tests {
                         })
                         .collect();
                     let refs: Vec<&[f64]> = exact.iter().map(|v| &v[..]).collect();
-                    let item = |layout| Item { theta: data(0), grad: (arrays > 1).then(|| data(1)), velocity: (arrays > 2).then(|| data(2)), layout };
+                    let item = |layout| Item {
+                        theta: data(0),
+                        grad: (arrays > 1).then(|| data(1)),
+                        velocity: (arrays > 2).then(|| data(2)),
+                        layout,
+                    };
                     let items = [item(rows), item(cols)];
                     assert_eq!(pairs(&items), vec![None, Some(0)], "the pair must be fused");
                     let got = group_stats_batch(&items).unwrap();

@@ -52,9 +52,7 @@ impl Plan {
         let p = self.parts();
         let bad = |m: &str| Err(Error::Shape(format!("tracker plan: {m}")));
         if self.part_row_starts.len() != p + 1
-            || [self.part_translation.len(), self.part_column.len(), self.part_group.len(), self.part_size.len()]
-                .iter()
-                .any(|&n| n != p)
+            || [self.part_translation.len(), self.part_column.len(), self.part_group.len(), self.part_size.len()].iter().any(|&n| n != p)
         {
             return bad("per-part arrays differ in length");
         }
@@ -131,7 +129,15 @@ pub fn measure_sgd(plan: &Plan, rows: &[f64], k: usize, buffer_sum: Option<&[f64
             (bb_new, sb_new, bb_new, bb_new)
         };
         let t = plan.part_translation[part];
-        let bdot = if k == 8 { if t { bs } else { s[6] } } else { 0.0 };
+        let bdot = if k == 8 {
+            if t {
+                bs
+            } else {
+                s[6]
+            }
+        } else {
+            0.0
+        };
         let m = [if t { q } else { x }, if t { gs } else { st }, gg, uu, e, drive, su, bdot];
         let sign = plan.part_sign[part];
         let c = plan.part_column[part];
@@ -380,7 +386,9 @@ mod tests {
         // Columns 0 and 1 form group 0 (no paper); column 2 is group 1.
         let mut lanes = Lanes::new(vec![0, 0, 1], 2).unwrap();
         let measured = |y: &[f64]| Exact::Measured(y.to_vec());
-        lanes.add(Kind::Scale, vec![0, 2], vec![2], measured(&[1.0, 3.0]), Some(PaperState::new(Kind::Scale, &[3.0], None).unwrap())).unwrap();
+        lanes
+            .add(Kind::Scale, vec![0, 2], vec![2], measured(&[1.0, 3.0]), Some(PaperState::new(Kind::Scale, &[3.0], None).unwrap()))
+            .unwrap();
         lanes.add(Kind::Scale, vec![1], vec![], measured(&[2.0]), None).unwrap();
         lanes.advance_measured(&[0.5, 0.25, 1.0]).unwrap();
         let (paper, exact) = lanes.predictions();

@@ -70,14 +70,14 @@ def rk4(kind, y0, v0, drive, lr, beta, damp, wd, substeps=1000):
             h, gamma, omega2, cf = coefficients(kind, lr[n], beta[n], damp[n], wd[n])
             f = cf * drive[n]
 
-            def rhs(y, v):
+            def rhs(y, v, f=f, gamma=gamma, omega2=omega2):
                 return v, f - 2 * gamma * v - omega2 * y
         else:
             h = lr[n]
             rate = STIFF[kind] / 2 * wd[n]
             f = (0.0 if kind == "translation" else h) * drive[n]
 
-            def rhs(y, v):
+            def rhs(y, v, f=f, rate=rate):
                 return f - rate * y, 0 * v
         dt = h / substeps
         for _ in range(substeps):

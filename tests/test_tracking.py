@@ -66,7 +66,7 @@ def test_groups_are_discovered_at_the_first_forward_and_hooks_go_away():
     tracker = nm.track(model, opt)
     assert "?" in repr(tracker)
     with pytest.raises(NothingToTrackError):
-        tracker.run  # nothing recorded yet
+        _ = tracker.run  # nothing recorded yet
     loop(model, opt, 3)
     run = tracker.run
     assert {"translation", "scale", "rescale"} <= set(run.groups.symmetry)

@@ -7,12 +7,13 @@
 - Run.append_row (one copy per row) against Run.append (a dict of columns).
 """
 
-import neural_mechanics as nm
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import neural_mechanics as nm
 from neural_mechanics import _native, theory
 from neural_mechanics.errors import (
     DeviceError,
@@ -38,7 +39,7 @@ def convnet(channels_last: bool = False) -> nn.Module:
 
 def train(model, opt, tracker, steps=6):
     g = torch.Generator().manual_seed(0)
-    for n in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(X), (32,), generator=g)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(X[idx]), Y[idx]).backward()

@@ -7,6 +7,7 @@ import torch
 from neural_mechanics import group_stats
 from neural_mechanics.tracking.sgd import PartSums, step_quantities
 
+
 def rust_core(n, translation):
     """A plan of n parts, one row each, each its own column and group."""
     from neural_mechanics import _native
@@ -30,7 +31,7 @@ def test_step_quantities_match_the_applied_update(cfg):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
     opt = torch.optim.SGD([w], lr=0.1, **cfg)
-    for step in range(5):
+    for _ in range(5):
         opt.zero_grad()
         loss = (torch.tanh(w @ torch.randn(5, 3, dtype=torch.float64)) ** 2).sum()
         loss.backward()

@@ -1,11 +1,10 @@
 """The private native module (Rust, pyo3). Use the Python API of neural_mechanics instead."""
 
 from os import PathLike
-from typing import Any, final
+from typing import Any, TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import TypeAlias
 
 _F64: TypeAlias = npt.NDArray[np.float64]
 

@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 QUICK_STEPS = 150
 DEFAULT_STEPS = 1500
@@ -32,7 +33,8 @@ def demo(
     ``data_sources.DataSource`` or any torch Dataset. ``steps``: per model (default 1500, or 150
     with ``quick``).
     """
-    from . import data_sources, models as zoo
+    from . import data_sources
+    from . import models as zoo
     from .report import Block, write_report
 
     if isinstance(data, data_sources.DataSource):

@@ -19,8 +19,9 @@ faster than a DataLoader for tiny images) and through a shuffling DataLoader oth
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from .datasets import DIGITS_CREDIT, load_digits
 

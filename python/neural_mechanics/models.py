@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -122,6 +123,7 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
     the steps unless ``progress`` is False."""
     import torch
     import torch.nn.functional as F
+
     # Plain tqdm, not tqdm.auto: the notebook widget needs ipywidgets, which is not a dependency.
     from tqdm import tqdm
 

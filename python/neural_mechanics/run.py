@@ -49,7 +49,7 @@ class GroupInfo:
         return len(self.symmetry)
 
     @classmethod
-    def from_groups(cls, groups: Any, sizes: np.ndarray) -> "GroupInfo":
+    def from_groups(cls, groups: Any, sizes: np.ndarray) -> GroupInfo:
         gs = list(groups)
         return cls(
             symmetry=np.array([g.symmetry for g in gs], dtype=object),

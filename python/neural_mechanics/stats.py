@@ -36,7 +36,6 @@ so results are bit-identical for any number of threads (set_num_threads) on one 
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -113,7 +112,7 @@ def _spec(theta: Any, grad: Any, velocity: Any, axis: int, block: int, index: in
     if velocity is not None and grad is None:
         raise InvalidArgumentError(f"tensor {index}: a velocity needs a gradient too")
     t, bf16, permuted = _as_array(theta, f"tensor {index}: theta", axis)
-    arrays = [t]
+    arrays: list[np.ndarray | None] = [t]
     for name, x in (("grad", grad), ("velocity", velocity)):
         if x is None:
             arrays.append(None)

@@ -29,7 +29,8 @@ part's hyperparameters and add the results, which :func:`ledger_parts` does.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -397,7 +398,7 @@ def ledger_parts(kind: str, parts: Iterable[Mapping[str, Any]], signs: Sequence[
         signs = [1.0] * len(parts)
     if len(signs) != len(parts):
         raise ShapeError(f"{len(signs)} signs for {len(parts)} parts")
-    total = None
+    total: np.ndarray | None = None
     for sign, part in zip(signs, parts):
         kw = dict(part)
         if "y0" not in kw:
@@ -407,6 +408,7 @@ def ledger_parts(kind: str, parts: Iterable[Mapping[str, Any]], signs: Sequence[
         if total is not None and out.shape != total.shape:
             raise ShapeError(f"parts give shapes {total.shape} and {out.shape}")
         total = out if total is None else total + out
+    assert total is not None  # parts is not empty
     return total
 
 

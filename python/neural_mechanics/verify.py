@@ -119,7 +119,7 @@ def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None 
     return pd.DataFrame(rows, columns=cols)
 
 
-def _layer_grad_norms(sums: "_Sums", used: set[str], names: list[str]) -> dict[str, float]:
+def _layer_grad_norms(sums: _Sums, used: set[str], names: list[str]) -> dict[str, float]:
     """Squared gradient norm per parameter and per module (the no-gradient reference)."""
     layers = {module_name(n) for n in used}
     sq: dict[str, float] = {}

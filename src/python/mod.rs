@@ -21,13 +21,17 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
         Error::Format(m) => ("RunFormatError", m),
         Error::Io(m) => ("RunIOError", m),
     };
-    let made = py
-        .import("neural_mechanics.errors")
-        .and_then(|module| module.getattr(class))
-        .and_then(|cls| cls.call1((message,)));
+    let made = py.import("neural_mechanics.errors").and_then(|module| module.getattr(class)).and_then(|cls| cls.call1((message,)));
     match made {
         Ok(exc) => PyErr::from_value(exc),
         Err(import_failure) => import_failure,
+    }
+}
+
+/// `?` on a core `Result` inside a binding raises the matching Python exception.
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        Python::attach(|py| to_pyerr(py, err))
     }
 }
 

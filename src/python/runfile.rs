@@ -37,18 +37,12 @@ fn save_run(py: Python<'_>, path: PathBuf, meta_json: &str, arrays: Vec<(String,
         .iter()
         .zip(&arrays)
         .map(|(h, (name, _))| match h {
-            Held::F64(a) => ArrayRef {
-                name,
-                elem: ElemType::F64,
-                shape: a.shape().to_vec(),
-                bytes: bytes_of(a.as_slice().unwrap_or_default()),
-            },
-            Held::I64(a) => ArrayRef {
-                name,
-                elem: ElemType::I64,
-                shape: a.shape().to_vec(),
-                bytes: bytes_of(a.as_slice().unwrap_or_default()),
-            },
+            Held::F64(a) => {
+                ArrayRef { name, elem: ElemType::F64, shape: a.shape().to_vec(), bytes: bytes_of(a.as_slice().unwrap_or_default()) }
+            }
+            Held::I64(a) => {
+                ArrayRef { name, elem: ElemType::I64, shape: a.shape().to_vec(), bytes: bytes_of(a.as_slice().unwrap_or_default()) }
+            }
         })
         .collect();
     py.detach(|| runfile::write_atomic(&path, meta_json, &refs)).map_err(|e| to_pyerr(py, e))

@@ -29,13 +29,8 @@ impl<'py> Held<'py> {
             obj.extract::<PyReadonlyArrayDyn<half::f16>>().ok().map(Held::F16)
         };
         let held = held.ok_or_else(|| {
-            let found = obj
-                .getattr("dtype")
-                .map(|d| d.to_string())
-                .unwrap_or_else(|_| obj.get_type().to_string());
-            Error::DType(format!(
-                "{what}: unsupported dtype {found}; expected float32, float64, float16 or bfloat16"
-            ))
+            let found = obj.getattr("dtype").map(|d| d.to_string()).unwrap_or_else(|_| obj.get_type().to_string());
+            Error::DType(format!("{what}: unsupported dtype {found}; expected float32, float64, float16 or bfloat16"))
         })?;
         let contiguous = match &held {
             Held::F32(a) => a.is_c_contiguous(),
@@ -84,14 +79,7 @@ impl<'py> Held<'py> {
     }
 }
 
-type ItemSpec<'py> = (
-    Bound<'py, PyAny>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    usize,
-    usize,
-    bool,
-);
+type ItemSpec<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>, usize, usize, bool);
 
 /// group_stats_batch(items, check_finite=True)
 /// --
@@ -101,17 +89,12 @@ type ItemSpec<'py> = (
 /// The arrays must not be modified by another thread while the call runs (the GIL is released).
 #[pyfunction]
 #[pyo3(signature = (items, check_finite = true))]
-fn group_stats_batch<'py>(
-    py: Python<'py>,
-    items: Vec<ItemSpec<'py>>,
-    check_finite: bool,
-) -> PyResult<Vec<Bound<'py, PyArray2<f64>>>> {
+fn group_stats_batch<'py>(py: Python<'py>, items: Vec<ItemSpec<'py>>, check_finite: bool) -> PyResult<Vec<Bound<'py, PyArray2<f64>>>> {
     let mut held = Vec::with_capacity(items.len());
     let mut layouts = Vec::with_capacity(items.len());
     for (i, (theta, grad, velocity, axis, block, bf16)) in items.iter().enumerate() {
-        let take = |obj: &Bound<'py, PyAny>, name: &str| {
-            Held::take(obj, *bf16, &format!("tensor {i}: {name}")).map_err(|e| to_pyerr(py, e))
-        };
+        let take =
+            |obj: &Bound<'py, PyAny>, name: &str| Held::take(obj, *bf16, &format!("tensor {i}: {name}")).map_err(|e| to_pyerr(py, e));
         let t = take(theta, "theta")?;
         let g = grad.as_ref().map(|a| take(a, "grad")).transpose()?;
         let v = velocity.as_ref().map(|a| take(a, "velocity")).transpose()?;
@@ -156,8 +139,8 @@ fn group_stats_batch<'py>(
         .into_iter()
         .zip(&work)
         .map(|(out, item)| {
-            let array = Array2::from_shape_vec((item.layout.groups, item.width()), out)
-                .map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))?;
+            let array =
+                Array2::from_shape_vec((item.layout.groups, item.width()), out).map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))?;
             Ok(array.into_pyarray(py))
         })
         .collect()
@@ -173,9 +156,7 @@ fn group_stats_batch<'py>(
 fn read_pass(py: Python<'_>, buffers: Vec<PyReadonlyArray1<'_, u8>>) -> PyResult<u64> {
     let mut slices = Vec::with_capacity(buffers.len());
     for (i, b) in buffers.iter().enumerate() {
-        let s = b.as_slice().map_err(|_| {
-            to_pyerr(py, Error::Shape(format!("buffer {i} is not contiguous")))
-        })?;
+        let s = b.as_slice().map_err(|_| to_pyerr(py, Error::Shape(format!("buffer {i} is not contiguous"))))?;
         slices.push(s);
     }
     py.detach(|| stats::read_pass(&slices)).map_err(|e| to_pyerr(py, e))

@@ -6,7 +6,7 @@ use super::to_pyerr;
 use crate::error::Error;
 use crate::theory::{equilibrium, ledger, paper, propagator, Hyper, Kind, Schedule};
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 type Arr1<'py> = PyReadonlyArray1<'py, f64>;
@@ -35,9 +35,7 @@ fn slice2<'a>(a: &'a Arr2<'_>, name: &str, steps: Option<usize>, groups: usize) 
 }
 
 fn to_array2(py: Python<'_>, data: Vec<f64>, rows: usize, groups: usize) -> PyResult<Bound<'_, PyArray2<f64>>> {
-    Array2::from_shape_vec((rows, groups), data)
-        .map(|a| a.into_pyarray(py))
-        .map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))
+    Array2::from_shape_vec((rows, groups), data).map(|a| a.into_pyarray(py)).map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))
 }
 
 /// theory_paper(kind, y0, drive, lr, momentum, dampening, weight_decay, steps, ydot0=None)
@@ -296,12 +294,7 @@ fn theory_ledger_measured<'py>(
     to_array2(py, out, steps + 1, groups)
 }
 
-type Four<'py> = (
-    Bound<'py, PyArray1<f64>>,
-    Bound<'py, PyArray1<f64>>,
-    Bound<'py, PyArray1<f64>>,
-    Bound<'py, PyArray1<f64>>,
-);
+type Four<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
 
 fn columns<'py>(py: Python<'py>, all: Vec<equilibrium::Equilibrium>) -> Four<'py> {
     let col = |f: fn(&equilibrium::Equilibrium) -> f64| PyArray1::from_vec(py, all.iter().map(f).collect());
@@ -339,10 +332,7 @@ fn theory_equilibrium_sgd<'py>(
         slice1(&dampening, "dampening").map_err(&e)?,
     );
     let n = same_len(py, &[l, w, g, m, d])?;
-    let all = (0..n)
-        .map(|i| equilibrium::sgd(l[i], w[i], g[i], m[i], d[i]))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(&e)?;
+    let all = (0..n).map(|i| equilibrium::sgd(l[i], w[i], g[i], m[i], d[i])).collect::<Result<Vec<_>, _>>().map_err(&e)?;
     Ok(columns(py, all))
 }
 
@@ -366,10 +356,7 @@ fn theory_equilibrium_adamw<'py>(
         slice1(&beta1, "beta1").map_err(&e)?,
     );
     let n = same_len(py, &[l, w, u, b])?;
-    let all = (0..n)
-        .map(|i| equilibrium::adamw(l[i], w[i], u[i], b[i]))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(&e)?;
+    let all = (0..n).map(|i| equilibrium::adamw(l[i], w[i], u[i], b[i])).collect::<Result<Vec<_>, _>>().map_err(&e)?;
     Ok(columns(py, all))
 }
 

@@ -134,9 +134,7 @@ fn lane_hyper(hyper: &[HyperTuple]) -> Vec<LaneHyper> {
 }
 
 fn take(values: &[f64], cols: &[usize], name: &str) -> Result<Vec<f64>, Error> {
-    cols.iter()
-        .map(|&c| values.get(c).copied().ok_or_else(|| Error::Shape(format!("{name} is shorter than the columns"))))
-        .collect()
+    cols.iter().map(|&c| values.get(c).copied().ok_or_else(|| Error::Shape(format!("{name} is shorter than the columns")))).collect()
 }
 
 /// TrackerLanes(column_group, n_groups): the tracker's theory streams, one lane per
@@ -178,7 +176,8 @@ impl TrackerLanes {
             let y0 = floats(&y0, "y0")?;
             let exact = match exact {
                 "ledger" => {
-                    let b0 = buffer_dot0.as_ref().map(|b| floats(b, "buffer_dot0").and_then(|b| take(b, &cols, "buffer_dot0"))).transpose()?;
+                    let b0 =
+                        buffer_dot0.as_ref().map(|b| floats(b, "buffer_dot0").and_then(|b| take(b, &cols, "buffer_dot0"))).transpose()?;
                     Exact::Ledger(LedgerState::new(kind, &take(y0, &cols, "y0")?, b0.as_deref())?)
                 }
                 "measured" => Exact::Measured(take(y0, &cols, "y0")?),

@@ -95,7 +95,13 @@ fn tile_portable<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, mut rows_out: O
 
 /// Add columns [0, m) of `rows` into `acc` (and each row's sums into `rows_out`, k per row).
 fn tile<E: Float>(rows: &Rows<'_, E>, acc: &mut ColAcc, rows_out: Option<&mut [f64]>) {
-    let best = if super::has_avx512() { Kernel::Avx512 } else if super::has_avx2() { Kernel::Avx2 } else { Kernel::Portable };
+    let best = if super::has_avx512() {
+        Kernel::Avx512
+    } else if super::has_avx2() {
+        Kernel::Avx2
+    } else {
+        Kernel::Portable
+    };
     tile_with(best, rows, acc, rows_out)
 }
 

@@ -424,7 +424,13 @@ pub(super) type LaneSums = [f64; 64];
 /// # Safety
 /// AVX2 and FMA; the A used arrays hold groups*seg elements from `p`; cols.len() >= groups.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn segments<E: Lanes, const A: usize>(p: [*const E; 3], groups: usize, seg: usize, cols: &mut [LaneSums], row: &mut LaneSums) {
+pub(super) unsafe fn segments<E: Lanes, const A: usize>(
+    p: [*const E; 3],
+    groups: usize,
+    seg: usize,
+    cols: &mut [LaneSums],
+    row: &mut LaneSums,
+) {
     let k = super::Sums::count(A);
     let (whole, rest) = (seg - seg % 4, seg % 4);
     let zero = _mm256_setzero_pd();

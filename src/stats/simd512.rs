@@ -133,7 +133,13 @@ pub(super) unsafe fn tile_rows<E: Lanes8, const A: usize>(rows: &Rows<'_, E>, ac
 /// # Safety
 /// AVX-512F (and AVX2); the A used arrays hold groups*seg elements from `p`; cols.len() >= groups.
 #[target_feature(enable = "avx512f,avx2")]
-pub(super) unsafe fn segments<E: Lanes8, const A: usize>(p: [*const E; 3], groups: usize, seg: usize, cols: &mut [LaneSums], row: &mut LaneSums) {
+pub(super) unsafe fn segments<E: Lanes8, const A: usize>(
+    p: [*const E; 3],
+    groups: usize,
+    seg: usize,
+    cols: &mut [LaneSums],
+    row: &mut LaneSums,
+) {
     let k = super::Sums::count(A);
     let (whole, rest) = (seg - seg % 8, seg % 8);
     let zero = _mm512_setzero_pd();

@@ -23,12 +23,7 @@ impl Hyper {
     /// Check every value's domain; `at` names the step in messages.
     pub fn validate(&self, at: Option<usize>) -> Result<()> {
         let where_ = at.map(|n| format!(" at step {n}")).unwrap_or_default();
-        let named = [
-            ("lr", self.lr),
-            ("momentum", self.momentum),
-            ("dampening", self.dampening),
-            ("weight_decay", self.weight_decay),
-        ];
+        let named = [("lr", self.lr), ("momentum", self.momentum), ("dampening", self.dampening), ("weight_decay", self.weight_decay)];
         for (name, value) in named {
             if !value.is_finite() {
                 return Err(Error::NonFinite(format!("{name} is {value}{where_}")));
@@ -38,22 +33,13 @@ impl Hyper {
             return Err(Error::InvalidArgument(format!("lr must be >= 0, got {}{where_}", self.lr)));
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::InvalidArgument(format!(
-                "momentum must be in [0, 1), got {}{where_}",
-                self.momentum
-            )));
+            return Err(Error::InvalidArgument(format!("momentum must be in [0, 1), got {}{where_}", self.momentum)));
         }
         if !(0.0..=1.0).contains(&self.dampening) {
-            return Err(Error::InvalidArgument(format!(
-                "dampening must be in [0, 1], got {}{where_}",
-                self.dampening
-            )));
+            return Err(Error::InvalidArgument(format!("dampening must be in [0, 1], got {}{where_}", self.dampening)));
         }
         if self.weight_decay < 0.0 {
-            return Err(Error::InvalidArgument(format!(
-                "weight_decay must be >= 0, got {}{where_}",
-                self.weight_decay
-            )));
+            return Err(Error::InvalidArgument(format!("weight_decay must be >= 0, got {}{where_}", self.weight_decay)));
         }
         Ok(())
     }
@@ -72,19 +58,10 @@ pub struct Schedule<'a> {
 
 impl<'a> Schedule<'a> {
     /// Validates lengths and every value (so the kernels never meet a bad step).
-    pub fn new(
-        steps: usize,
-        lr: &'a [f64],
-        momentum: &'a [f64],
-        dampening: &'a [f64],
-        weight_decay: &'a [f64],
-    ) -> Result<Schedule<'a>> {
+    pub fn new(steps: usize, lr: &'a [f64], momentum: &'a [f64], dampening: &'a [f64], weight_decay: &'a [f64]) -> Result<Schedule<'a>> {
         for (name, s) in [("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)] {
             if s.len() != 1 && s.len() != steps {
-                return Err(Error::Shape(format!(
-                    "{name} has {} values; give one value or one per step ({steps})",
-                    s.len()
-                )));
+                return Err(Error::Shape(format!("{name} has {} values; give one value or one per step ({steps})", s.len())));
             }
         }
         let schedule = Schedule { steps, lr, momentum, dampening, weight_decay };

@@ -137,9 +137,9 @@ impl LedgerState {
         check_len("flux", inputs.flux, 1, groups)?;
         // Unused inputs are replaced by y (finite) under a zero coefficient.
         let update_sq = if quad {
-            let u = inputs.update_sq.ok_or_else(|| {
-                Error::InvalidArgument(format!("update_sq is required for {} charges", self.kind.name()))
-            })?;
+            let u = inputs
+                .update_sq
+                .ok_or_else(|| Error::InvalidArgument(format!("update_sq is required for {} charges", self.kind.name())))?;
             check_len("update_sq", u, 1, groups)?;
             u
         } else {
@@ -147,10 +147,7 @@ impl LedgerState {
         };
         let update_dot = if quad && nesterov && hp.momentum > 0.0 {
             let e = inputs.update_dot.ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "update_dot (⟨u_n, b_n⟩) is required with nesterov for {} charges",
-                    self.kind.name()
-                ))
+                Error::InvalidArgument(format!("update_dot (⟨u_n, b_n⟩) is required with nesterov for {} charges", self.kind.name()))
             })?;
             check_len("update_dot", e, 1, groups)?;
             e

@@ -44,10 +44,7 @@ impl Kind {
             "translation" => Ok(Kind::Translation),
             "scale" => Ok(Kind::Scale),
             "rescale" => Ok(Kind::Rescale),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown charge kind {name:?}; expected one of {:?}",
-                Kind::NAMES
-            ))),
+            _ => Err(Error::InvalidArgument(format!("unknown charge kind {name:?}; expected one of {:?}", Kind::NAMES))),
         }
     }
 
@@ -78,11 +75,7 @@ pub(crate) fn check_finite(name: &str, data: &[f64], groups: usize) -> Result<()
 /// Fail with Shape unless `data` holds exactly `rows * groups` values.
 pub(crate) fn check_len(name: &str, data: &[f64], rows: usize, groups: usize) -> Result<()> {
     if data.len() != rows * groups {
-        return Err(Error::Shape(format!(
-            "{name} has {} values but {rows} steps x {groups} groups need {}",
-            data.len(),
-            rows * groups
-        )));
+        return Err(Error::Shape(format!("{name} has {} values but {rows} steps x {groups} groups need {}", data.len(), rows * groups)));
     }
     Ok(())
 }

@@ -107,9 +107,7 @@ impl PaperState {
                 )))
             }
             None if !with_momentum && self.v.iter().any(|&v| v != 0.0) => {
-                return Err(Error::InvalidArgument(
-                    "ydot0 applies only with momentum (the first-order model has no rate state)".into(),
-                ))
+                return Err(Error::InvalidArgument("ydot0 applies only with momentum (the first-order model has no rate state)".into()))
             }
             _ => {}
         }
@@ -123,9 +121,7 @@ impl PaperState {
         };
         let groups = self.y.len();
         let drive: &[f64] = if self.kind.is_quadratic() {
-            let d = drive.ok_or_else(|| {
-                Error::InvalidArgument(format!("a drive is required for {} charges", self.kind.name()))
-            })?;
+            let d = drive.ok_or_else(|| Error::InvalidArgument(format!("a drive is required for {} charges", self.kind.name())))?;
             check_len("drive", d, 1, groups)?;
             d
         } else {
@@ -146,10 +142,7 @@ impl PaperState {
         self.steps += 1;
         self.t += step.h;
         if !ok {
-            return Err(Error::NonFinite(format!(
-                "the closed form overflowed at step {} (charges too large for float64)",
-                self.steps - 1
-            )));
+            return Err(Error::NonFinite(format!("the closed form overflowed at step {} (charges too large for float64)", self.steps - 1)));
         }
         Ok(())
     }

@@ -188,15 +188,7 @@ pub fn second_order(kind: Kind, hp: Hyper) -> Result<Step> {
     let e = (-a).exp();
     let (s, c) = sinc_cos(mu);
     let q = q_integral(a, mu, w);
-    Ok(Step {
-        first_order: false,
-        cf,
-        w2: w / (h * h),
-        g: h * e * s,
-        gp: e * (c - a * s),
-        p: h * h * q,
-        h,
-    })
+    Ok(Step { first_order: false, cf, w2: w / (h * h), g: h * e * s, gp: e * (c - a * s), p: h * h * q, h })
 }
 
 /// The step for these hyperparameters: second order when β > 0, first order when β = 0.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import InvalidArgumentError
 from .graph import Call, Graph
-from .groups import SymmetryGroup, Symmetries
+from .groups import Symmetries, SymmetryGroup
 from .propagate import Broken, Loc, Outcome, Propagator
 from .trace import trace
 
@@ -202,7 +203,7 @@ class _Analysis:
         if not oc.absorbed:
             self._why(incoming, "the output is not used")
             return
-        for bi, block in enumerate(_blocks(k, oc.merges)):
+        for block in _blocks(k, oc.merges):
             whole = len(block) == k and k > 1
             parts = [(n, (slice(None),), 1) for n in incoming] if whole else \
                 [(n, (i,), 1) for i in block for n in incoming]
@@ -289,7 +290,7 @@ def _blocks(k: int, merges: list[list[int]]) -> list[list[int]]:
     return sorted(out.values(), key=lambda b: b[0])
 
 
-def _compress(parts: list[tuple[str, tuple]], params: dict[str, torch.Tensor]) -> list[tuple[str, tuple]]:
+def _compress(parts: list[tuple[str, tuple]], params: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple]]:
     """Merge a unit block's outgoing columns into column blocks (or the whole tensor)."""
     cols: dict[str, list[tuple[int, int]]] = {}
     other: list[tuple[str, tuple]] = []
@@ -299,7 +300,7 @@ def _compress(parts: list[tuple[str, tuple]], params: dict[str, torch.Tensor]) -
             cols.setdefault(name, []).append((c, c + 1) if isinstance(c, int) else (c.start, c.stop))
         elif (name, idx) not in other:
             other.append((name, idx))
-    out = []
+    out: list[tuple[str, tuple]] = []
     for name, ranges in cols.items():
         ranges.sort()
         runs: list[list[int]] = []

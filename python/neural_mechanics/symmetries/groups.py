@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ def check_index(index: Any, shape: Sequence[int]) -> str | None:
     return f"the column part of {index!r} must be an int or a block slice(a, b) within {shape[1]} columns"
 
 
-def validate_group(group: SymmetryGroup, params: dict[str, torch.Tensor]) -> None:
+def validate_group(group: SymmetryGroup, params: Mapping[str, torch.Tensor]) -> None:
     if group.symmetry not in SYMMETRIES:
         raise InvalidArgumentError(f"symmetry must be one of {SYMMETRIES}, got {group.symmetry!r}")
     if not group.parts:

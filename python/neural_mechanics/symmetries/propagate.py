@@ -269,7 +269,7 @@ class Propagator:
         if op == "group_norm":
             if role != "input" or lc.axis != 1 or mode == "colshift":
                 raise Broken("group_norm does not absorb this perturbation")
-            groups = c.attrs.get("num_groups")
+            groups = int(c.attrs["num_groups"])
             cpg = shape[1] // groups
             owner = {ch: u for u in range(n_units) for ch in lc.channels(u)}
             for k in range(groups):

@@ -13,8 +13,9 @@ ledger is their sum, THEORY §5.3); a *group* is a symmetry group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_
     for p in parts:
         group_size[p[0]] += p[5]
     translation_reds = np.zeros(len(reductions), dtype=bool)
-    for g_i, group in enumerate(groups):
+    for group in groups:
         if group.symmetry == "translation":
             for name, index, _ in group.parts:
                 translation_reds[red_index[part_rows(name, tuple(named_params[name].shape), tuple(index))[0]]] = True

@@ -11,7 +11,8 @@ them one step later (``delayed``), by which time the copy has long finished.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

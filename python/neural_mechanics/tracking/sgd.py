@@ -34,7 +34,7 @@ class PartSums:
     bs: np.ndarray | None = None  # ⟨1, b_{n−1}⟩
 
     @classmethod
-    def from_rows(cls, sums: np.ndarray, buffer_sum: np.ndarray | None) -> "PartSums":
+    def from_rows(cls, sums: np.ndarray, buffer_sum: np.ndarray | None) -> PartSums:
         """From fused sums (parts, 5 or 8) in the order of SUM_NAMES."""
         out = cls(x=sums[:, 1], q=sums[:, 0], s=sums[:, 4], gg=sums[:, 3], gs=sums[:, 2])
         if sums.shape[1] == 8:

@@ -16,7 +16,8 @@ their hyperparameters; the paper's streams catch up at the next measurement.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -524,7 +525,7 @@ class Tracker:
         self._handles.clear()
         self._closed = True
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc: Any) -> None:
