@@ -57,6 +57,6 @@ def test_tracking_a_cuda_model_is_exact():
             loss.backward()
             opt.step()
     run = tracker.run
-    assert isinstance(tracker._reducer, TorchReducer) and tracker._reducer.delayed
+    assert isinstance(tracker._path.reducer, TorchReducer) and tracker._path.reducer.delayed
     assert run.errors("exact").max() <= 1e-5
     assert run.errors("paper").max() <= 2e-2

@@ -24,9 +24,9 @@ def test_torch_sums_equal_rust(shape, axis, block, arrays):
 
 
 def test_chunked_device_sums_match(monkeypatch):
-    from neural_mechanics.tracking import reducers
+    from neural_mechanics.tracking.reducers import device
 
-    monkeypatch.setattr(reducers, "_CHUNK_ELEMS", 50)  # force many chunks
+    monkeypatch.setattr(device, "_CHUNK_ELEMS", 50)  # force many chunks
     t, g = torch.randn(40, 30), torch.randn(40, 30)
     for axis in (0, 1):
         want = RustReducer().submit([(t, g, None, axis, 1)]).result()[0]

@@ -2,9 +2,9 @@
 
 - reducers.KernelPlan (Rust reducer, tensors by address, specs compiled once) against the item
   path (a view per reduction, a spec per item, every step);
-- _native.TrackerLanes (the lanes' theory streams in one native object) against theory's
+- _native.TrackerCore's lanes (the theory streams in one native object) against theory's
   streams, and its errors;
-- Run.append_row (one copy per row) against Run.append (a dict of columns).
+- Run.reserve_row / commit_row (a row written in place) against Run.append (a dict of columns).
 """
 
 import numpy as np
@@ -22,6 +22,7 @@ from neural_mechanics.errors import (
     ShapeError,
 )
 from neural_mechanics.run import COLUMNS, GroupInfo, Run
+from neural_mechanics.tracking.reducers import RustReducer
 
 X, Y = nm.load_digits()
 
@@ -51,9 +52,10 @@ def tracked_run(*, item_path: bool, channels_last: bool = False, **opt_kw):
     model = convnet(channels_last)
     opt = torch.optim.SGD(model.parameters(), **({"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4} | opt_kw))
     tracker = nm.track(model, opt, nm.find_symmetries(model, X[:4]))
-    assert tracker._kernel_plan is not None  # CPU parameters: the Rust reducer's fast path
+    reducer = tracker._path.reducer
+    assert isinstance(reducer, RustReducer) and reducer.compiled  # CPU parameters: the Rust reducer's fast path
     if item_path:
-        tracker._kernel_plan = None  # the general path: items with views, specs built per step
+        reducer.compiled = False  # the general path: items with views, specs built per step
     with tracker:
         return train(model, opt, tracker), tracker
 
@@ -99,8 +101,9 @@ def test_a_non_contiguous_gradient_is_read_through_a_copy():
     p = model[7].weight
     p.grad = p.grad.t().contiguous().t()  # same values, transposed strides
     assert not p.grad.is_contiguous()
-    want = tracker._reducer.submit_blocks(*_items(tracker)).result()
-    got = tracker._reducer.submit_tensors(tracker._kernel_plan, _tensors(tracker, opt), True).result()
+    reducer = tracker._path.reducer
+    want = reducer.submit_blocks(*_items(tracker)).result()
+    got = reducer.reduce_plan(tracker._path.reads, _tensors(tracker, opt), True).result()
     # Not bitwise: the fast path copies the gradient once for both of the weight's reductions,
     # so the kernel reads it once for rows and columns (a different summation order).
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-15)
@@ -108,7 +111,7 @@ def test_a_non_contiguous_gradient_is_read_through_a_copy():
 
 
 def _tensors(tracker, opt):
-    return [[p, p.grad, opt.state[p]["momentum_buffer"]] for p in (tracker._plan.params[n] for n in tracker._kernel_plan.names)]
+    return [[p, p.grad, opt.state[p]["momentum_buffer"]] for p in (tracker._plan.params[n] for n in tracker._plan.names)]
 
 
 def _items(tracker):
@@ -124,40 +127,54 @@ def _items(tracker):
 
 
 # -- the lanes' streams ------------------------------------------------------------------------
+def native_core(column_group, column_param_group, *, every=1, kinds=None):
+    """A TrackerCore whose parts are its columns, one row each."""
+    n = len(column_group)
+    idx = np.arange(n, dtype=np.int64)
+    groups = int(max(column_group)) + 1
+    plan = {
+        "part_row_starts": np.arange(n + 1, dtype=np.int64), "part_rows": idx, "part_sign": np.ones(n), "part_column": idx,
+        "part_size": np.ones(n), "column_group": np.asarray(column_group, dtype=np.int64),
+        "column_param_group": np.asarray(column_param_group, dtype=np.int64),
+        "group_kind": np.asarray(kinds if kinds is not None else [1] * groups, dtype=np.int64), "group_size": np.ones(groups),
+        "extra_rows": np.zeros(0, dtype=np.int64), "rows": n,
+    }  # fmt: skip
+    return _native.TrackerCore(plan, sgd=True, every=every)
+
+
 def test_lanes_follow_the_theory_streams():
     rng = np.random.default_rng(0)
-    column_group = np.array([0, 1, 1, 2], dtype=np.int64)  # group 1 has two columns (no paper)
-    lanes = _native.TrackerLanes(column_group, 3)
-    y0 = rng.normal(size=4)
-    lanes.add_lane("scale", np.array([0, 1], dtype=np.int64), np.array([0], dtype=np.int64), "ledger", y0, None, True, None)
-    lanes.add_lane("scale", np.array([2, 3], dtype=np.int64), np.array([3], dtype=np.int64), "ledger", y0, None, True, None)
-    ledgers = [theory.LedgerStream("scale", y0[[0, 1]]), theory.LedgerStream("scale", y0[[2, 3]])]
-    papers = [theory.PaperStream("scale", y0[[0]]), theory.PaperStream("scale", y0[[3]])]
+    # group 1 has two columns in two param_groups (no closed form); a lane per param_group
+    core = native_core([0, 1, 1, 2], [0, 0, 1, 1])
+    field = {name: j for j, name in enumerate(_native.COLUMN_FIELDS)}
     hyper = [(0.1, 0.9, 0.0, 1e-3, False), (0.05, 0.9, 0.0, 0.0, False)]
-    for _ in range(5):
-        cols = np.abs(rng.normal(size=(4, 8)))
-        lanes.advance_ledger(cols, hyper)
-        assert lanes.advance_paper(np.ascontiguousarray(cols[:, 5]), hyper) == []
+    ledgers = papers = None
+    for n in range(5):
+        rows = np.abs(rng.normal(size=(4, 5)))
+        core.step_sgd(n, rows, None, hyper)
+        cols = core.last_columns()
+        if ledgers is None:
+            y0 = cols[:, field["charge"]]
+            ledgers = [theory.LedgerStream("scale", y0[[0, 1]]), theory.LedgerStream("scale", y0[[2, 3]])]
+            papers = [theory.PaperStream("scale", y0[[0]]), theory.PaperStream("scale", y0[[3]])]
         for i, c in enumerate(([0, 1], [2, 3])):
-            lr, m, d, w, n = hyper[i]
-            ledgers[i].step(flux=cols[c, 1], update_sq=cols[c, 3], lr=lr, momentum=m, dampening=d, weight_decay=w, nesterov=n)
-            papers[i].step(cols[[c[0] if i == 0 else c[1]], 5], lr=lr, momentum=m, dampening=d, weight_decay=w)
-    paper, exact = lanes.predictions()
-    np.testing.assert_array_equal(exact, [ledgers[0].y[0], ledgers[0].y[1] + ledgers[1].y[0], ledgers[1].y[1]])
-    np.testing.assert_array_equal(paper, [papers[0].y[0], np.nan, papers[1].y[0]])
+            lr, m, d, w, nest = hyper[i]
+            ledgers[i].step(flux=cols[c, field["flux"]], update_sq=cols[c, field["update_sq"]], lr=lr, momentum=m, dampening=d, weight_decay=w, nesterov=nest)
+            papers[i].step(cols[[c[0] if i == 0 else c[1]], field["drive"]], lr=lr, momentum=m, dampening=d, weight_decay=w)
+    final = core.final_row(np.abs(rng.normal(size=(4, 2))))
+    np.testing.assert_array_equal(final["exact"], [ledgers[0].y[0], ledgers[0].y[1] + ledgers[1].y[0], ledgers[1].y[1]])
+    np.testing.assert_array_equal(final["paper"], [papers[0].y[0], np.nan, papers[1].y[0]])
 
 
 def test_a_failed_paper_lane_stops_alone_and_says_why():
-    lanes = _native.TrackerLanes(np.array([0, 1], dtype=np.int64), 2)
-    for c in (0, 1):
-        lanes.add_lane("scale", np.array([c], dtype=np.int64), np.array([c], dtype=np.int64), "none", np.ones(2), None, True, None)
-    drive = np.ones(2)
-    assert lanes.advance_paper(drive, [(0.1, 0.9, 0.0, 0.0, False)] * 2) == []
-    failed = lanes.advance_paper(drive, [(0.1, 0.9, 0.0, 0.0, False), (0.1, 0.0, 0.0, 0.0, False)])
-    assert [lane for lane, _ in failed] == [1] and "momentum must stay" in failed[0][1]
-    paper, exact = lanes.predictions()
-    assert np.isfinite(paper[0]) and np.isnan(paper[1]) and np.isnan(exact).all()
-    assert lanes.advance_paper(drive, [(0.1, 0.9, 0.0, 0.0, False)] * 2) == []  # lane 1 stays stopped
+    core = native_core([0, 1], [0, 1], every=2)  # every=2: no exact column, unmeasured steps skip
+    rows = np.ones((2, 5))
+    assert core.step_sgd(0, rows, None, [(0.1, 0.9, 0.0, 0.0, False)] * 2)[1] == []
+    notes = core.skip(1, [(0.1, 0.9, 0.0, 0.0, False), (0.1, 0.0, 0.0, 0.0, False)])
+    assert len(notes) == 1 and notes[0].startswith("paper closed form stopped at step 1 for scale") and "momentum must stay" in notes[0]
+    final = core.final_row(np.ones((2, 2)))
+    assert np.isfinite(final["paper"][0]) and np.isnan(final["paper"][1]) and np.isnan(final["exact"]).all()
+    assert core.step_sgd(2, rows, None, [(0.1, 0.9, 0.0, 0.0, False)] * 2)[1] == []  # lane 1 stays stopped
 
 
 def test_tracker_notes_a_paper_lane_that_stopped():
@@ -172,30 +189,28 @@ def test_tracker_notes_a_paper_lane_that_stopped():
     assert np.isnan(paper[4:-1]).all() and np.isfinite(exact).all()
 
 
-def test_lanes_refuse_bad_input():
+def test_the_native_core_refuses_bad_input():
     with pytest.raises(ShapeError):
-        _native.TrackerLanes(np.array([0, 5], dtype=np.int64), 2)
-    lanes = _native.TrackerLanes(np.array([0, 1], dtype=np.int64), 2)
-    one = np.array([0], dtype=np.int64)
+        native_core([0, 5], [0, 0], kinds=[1, 1])  # a column of a group that does not exist
     with pytest.raises(ShapeError):
-        lanes.add_lane("scale", np.array([2], dtype=np.int64), one, "ledger", np.ones(2))
-    with pytest.raises(InvalidArgumentError):
-        lanes.add_lane("spin", one, one, "ledger", np.ones(2))
-    with pytest.raises(InvalidArgumentError):
-        lanes.add_lane("scale", one, one, "guess", np.ones(2))
+        native_core([0, 0], [0, 0], kinds=[1, 1])  # group 1 has no column
     with pytest.raises(ShapeError):
-        lanes.add_lane("scale", one, one, "ledger", np.ones(1)[:0])  # y0 shorter than the columns
-    lanes.add_lane("scale", np.array([0, 1], dtype=np.int64), one, "ledger", np.ones(2), None, True, None)
+        native_core([0, 1], [0, 0], kinds=[1, 7])
+    core = native_core([0, 1], [0, 0])
+    hyper = [(0.1, 0.0, 0.0, 0.0, False)]
     with pytest.raises(ShapeError):
-        lanes.advance_ledger(np.ones((3, 8)), [(0.1, 0.0, 0.0, 0.0, False)])
+        core.step_sgd(0, np.ones((3, 5)), None, hyper)  # rows of another plan
     with pytest.raises(ShapeError):
-        lanes.advance_ledger(np.ones((2, 8)), [])
+        core.step_sgd(0, np.ones((2, 4)), None, hyper)
     with pytest.raises(ShapeError):
-        lanes.advance_paper(np.ones(3), [(0.1, 0.0, 0.0, 0.0, False)])
+        core.step_sgd(0, np.ones((2, 5)), None, [])  # no hyperparameters for param_group 0
     with pytest.raises(ShapeError):
-        lanes.advance_measured(np.ones(3))
+        core.step_sgd(0, np.ones((2, 5)), None, hyper, np.zeros((len(_native.ROW_FIELDS), 3)))  # a row of 3 groups
+    with pytest.raises(ShapeError):
+        core.step_sgd(0, np.ones((2, 5)).T.copy().T, None, hyper)  # not C-contiguous
     with pytest.raises(InvalidArgumentError):  # a bad hyperparameter: the core's own check
-        lanes.advance_ledger(np.ones((2, 8)), [(-0.1, 0.0, 0.0, 0.0, False)])
+        core.step_sgd(0, np.ones((2, 5)), None, [(-0.1, 0.0, 0.0, 0.0, False)])
+    assert core.final_row(np.ones((2, 2))) is None  # nothing measured: failed steps left no state
 
 
 # -- rows --------------------------------------------------------------------------------------
@@ -216,25 +231,29 @@ def test_append_row_stores_what_append_stores():
     np.testing.assert_array_equal(a.time_index, b.time_index)
 
 
-# -- measure_sgd with the buffer sums of some rows only ----------------------------------------
-def test_buffer_rows_give_the_dense_buffer_sums():
+# -- the buffer sums of the translation rows only -------------------------------------------
+def test_buffer_sums_of_the_translation_rows_reach_their_parts():
+    from sgd_reference import PartSums, step_quantities
+
     n = 6
     idx = np.arange(n, dtype=np.int64)
-    flag = (idx % 2).astype(np.int64)  # odd parts are translation parts
-    core = _native.TrackerPlan(np.arange(n + 1, dtype=np.int64), idx, np.ones(n), flag, idx, idx, np.ones(n), idx, flag, np.ones(n))
+    kind = (idx % 2 == 0).astype(np.int64)  # even parts are translation parts, odd ones scale
+    plan = {
+        "part_row_starts": np.arange(n + 1, dtype=np.int64), "part_rows": idx, "part_sign": np.ones(n), "part_column": idx,
+        "part_size": np.ones(n), "column_group": idx, "column_param_group": np.zeros(n, dtype=np.int64), "group_kind": kind,
+        "group_size": np.ones(n), "extra_rows": idx[kind == 0], "rows": n,
+    }  # fmt: skip
+    core = _native.TrackerCore(plan, sgd=True, every=1)
     rng = np.random.default_rng(2)
-    rows, hyper = np.abs(rng.normal(size=(n, 8))), [np.full(n, 0.9), np.zeros(n), np.full(n, 1e-3), np.zeros(n)]
-    at = np.array([1, 3, 5], dtype=np.int64)
+    rows = np.abs(rng.normal(size=(n, 8)))
     sums = rng.normal(size=3)
     dense = np.zeros(n)
-    dense[at] = sums
-    want = core.measure_sgd(rows, dense, *hyper)
-    got = core.measure_sgd(rows, sums, *hyper, at)
-    for w, g in zip(want, got):
-        np.testing.assert_array_equal(w, g)
+    dense[kind == 0] = sums
+    core.step_sgd(0, rows, np.column_stack([sums, sums**2]), [(0.1, 0.9, 0.0, 1e-3, False)])
+    want = step_quantities(PartSums.from_rows(rows, dense), *(np.full(n, v) for v in (0.9, 0.0, 1e-3)), np.zeros(n, bool))
+    update_sum = core.last_columns()[:, list(_native.COLUMN_FIELDS).index("update_sum")]
+    np.testing.assert_allclose(update_sum[kind == 0], want.su[kind == 0], rtol=1e-14)
     with pytest.raises(ShapeError):
-        core.measure_sgd(rows, sums[:2], *hyper, at)
+        core.step_sgd(1, rows, np.column_stack([sums, sums])[:2], [(0.1, 0.9, 0.0, 1e-3, False)])
     with pytest.raises(ShapeError):
-        core.measure_sgd(rows, sums, *hyper, np.array([1, 3, 6], dtype=np.int64))
-    with pytest.raises(InvalidArgumentError):
-        core.measure_sgd(rows, None, *hyper, at)
+        core.step_sgd(1, rows, None, [(0.1, 0.9, 0.0, 1e-3, False)])  # a buffer without its sums

@@ -1,20 +1,24 @@
-"""The SGD bookkeeping of tracking/sgd.py against what torch.optim.SGD really does."""
+"""The SGD bookkeeping of tests/sgd_reference.py against what torch.optim.SGD really does, and the
+tracker's native core (src/tracking/algebra.rs) against it."""
 
 import numpy as np
 import pytest
 import torch
+from sgd_reference import PartSums, step_quantities
 
-from neural_mechanics import group_stats
-from neural_mechanics.tracking.sgd import PartSums, step_quantities
+from neural_mechanics import _native, group_stats
 
 
-def rust_core(n, translation):
-    """A plan of n parts, one row each, each its own column and group."""
-    from neural_mechanics import _native
-
+def rust_core(n):
+    """A native core over n translation parts, one row each, each its own column and group (a
+    translation part also reads ⟨1, b⟩, so every per-part quantity is exercised)."""
     idx = np.arange(n, dtype=np.int64)
-    flag = np.full(n, int(translation), dtype=np.int64)
-    return _native.TrackerPlan(np.arange(n + 1, dtype=np.int64), idx, np.ones(n), flag, idx, idx, np.ones(n), idx, flag, np.ones(n))
+    plan = {
+        "part_row_starts": np.arange(n + 1, dtype=np.int64), "part_rows": idx, "part_sign": np.ones(n), "part_column": idx,
+        "part_size": np.ones(n), "column_group": idx, "column_param_group": np.zeros(n, dtype=np.int64),
+        "group_kind": np.zeros(n, dtype=np.int64), "group_size": np.ones(n), "extra_rows": idx, "rows": n,
+    }  # fmt: skip
+    return _native.TrackerCore(plan, sgd=True, every=1)
 
 
 CONFIGS = [
@@ -44,12 +48,15 @@ def test_step_quantities_match_the_applied_update(cfg):
         h = {k: np.full(6, float(v)) for k, v in cfg.items()}
         q = step_quantities(sums, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"].astype(bool))
         # The tracker's Rust path (one part per row, each its own column and group) agrees.
-        core = rust_core(6, translation=False)
-        cols, _ = core.measure_sgd(np.ascontiguousarray(rows), None if bsum is None else np.ascontiguousarray(bsum), *(np.asarray(h[k], dtype=float) for k in ("momentum", "dampening", "weight_decay", "nesterov")))
-        for j, name in ((3, "uu"), (6, "su"), (5, "drive")):
-            np.testing.assert_allclose(cols[:, j], getattr(q, name), rtol=1e-12, atol=1e-300)
+        core = rust_core(6)
+        extra = None if bsum is None else np.column_stack([bsum, np.zeros(6)])
+        core.step_sgd(0, np.ascontiguousarray(rows), extra, [(0.1, cfg["momentum"], cfg["dampening"], cfg["weight_decay"], cfg["nesterov"])])
+        cols = core.last_columns()
+        field = {name: j for j, name in enumerate(_native.COLUMN_FIELDS)}
+        for name, want in (("update_sq", "uu"), ("update_sum", "su"), ("drive", "drive")):
+            np.testing.assert_allclose(cols[:, field[name]], getattr(q, want), rtol=1e-12, atol=1e-300)
         if cfg["nesterov"]:
-            np.testing.assert_allclose(cols[:, 4], q.e, rtol=1e-12)
+            np.testing.assert_allclose(cols[:, field["update_dot"]], q.e, rtol=1e-12)
         opt.step()
         u = ((theta0 - w.detach()) / 0.1).numpy()
         th = theta0.numpy()

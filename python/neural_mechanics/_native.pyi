@@ -15,12 +15,16 @@ __all__ = [
     "THEORY_KINDS",
     "TheoryLedgerStream",
     "TheoryPaperStream",
-    "TrackerLanes",
-    "TrackerPlan",
+    "COLUMN_FIELDS",
+    "DTYPE_CODES",
+    "ROW_FIELDS",
+    "TrackerCore",
     "__version__",
     "get_num_threads",
     "group_stats_batch",
     "group_stats_ptrs",
+    "layout",
+    "reduce_ptrs",
     "load_run",
     "read_pass",
     "save_run",
@@ -122,49 +126,29 @@ class TheoryLedgerStream:
     @property
     def steps(self) -> int: ...
 
-_I64: TypeAlias = npt.NDArray[np.int64]
+# -- the tracker's per-step entry points (src/python/raw.rs, src/python/tracking.rs) -------------
+_Spec: TypeAlias = tuple[int, int, int, int, int, int, int, int]
+_Hyper: TypeAlias = tuple[float, float, float, float, bool]
 
-@final
-class TrackerPlan:
-    def __new__(
-        cls,
-        part_row_starts: _I64,
-        part_rows: _I64,
-        part_sign: _F64,
-        part_translation: _I64,
-        part_column: _I64,
-        part_group: _I64,
-        part_size: _F64,
-        column_group: _I64,
-        group_translation: _I64,
-        group_size: _F64,
-    ) -> TrackerPlan: ...
-    def measure_sgd(
-        self,
-        rows: _F64,
-        buffer_sum: _F64 | None,
-        momentum: _F64,
-        dampening: _F64,
-        weight_decay: _F64,
-        nesterov: _F64,
-        buffer_rows: _I64 | None = None,
-    ) -> tuple[_F64, _F64]: ...
+ROW_FIELDS: list[str]
+COLUMN_FIELDS: list[str]
+DTYPE_CODES: dict[str, int]
 
+def layout(shape: list[int] | tuple[int, ...], axis: int, block: int) -> tuple[int, int, int]: ...
+def reduce_ptrs(main: list[_Spec], extra: list[_Spec]) -> tuple[_F64, _F64 | None]: ...
 @final
-class TrackerLanes:
-    def __new__(cls, column_group: _I64, n_groups: int) -> TrackerLanes: ...
-    def add_lane(
-        self,
-        kind: str,
-        cols: _I64,
-        paper_cols: _I64,
-        exact: str,
-        y0: _F64,
-        buffer_dot0: _F64 | None = None,
-        paper: bool = False,
-        ydot0: _F64 | None = None,
-    ) -> None: ...
-    def advance_ledger(self, cols: _F64, hyper: list[tuple[float, float, float, float, bool]]) -> None: ...
-    def advance_measured(self, delta: _F64) -> None: ...
-    def advance_paper(self, drive: _F64, hyper: list[tuple[float, float, float, float, bool]]) -> list[tuple[int, str]]: ...
-    def predictions(self) -> _F64: ...
+class TrackerCore:
+    def __new__(cls, plan: dict[str, Any], *, sgd: bool, every: int) -> TrackerCore: ...
+    def step_sgd(
+        self, step: int, rows: _F64, extra: _F64 | None, hyper: list[_Hyper] | list[Any], out: _F64 | None = None
+    ) -> tuple[float, list[str], list[tuple[str, str]]]: ...
+    def step_update(
+        self, rows: _F64, extra: _F64 | None, hyper: list[_Hyper] | list[Any], out: _F64 | None = None
+    ) -> tuple[float, list[str], list[tuple[str, str]]]: ...
+    def skip(self, step: int, hyper: list[_Hyper] | list[Any]) -> list[str]: ...
+    def final_row(self, rows: _F64) -> dict[str, Any] | None: ...
+    def last_columns(self) -> _F64: ...
+    @property
+    def time(self) -> float: ...
+    @property
+    def groups(self) -> int: ...

@@ -28,11 +28,13 @@ from .errors import RunFormatError
 
 FILE_KIND = "neural-mechanics run"
 
-# Per-step columns stored for every recorded row, one float64 value per group.
-STEP_COLUMNS = ("measured", "paper", "exact", "grad_sq", "update_sq", "flux", "update_sum", "magnitude", "residual")
-# The optimizer's hyperparameters of step n for each group (its first part's param_group).
-HYPER_COLUMNS = ("lr", "momentum", "dampening", "weight_decay")
-COLUMNS = HYPER_COLUMNS + STEP_COLUMNS
+# The columns of a row, in the order the tracker's native core writes them (src/tracking/mod.rs):
+# the optimizer's hyperparameters of step n for each group (its first part's param_group), then
+# the per-step values, one float64 per group.
+COLUMNS: tuple[str, ...] = tuple(_native.ROW_FIELDS)
+HYPER_COLUMNS = COLUMNS[:4]
+STEP_COLUMNS = COLUMNS[4:]
+assert HYPER_COLUMNS == ("lr", "momentum", "dampening", "weight_decay")
 
 
 @dataclass
@@ -64,7 +66,7 @@ class _Rows:
     """Recorded rows in preallocated blocks: steps (n,), time (n,), and (n, groups) per column.
 
     The columns are views into one (capacity, columns, groups) array, so that a whole row is
-    stored with one copy (``append_row``: the tracker's per-step path).
+    written once, in place: ``reserve`` then ``commit`` (the tracker's per-step path).
     """
 
     NAMES = COLUMNS
@@ -81,27 +83,26 @@ class _Rows:
         self.cols = {c: block[:, j] for j, c in enumerate(self.NAMES)}
 
     def append(self, step: int, time: float, row: dict[str, Any]) -> None:
-        i = self._slot(step, time)
+        stored = self.reserve()
         for j, c in enumerate(self.NAMES):
-            self.block[i, j] = row[c]  # a copy: callers may reuse their arrays; scalars broadcast
-        self.n += 1
+            stored[j] = row[c]  # a copy: callers may reuse their arrays; scalars broadcast
+        self.commit(step, time)
 
-    def append_row(self, step: int, time: float, row: np.ndarray, *over: tuple[Any, np.ndarray]) -> None:
-        """``row``: a (columns, groups) array in NAMES order, copied into the block; then each
-        (index, values) of ``over`` is written over the stored row (no copy of ``row`` needed)."""
-        i = self._slot(step, time)  # first: it may grow (replace) the block
-        stored = self.block[i]
-        stored[...] = row
-        for index, values in over:
-            stored[index] = values
-        self.n += 1
+    def append_row(self, step: int, time: float, row: np.ndarray) -> None:
+        """``row``: a (columns, groups) array in NAMES order, copied into the block."""
+        self.reserve()[...] = row
+        self.commit(step, time)
 
-    def _slot(self, step: int, time: float) -> int:
-        """The index of the next row, holding ``step`` and ``time``; counted once its columns are written."""
+    def reserve(self) -> np.ndarray:
+        """The next row's (columns, groups) storage, to be written in place, then ``commit``-ted."""
         if self.n == len(self.steps):
             self._grow(2 * len(self.steps))
+        return self.block[self.n]
+
+    def commit(self, step: int, time: float) -> None:
+        """Keep the reserved row, at ``step`` and ``time``."""
         self.steps[self.n], self.time[self.n] = step, time
-        return self.n
+        self.n += 1
 
     def _grow(self, capacity: int) -> None:
         self.steps = np.resize(self.steps, capacity)
@@ -150,10 +151,19 @@ class Run:
         self._mem.append(int(step), float(time), values)
         self._spill_if_full()
 
-    def append_row(self, step: int, time: float, row: np.ndarray, *over: tuple[Any, np.ndarray]) -> None:
-        """One row as a (len(COLUMNS), groups) array in COLUMNS order, with (index, values)
-        pieces written over it (the tracker's fast path: its template is never copied first)."""
-        self._mem.append_row(int(step), float(time), row, *over)
+    def append_row(self, step: int, time: float, row: np.ndarray) -> None:
+        """One row as a (len(COLUMNS), groups) array in COLUMNS order."""
+        self._mem.append_row(int(step), float(time), row)
+        self._spill_if_full()
+
+    def reserve_row(self) -> np.ndarray:
+        """The next row's storage, a (len(COLUMNS), groups) C-contiguous view into the run, for
+        the tracker to write in place (a row is written once, where it stays); ``commit_row``
+        keeps it, anything else leaves the run as it was."""
+        return self._mem.reserve()
+
+    def commit_row(self, step: int, time: float) -> None:
+        self._mem.commit(int(step), float(time))
         self._spill_if_full()
 
     def _spill_if_full(self) -> None:

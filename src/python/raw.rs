@@ -48,40 +48,81 @@ fn data<'a>(addr: usize, numel: usize, dtype: u8) -> Result<Data<'a>, Error> {
     }
 }
 
-/// group_stats_ptrs(items) -> float64 array (total groups, sums): every item's groups in order.
-/// All items must carry the same arrays (θ; θ, ĝ; or θ, ĝ, v).
-#[pyfunction]
-fn group_stats_ptrs<'py>(py: Python<'py>, items: Vec<RawSpec>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let build = || -> Result<Vec<Item<'static>>, Error> {
-        items
-            .iter()
-            .map(|&(t, g, v, numel, outer, groups, seg, dtype)| {
-                let layout = Layout { outer, groups, seg };
-                if layout.len() != numel {
-                    return Err(Error::Shape(format!("layout {layout:?} does not cover {numel} elements")));
-                }
-                Ok(Item {
-                    theta: data(t, numel, dtype)?,
-                    grad: if g != 0 { Some(data(g, numel, dtype)?) } else { None },
-                    velocity: if v != 0 { Some(data(v, numel, dtype)?) } else { None },
-                    layout,
-                })
+/// The kernel's items for `specs` (addresses checked), all of one arity.
+fn kernel_items(specs: &[RawSpec]) -> Result<Vec<Item<'static>>, Error> {
+    let work: Vec<Item<'static>> = specs
+        .iter()
+        .map(|&(t, g, v, numel, outer, groups, seg, dtype)| {
+            let layout = Layout { outer, groups, seg };
+            if layout.len() != numel {
+                return Err(Error::Shape(format!("layout {layout:?} does not cover {numel} elements")));
+            }
+            Ok(Item {
+                theta: data(t, numel, dtype)?,
+                grad: if g != 0 { Some(data(g, numel, dtype)?) } else { None },
+                velocity: if v != 0 { Some(data(v, numel, dtype)?) } else { None },
+                layout,
             })
-            .collect()
-    };
-    let work = build().map_err(|e| to_pyerr(py, e))?;
-    let width = work.first().map(|i| i.width()).unwrap_or(2);
-    if work.iter().any(|i| i.width() != width) {
-        return Err(to_pyerr(py, Error::InvalidArgument("all items must carry the same arrays".into())));
+        })
+        .collect::<Result<_, _>>()?;
+    if work.windows(2).any(|w| w[0].width() != w[1].width()) {
+        return Err(Error::InvalidArgument("all items must carry the same arrays".into()));
     }
-    let outputs = py.detach(|| stats::group_stats_batch(&work)).map_err(|e| to_pyerr(py, e))?;
+    Ok(work)
+}
+
+/// Every item's groups in order as one (total groups, sums) float64 array.
+fn stacked<'py>(py: Python<'py>, work: &[Item<'_>], outputs: Vec<Vec<f64>>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let width = work.first().map(|i| i.width()).unwrap_or(2);
     let rows: usize = work.iter().map(|i| i.layout.groups).sum();
     let flat: Vec<f64> = outputs.into_iter().flatten().collect();
     let array = Array2::from_shape_vec((rows, width), flat).map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))?;
     Ok(array.into_pyarray(py))
 }
 
+/// group_stats_ptrs(items) -> float64 array (total groups, sums): every item's groups in order.
+/// All items must carry the same arrays (θ; θ, ĝ; or θ, ĝ, v).
+#[pyfunction]
+fn group_stats_ptrs<'py>(py: Python<'py>, items: Vec<RawSpec>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let work = kernel_items(&items).map_err(|e| to_pyerr(py, e))?;
+    let outputs = py.detach(|| stats::group_stats_batch(&work)).map_err(|e| to_pyerr(py, e))?;
+    stacked(py, &work, outputs)
+}
+
+/// reduce_ptrs(main, extra) -> (main sums, extra sums or None): the tracker's one reduction per
+/// step, two blocks (e.g. (θ, ĝ, b) of every reduction and plain sums of b where a translation
+/// needs ⟨1, b⟩) in one kernel call and one GIL release.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn reduce_ptrs<'py>(
+    py: Python<'py>,
+    main: Vec<RawSpec>,
+    extra: Vec<RawSpec>,
+) -> PyResult<(Bound<'py, PyArray2<f64>>, Option<Bound<'py, PyArray2<f64>>>)> {
+    let (main_items, extra_items) = (kernel_items(&main).map_err(|e| to_pyerr(py, e))?, kernel_items(&extra).map_err(|e| to_pyerr(py, e))?);
+    let all: Vec<Item<'static>> = main_items.iter().chain(&extra_items).copied().collect();
+    let mut outputs = py.detach(|| stats::group_stats_batch(&all)).map_err(|e| to_pyerr(py, e))?;
+    let extra_out = outputs.split_off(main_items.len());
+    let main_array = stacked(py, &main_items, outputs)?;
+    let extra_array = if extra_items.is_empty() { None } else { Some(stacked(py, &extra_items, extra_out)?) };
+    Ok((main_array, extra_array))
+}
+
+/// layout(shape, axis, block) -> (outer, groups, seg): the kernel's view of a C-contiguous tensor.
+#[pyfunction]
+fn layout(shape: Vec<usize>, axis: usize, block: usize) -> PyResult<(usize, usize, usize)> {
+    let l = Layout::from_shape(&shape, axis, block)?;
+    Ok((l.outer, l.groups, l.seg))
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(layout, m)?)?;
+    let codes = pyo3::types::PyDict::new(m.py());
+    for (name, code) in [("float32", 0u8), ("float64", 1), ("float16", 2), ("bfloat16", 3)] {
+        codes.set_item(name, code)?;
+    }
+    m.add("DTYPE_CODES", codes)?;
     m.add_function(wrap_pyfunction!(group_stats_ptrs, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce_ptrs, m)?)?;
     Ok(())
 }

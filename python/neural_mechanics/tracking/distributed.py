@@ -27,11 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from ..errors import InvalidArgumentError, NeuralMechanicsError
 
-__all__ = ["RunOnRankZero", "RunNotOnThisRankError", "Context", "attach", "DistributedReducer"]
+__all__ = ["RunOnRankZero", "RunNotOnThisRankError", "Context", "attach", "is_sharded"]
 
 
 class RunNotOnThisRankError(NeuralMechanicsError, RuntimeError):
@@ -73,13 +71,13 @@ class RowRange(NamedTuple):
     stop: int
 
 
-def _dist() -> Any:
+def initialized_dist() -> Any:
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _dtensor_type() -> Any:
+def dtensor_type() -> Any:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - very old torch
@@ -89,9 +87,9 @@ def _dtensor_type() -> Any:
 
 def is_sharded(params: Sequence[Any]) -> bool:
     """True when any of ``params`` is a DTensor (FSDP2 / tensor parallel parameters)."""
-    if _dist() is None:
+    if initialized_dist() is None:
         return False
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     return dtensor is not None and any(isinstance(p, dtensor) for p in params)
 
 
@@ -147,29 +145,10 @@ class Context:
             return find_symmetries(model, example)
         return _find_symmetries_sharded(model, example)
 
-    def run(self, tracker: Any) -> Any:
-        """``tracker.run`` for this rank: the stub off rank 0, None to let the tracker go on.
-
-        FSDP2: before close() the final row is measured from the current shards, a collective,
-        so every rank must read ``tracker.run`` together (as with ``state_dict``); after close()
-        it is local to rank 0 (close() measured the final row on every rank).
-        """
-        if self.collective:
-            if tracker._run is None:
-                if not self.owns_run:
-                    return RunOnRankZero(self.rank, self.world_size, self.mode)
-                return None  # the tracker raises its own "nothing recorded yet"
-            if not tracker._closed:
-                tracker._refresh_final()
-            return tracker._run if self.owns_run else RunOnRankZero(self.rank, self.world_size, self.mode)
-        if not self.owns_run:
-            return RunOnRankZero(self.rank, self.world_size, self.mode)
-        return None
-
 
 def attach(model: Any) -> Context | None:
     """The distributed context of ``model``, or None for an ordinary single-process model."""
-    dist = _dist()
+    dist = initialized_dist()
     if dist is None:
         return None
     import torch
@@ -186,7 +165,7 @@ def attach(model: Any) -> Context | None:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return Context("ddp", model.module, rank, world)
     params = [p for p in model.parameters()]
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     shards = [p for p in params if dtensor is not None and isinstance(p, dtensor)]
     if not shards:
         return None  # a plain model in a distributed job (e.g. per-rank experiments): as usual
@@ -241,143 +220,3 @@ def _find_symmetries_sharded(model: Any, example: Any) -> Any:
             m._forward_pre_hooks.update(pre)
             m._forward_hooks.clear()
             m._forward_hooks.update(post)
-
-
-# -- the sharded reducer ----------------------------------------------------------------------
-
-
-class _Local(NamedTuple):
-    """One item's share on this rank: the local item (None: nothing here) and where it lands."""
-
-    item: tuple | None
-    rows: int  # global output rows of the item
-    at: int  # first global output row this rank's rows land on (axis 0), 0 for partial columns
-
-
-def _chunk_range(n: int, mesh: Any, placements: Any) -> tuple[int, int]:
-    """Global rows [lo, hi) of dim 0 held by this rank (torch.chunk layout, as DTensor uses)."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset((n,), mesh, placements)
-        return int(offset[0]), int(offset[0]) + int(shape[0])
-    except ImportError:  # pragma: no cover - the private helper moved: the documented chunk rule
-        world, rank = mesh.size(), mesh.get_local_rank()
-        size = -(-n // world)
-        return min(rank * size, n), min((rank + 1) * size, n)
-
-
-class DistributedReducer:
-    """Reduces DTensor items shard by shard and combines the O(groups) results in one all-reduce.
-
-    ``submit_blocks`` answers exactly what a single-process reducer answers for the global tensors
-    (rows of axis-0 reductions in global order, complete column sums), so the tracker cannot tell
-    the difference. ``last_bytes`` is the size of the last all-reduced vector.
-    """
-
-    def __init__(self, local: Any, group: Any, mesh: Any, device: Any):
-        self._local = local
-        self._group = group
-        self._mesh = mesh
-        self._device = device
-        # CUDA (NCCL): the all-reduce runs asynchronously on the device and is read a step later,
-        # as the single-process device reducer does. CPU (gloo): consumed at once.
-        self.delayed = bool(getattr(local, "delayed", False)) and device.type != "cpu"
-        self.last_bytes = 0
-        self.bytes_total = 0
-        self.calls = 0
-
-    def _share(self, item: tuple) -> _Local:
-        theta, grad, velocity, axis, block = item
-        start, stop = 0, None
-        if isinstance(theta, RowRange):
-            theta, start, stop = theta.tensor, theta.start, theta.stop
-            grad = None if grad is None else grad.tensor
-            velocity = None if velocity is None else velocity.tensor
-        shape = tuple(theta.shape)  # a DTensor's shape is the global one
-        stop = shape[0] if stop is None else stop
-        rows_global = (stop - start) if axis == 0 else (shape[1] // block)
-        dtensor = _dtensor_type()
-        if isinstance(theta, dtensor):
-            from torch.distributed.tensor import Shard
-
-            sharded = any(pl == Shard(0) for pl in theta.placements)
-            tensors = [None if t is None else t.to_local() for t in (theta, grad, velocity)]
-            if sharded:
-                lo, hi = _chunk_range(shape[0], theta.device_mesh, theta.placements)
-            else:  # replicated: every rank holds it all; rank 0 of the mesh alone contributes
-                lo, hi = (0, shape[0]) if theta.device_mesh.get_local_rank() == 0 else (0, 0)
-        else:  # a plain tensor in a sharded model: the same on every rank, counted once
-            tensors = [theta, grad, velocity]
-            lo, hi = (0, shape[0]) if self._mesh.get_local_rank() == 0 else (0, 0)
-        a, b = max(lo, start), min(hi, stop)
-        if b <= a:
-            return _Local(None, rows_global, 0)
-        local = tuple(None if t is None else t[a - lo : b - lo] for t in tensors)
-        return _Local((*local, axis, block), rows_global, (a - start) if axis == 0 else 0)
-
-    def submit_blocks(self, items: Sequence[tuple], extra: Sequence[tuple] = ()) -> Any:
-        import torch
-
-        from .reducers import Pending
-
-        shares = [self._share(it) for it in items]
-        more = [self._share(it) for it in extra]
-        present = [s for s in shares if s.item is not None]
-        present_more = [s for s in more if s.item is not None]
-        width = {1: 2, 2: 5, 3: 8}[sum(x is not None for x in items[0][:3])] if items else 2
-        if present or present_more:
-            local_main, local_more = self._local.submit_blocks([s.item for s in present], [s.item for s in present_more]).result()
-        else:
-            local_main, local_more = np.zeros((0, width)), None
-        n_main = sum(s.rows for s in shares)
-        n_more = sum(s.rows for s in more)
-        flat = np.zeros(n_main * width + n_more * 2)
-        main = flat[: n_main * width].reshape(n_main, width)
-        tail = flat[n_main * width :].reshape(n_more, 2)
-        _place(main, shares, local_main)
-        if more:
-            _place(tail, more, local_more)
-        buf = torch.from_numpy(flat)
-        if self._device.type != "cpu":
-            buf = buf.to(self._device)  # NCCL reduces device memory only
-        import torch.distributed as dist
-
-        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group, async_op=self.delayed)
-        self.last_bytes = buf.numel() * buf.element_size()
-        self.bytes_total += self.last_bytes
-        self.calls += 1
-
-        def fetch() -> tuple[np.ndarray, np.ndarray | None]:
-            if work is not None:
-                work.wait()
-            out = buf.cpu().numpy() if buf.device.type != "cpu" else buf.numpy()
-            m = out[: n_main * width].reshape(n_main, width)
-            t = out[n_main * width :].reshape(n_more, 2)
-            return m, (t if extra else None)
-
-        return Pending(fetch)
-
-
-def _place(target: np.ndarray, shares: list[_Local], local: np.ndarray | None) -> None:
-    """Write each item's local rows at their global position of ``target`` (zeros elsewhere)."""
-    at_global, at_local = 0, 0
-    for s in shares:
-        if s.item is not None:
-            assert local is not None
-            theta, _, _, axis, block = s.item
-            n = theta.shape[0] if axis == 0 else theta.shape[1] // block
-            target[at_global + s.at : at_global + s.at + n] = local[at_local : at_local + n]
-            at_local += n
-        at_global += s.rows
-
-
-def sharded_reducer(params: Sequence[Any], kind: str) -> DistributedReducer:
-    """The reducer for a model with DTensor parameters: ``kind`` picks the local reducer."""
-    from .reducers import choose
-
-    dtensor = _dtensor_type()
-    shards = [p for p in params if isinstance(p, dtensor)]
-    mesh = shards[0].device_mesh
-    local = [p.to_local() if isinstance(p, dtensor) else p for p in params]
-    return DistributedReducer(choose(local, kind), mesh.get_group(), mesh, local[0].device)

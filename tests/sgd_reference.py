@@ -1,12 +1,12 @@
 """What one pre-step pass over (θ_n, ĝ_n, b_{n−1}) tells about step n of torch.optim.SGD.
 
-The reference implementation: the tracker's per-step path runs the same algebra in Rust
-(src/tracking.rs); tests/test_tracking_sgd_algebra.py checks this module against what torch
-applies and the Rust code against this module.
+The readable reference of the algebra the tracker runs in Rust (src/tracking/algebra.rs);
+tests/test_tracking_sgd_algebra.py checks this module against what torch applies and the Rust
+code against this module.
 
 PyTorch's SGD (coupled weight decay): w_n = ĝ_n + λθ_n; the buffer b_0 = w_0 on its first step,
 then b_n = β b_{n−1} + (1−d) w_n; the step direction u_n = b_n, or w_n + β b_n with nesterov, or
-w_n when β = 0; θ_{n+1} = θ_n − η_n u_n (THEORY.md §5.3). Every inner product the theories need
+w_n when β = 0; θ_{n+1} = θ_n − η_n u_n (docs/theory.md §5.3). Every inner product the theories need
 follows from the fused sums of (θ_n, ĝ_n, b_{n−1}) by bilinearity, without touching b_n.
 All arrays are per part (one entry per part of a symmetry group); hyperparameters are per part.
 """
@@ -55,8 +55,7 @@ class StepQuantities:
 
 
 def step_quantities(p: PartSums, momentum: Any, dampening: Any, weight_decay: Any, nesterov: Any) -> StepQuantities:
-    """Hyperparameters per part (arrays). The tracker runs the same algebra in Rust
-    (src/tracking.rs, one call per step); this is its readable reference, tested against torch."""
+    """Hyperparameters per part (arrays)."""
     lam, beta, d = weight_decay, momentum, dampening
     ww = p.gg + 2 * lam * p.s + lam * lam * p.x  # |w|²
     tw = p.s + lam * p.x  # ⟨θ, w⟩

@@ -1,0 +1,462 @@
+//! A run's state between optimizer steps, and the calls the Python tracker makes: one per step.
+//!
+//! - [`Tracker::step_sgd`]: a measured `torch.optim.SGD` step, from the fused sums of
+//!   (θ_n, ĝ_n, b_{n−1}) taken before the step;
+//! - [`Tracker::step_update`]: a measured step of any other optimizer, from the sums of
+//!   (θ_n, ĝ_n, d_n) with the applied update d_n = θ_n − θ_{n+1};
+//! - [`Tracker::skip`]: a step that is not measured (`every > 1`): the clock moves and the
+//!   paper's closed form advances with the last measured drive;
+//! - [`Tracker::final_row`]: the charges of the parameters as they are now.
+//!
+//! A measured step writes the run's row for θ_n (the predictions are those of θ_n, before the
+//! step), then advances the clock and both theories past the step. Everything here is O(rows +
+//! parts + groups) and independent of the thread count.
+
+use super::algebra::{self, sgd_part, update_part};
+use super::lanes::{Exact, Lanes};
+use super::plan::{field, Plan, Summed, FIELDS};
+use super::ROW_FIELDS;
+use crate::error::{Error, Result};
+use crate::theory::ledger::LedgerState;
+use crate::theory::paper::PaperState;
+use crate::theory::propagator::regime;
+use crate::theory::{Hyper, Kind};
+
+pub use algebra::ParamGroupHyper;
+
+impl ParamGroupHyper {
+    pub fn hyper(&self) -> Hyper {
+        Hyper::new(self.lr, self.momentum, self.dampening, self.weight_decay)
+    }
+}
+
+/// What a run's exact column holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExactMode {
+    /// The SGD ledger (docs/theory.md §5.3), a prediction from the measured norms.
+    Ledger,
+    /// The running sum of the measured changes (bookkeeping, any optimizer).
+    Measured,
+    /// Nothing: the ledger needs every step, and `every > 1` skips some.
+    None,
+}
+
+/// The columns of one (kind, param_group): one lane of theory streams.
+#[derive(Clone, Debug)]
+struct LaneSpec {
+    kind: Kind,
+    param_group: usize,
+    cols: Vec<usize>,
+    /// The lane's columns that are whole groups: the paper's closed form covers these.
+    paper_cols: Vec<usize>,
+}
+
+/// What a measured step reports besides its row.
+#[derive(Clone, Debug, Default)]
+pub struct StepReport {
+    /// The model time t_n of the row (the clock of group 0's param_group).
+    pub time: f64,
+    /// Notes for the run (a closed form that stopped, and why).
+    pub notes: Vec<String>,
+    /// (symmetry, regime) when the hyperparameters changed since the last report, else empty.
+    pub regimes: Vec<(&'static str, &'static str)>,
+}
+
+/// The last row of a run: the charges of the parameters as they are now, and the predictions.
+#[derive(Clone, Debug)]
+pub struct FinalRow {
+    pub time: f64,
+    pub measured: Vec<f64>,
+    pub magnitude: Vec<f64>,
+    pub paper: Vec<f64>,
+    pub exact: Vec<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    plan: Plan,
+    lanes: Vec<LaneSpec>,
+    exact: ExactMode,
+    /// The optimizer is torch.optim.SGD: the paper's closed forms apply.
+    paper: bool,
+    /// The theory streams, from the first measured step on.
+    streams: Option<Lanes>,
+    /// t per param_group: Σ η_k(1 − d_k) over past steps (d ignored without momentum).
+    clock: Vec<f64>,
+    /// Per column: the last measured drive, held over unmeasured steps.
+    held_drive: Vec<f64>,
+    /// The hyperparameters whose regimes were last reported.
+    regimes_for: Option<Vec<ParamGroupHyper>>,
+    /// The per-column sums of the last measured step (for inspection and tests).
+    last_columns: Vec<[f64; FIELDS]>,
+}
+
+fn take(values: &[f64], cols: &[usize]) -> Vec<f64> {
+    cols.iter().map(|&c| values[c]).collect()
+}
+
+impl Tracker {
+    /// `sgd`: the optimizer is `torch.optim.SGD` (closed forms and ledger); `every`: steps
+    /// between measurements (the ledger needs every step).
+    pub fn new(plan: Plan, sgd: bool, every: usize) -> Tracker {
+        let exact = if every > 1 {
+            ExactMode::None
+        } else if sgd {
+            ExactMode::Ledger
+        } else {
+            ExactMode::Measured
+        };
+        let mut param_groups: Vec<usize> = plan.column_param_group.clone();
+        param_groups.sort_unstable();
+        param_groups.dedup();
+        let mut lanes = Vec::new();
+        for kind in [Kind::Translation, Kind::Scale, Kind::Rescale] {
+            for &pg in &param_groups {
+                let cols: Vec<usize> =
+                    (0..plan.columns()).filter(|&c| plan.column_kind(c) == kind && plan.column_param_group[c] == pg).collect();
+                if !cols.is_empty() {
+                    let paper_cols = cols.iter().copied().filter(|&c| plan.is_whole_group(c)).collect();
+                    lanes.push(LaneSpec { kind, param_group: pg, cols, paper_cols });
+                }
+            }
+        }
+        let columns = plan.columns();
+        Tracker {
+            plan,
+            lanes,
+            exact,
+            paper: sgd,
+            streams: None,
+            clock: Vec::new(),
+            held_drive: vec![0.0; columns],
+            regimes_for: None,
+            last_columns: Vec::new(),
+        }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The per-column sums ([`field`]) of the last measured step; empty before the first.
+    pub fn last_columns(&self) -> &[[f64; FIELDS]] {
+        &self.last_columns
+    }
+
+    /// The model time now (the clock of group 0's param_group), as a run's rows report it.
+    pub fn time(&self) -> f64 {
+        let pg = if self.plan.groups() > 0 { self.plan.group_param_group(0) } else { 0 };
+        self.clock.get(pg).copied().unwrap_or(0.0)
+    }
+
+    fn check(&self, hyper: &[ParamGroupHyper], out: Option<&[f64]>) -> Result<()> {
+        if hyper.len() <= self.plan.max_param_group() {
+            return Err(Error::Shape(format!(
+                "hyperparameters for {} param_groups; the plan reads param_group {}",
+                hyper.len(),
+                self.plan.max_param_group()
+            )));
+        }
+        // Every param_group the plan reads is checked before anything moves: a bad value is an
+        // error that leaves the state as it was, never a half-advanced step.
+        for lane in &self.lanes {
+            let h = hyper[lane.param_group];
+            h.hyper().validate(None)?;
+            if h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "nesterov requires momentum > 0 and dampening = 0 (as torch.optim.SGD), got momentum {} and dampening {}",
+                    h.momentum, h.dampening
+                )));
+            }
+        }
+        if out.is_some_and(|o| o.len() != ROW_FIELDS.len() * self.plan.groups()) {
+            return Err(Error::Shape(format!("a run's row is ({}, {}) float64", ROW_FIELDS.len(), self.plan.groups())));
+        }
+        Ok(())
+    }
+
+    fn lane_hyper(&self, hyper: &[ParamGroupHyper]) -> Vec<ParamGroupHyper> {
+        self.lanes.iter().map(|l| hyper[l.param_group]).collect()
+    }
+
+    /// One measured `torch.optim.SGD` step. `rows`: (rows × k) fused sums of (θ_n, ĝ_n) (k = 5)
+    /// or (θ_n, ĝ_n, b_{n−1}) (k = 8, a momentum buffer exists); `extra`: the plain sums of
+    /// b_{n−1} over the plan's extra rows, ((extra rows) × 2); `hyper`: per param_group;
+    /// `out`: the run's row for θ_n, written in place (None: measured, not recorded).
+    pub fn step_sgd(
+        &mut self,
+        step: usize,
+        rows: &[f64],
+        k: usize,
+        extra: Option<&[f64]>,
+        hyper: &[ParamGroupHyper],
+        out: Option<&mut [f64]>,
+    ) -> Result<StepReport> {
+        self.check(hyper, out.as_deref())?;
+        if k != 5 && k != 8 {
+            return Err(Error::Shape(format!("an SGD step needs the sums of (θ, ĝ) or (θ, ĝ, b): 5 or 8 per row, got {k}")));
+        }
+        let has_buffer = k == 8;
+        let buffer_sums = if has_buffer { Some(self.plan.scatter_extra(extra.unwrap_or(&[]))?) } else { None };
+        let plan = &self.plan;
+        let summed = plan
+            .sum(rows, k, buffer_sums.as_deref(), |c, kind, s, bs| sgd_part(kind, s, bs, has_buffer, &hyper[plan.column_param_group[c]]))?;
+        if self.streams.is_none() {
+            self.start_streams(&summed, has_buffer, hyper)?;
+        }
+        let mut report = self.record(&summed, hyper, out);
+        self.held_drive = summed.columns.iter().map(|c| c[field::DRIVE]).collect();
+        report.notes = self.advance_paper(step, hyper)?;
+        if self.exact == ExactMode::Ledger {
+            let lane_hyper = self.lane_hyper(hyper);
+            self.streams.as_mut().expect("started above").advance_ledger(&summed.columns, &lane_hyper)?;
+        }
+        self.advance_clock(hyper);
+        self.last_columns = summed.columns;
+        Ok(report)
+    }
+
+    /// One measured step of any other optimizer. `rows`: (rows × 8) fused sums of
+    /// (θ_n, ĝ_n, d_n), d_n = θ_n − θ_{n+1}; `extra`: the plain sums of d_n over the plan's
+    /// extra rows; `hyper` and `out` as for [`Tracker::step_sgd`].
+    pub fn step_update(
+        &mut self,
+        rows: &[f64],
+        k: usize,
+        extra: Option<&[f64]>,
+        hyper: &[ParamGroupHyper],
+        out: Option<&mut [f64]>,
+    ) -> Result<StepReport> {
+        self.check(hyper, out.as_deref())?;
+        if k != 8 {
+            return Err(Error::Shape(format!("a measured update needs the sums of (θ, ĝ, d): 8 per row, got {k}")));
+        }
+        let update_sums = self.plan.scatter_extra(extra.unwrap_or(&[]))?;
+        let plan = &self.plan;
+        let summed =
+            plan.sum(rows, k, Some(&update_sums), |c, kind, s, ds| update_part(kind, s, ds, hyper[plan.column_param_group[c]].lr))?;
+        if self.streams.is_none() {
+            self.start_streams(&summed, false, hyper)?;
+        }
+        let report = self.record(&summed, hyper, out);
+        if self.exact == ExactMode::Measured {
+            self.streams.as_mut().expect("started above").advance_measured(&summed.columns)?;
+        }
+        self.advance_clock(hyper);
+        self.last_columns = summed.columns;
+        Ok(report)
+    }
+
+    /// A step that is not measured: the clock moves, and the paper's closed form advances with
+    /// the last measured drive. Returns notes (a closed form that stopped).
+    pub fn skip(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
+        self.check(hyper, None)?;
+        let notes = self.advance_paper(step, hyper)?;
+        self.advance_clock(hyper);
+        Ok(notes)
+    }
+
+    /// The charges of the parameters now, from `rows` (rows × 2: Σθ, Σθ² per row), with the
+    /// theories' current predictions; None before the first measured step.
+    pub fn final_row(&self, rows: &[f64], k: usize) -> Result<Option<FinalRow>> {
+        let Some(streams) = &self.streams else { return Ok(None) };
+        let summed = self.plan.sum(rows, k, None, |_, kind, s, _| {
+            let mut v = [0.0; FIELDS];
+            v[field::CHARGE] = if kind == Kind::Translation { s[0] } else { s[1] };
+            v
+        })?;
+        let (paper, exact) = streams.predictions();
+        Ok(Some(FinalRow {
+            time: self.time(),
+            measured: summed.groups.iter().map(|g| g[field::CHARGE]).collect(),
+            magnitude: summed.unsigned.iter().enumerate().map(|(g, u)| self.plan.magnitude(g, u)).collect(),
+            paper,
+            exact,
+        }))
+    }
+
+    /// The streams of every lane from the first measured step's charges (and, when the
+    /// optimizer already holds a momentum buffer, ⟨θ_0, b_{−1}⟩: docs/theory.md §5.2, §5.3).
+    fn start_streams(&mut self, summed: &Summed, has_buffer: bool, hyper: &[ParamGroupHyper]) -> Result<()> {
+        let y0: Vec<f64> = summed.columns.iter().map(|c| c[field::CHARGE]).collect();
+        let buffer_dot: Option<Vec<f64>> = has_buffer.then(|| summed.columns.iter().map(|c| c[field::BUFFER_DOT]).collect());
+        let mut streams = Lanes::new(self.plan.column_group.clone(), self.plan.groups())?;
+        for lane in &self.lanes {
+            let exact = match self.exact {
+                ExactMode::Ledger => {
+                    let b0 = buffer_dot.as_ref().map(|b| take(b, &lane.cols));
+                    Exact::Ledger(LedgerState::new(lane.kind, &take(&y0, &lane.cols), b0.as_deref())?)
+                }
+                ExactMode::Measured => Exact::Measured(take(&y0, &lane.cols)),
+                ExactMode::None => Exact::None,
+            };
+            let paper = if self.paper && !lane.paper_cols.is_empty() {
+                let h = hyper[lane.param_group];
+                // ẏ(0) = −2⟨θ_0, b_{−1}⟩/(1−d) (translation: −⟨1, b_{−1}⟩/(1−d)).
+                let factor = if lane.kind == Kind::Translation { -1.0 } else { -2.0 };
+                let ydot0 = match &buffer_dot {
+                    Some(b) if h.momentum > 0.0 => {
+                        Some(take(b, &lane.paper_cols).iter().map(|v| factor * v / (1.0 - h.dampening)).collect::<Vec<_>>())
+                    }
+                    _ => None,
+                };
+                Some(PaperState::new(lane.kind, &take(&y0, &lane.paper_cols), ydot0.as_deref())?)
+            } else {
+                None
+            };
+            streams.add(lane.kind, lane.cols.clone(), lane.paper_cols.clone(), exact, paper)?;
+        }
+        self.streams = Some(streams);
+        Ok(())
+    }
+
+    /// Write the row of θ_n (if asked) and the regimes to report; the theories are not moved.
+    fn record(&mut self, summed: &Summed, hyper: &[ParamGroupHyper], out: Option<&mut [f64]>) -> StepReport {
+        let report = StepReport { time: self.time(), notes: Vec::new(), regimes: self.regimes(hyper) };
+        let (Some(out), Some(streams)) = (out, &self.streams) else { return report };
+        let plan = &self.plan;
+        let groups = plan.groups();
+        let (paper, exact) = streams.predictions();
+        let mut rows = out.chunks_exact_mut(groups.max(1));
+        let mut next = || rows.next().unwrap_or_default();
+        let [lr, momentum, dampening, weight_decay, measured, paper_row, exact_row, grad_sq, update_sq, flux, update_sum, magnitude, residual] =
+            std::array::from_fn(|_| next());
+        for (g, (values, u)) in summed.groups.iter().zip(&summed.unsigned).enumerate() {
+            let h = hyper[plan.group_param_group(g)];
+            lr[g] = h.lr;
+            momentum[g] = h.momentum;
+            dampening[g] = h.dampening;
+            weight_decay[g] = h.weight_decay;
+            measured[g] = values[field::CHARGE];
+            paper_row[g] = paper[g];
+            exact_row[g] = exact[g];
+            grad_sq[g] = values[field::GRAD_SQ];
+            update_sq[g] = values[field::UPDATE_SQ];
+            flux[g] = values[field::FLUX];
+            update_sum[g] = if plan.group_kind[g] == Kind::Translation { values[field::UPDATE_SUM] } else { f64::NAN };
+            magnitude[g] = plan.magnitude(g, u);
+            residual[g] = plan.residual(g, values[field::FLUX], u, summed.total_grad_sq, summed.total_size);
+        }
+        report
+    }
+
+    /// (symmetry, regime) of every lane's hyperparameters (the last lane of a kind wins), when
+    /// they differ from the last report.
+    fn regimes(&mut self, hyper: &[ParamGroupHyper]) -> Vec<(&'static str, &'static str)> {
+        if self.regimes_for.as_deref() == Some(hyper) {
+            return Vec::new();
+        }
+        let mut out: Vec<(&'static str, &'static str)> = Vec::new();
+        for lane in &self.lanes {
+            // A regime is a label: hyperparameters it cannot classify read "n/a".
+            let name = regime(lane.kind, hyper[lane.param_group].hyper()).map(|r| r.name()).unwrap_or("n/a");
+            match out.iter_mut().find(|(kind, _)| *kind == lane.kind.name()) {
+                Some(entry) => entry.1 = name,
+                None => out.push((lane.kind.name(), name)),
+            }
+        }
+        self.regimes_for = Some(hyper.to_vec());
+        out
+    }
+
+    /// One step of every lane's closed form with the held drive. A lane whose closed form fails
+    /// (momentum switched between zero and non-zero mid-run) stops there, with a note.
+    fn advance_paper(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
+        let lane_hyper = self.lane_hyper(hyper);
+        let Some(streams) = &mut self.streams else { return Ok(Vec::new()) };
+        let failed = streams.advance_paper(&self.held_drive, &lane_hyper)?;
+        Ok(failed
+            .into_iter()
+            .map(|(lane, why)| {
+                let kind = streams.kind(lane).map_or("?", Kind::name);
+                format!("paper closed form stopped at step {step} for {kind}: {why}")
+            })
+            .collect())
+    }
+
+    /// t_{n+1} = t_n + η_n(1 − d_n) per param_group (PyTorch ignores dampening without momentum).
+    fn advance_clock(&mut self, hyper: &[ParamGroupHyper]) {
+        if self.clock.len() < hyper.len() {
+            self.clock.resize(hyper.len(), 0.0); // optimizer.add_param_group() during training
+        }
+        for (t, h) in self.clock.iter_mut().zip(hyper) {
+            *t += h.lr * (1.0 - if h.momentum > 0.0 { h.dampening } else { 0.0 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracking::plan::PlanArrays;
+
+    /// One scale group (two rows = two parts, one column) and one translation group (one row).
+    fn plan() -> Plan {
+        Plan::new(PlanArrays {
+            part_row_starts: vec![0, 1, 2, 3],
+            part_rows: vec![0, 1, 2],
+            part_sign: vec![1.0, 1.0, 1.0],
+            part_column: vec![0, 0, 1],
+            part_size: vec![2.0, 2.0, 3.0],
+            column_group: vec![0, 1],
+            column_param_group: vec![0, 0],
+            group_kind: vec![1, 0],
+            group_size: vec![4.0, 3.0],
+            extra_rows: vec![2],
+            rows: 3,
+        })
+        .unwrap()
+    }
+
+    fn sgd(lr: f64, momentum: f64) -> ParamGroupHyper {
+        ParamGroupHyper { lr, momentum, dampening: 0.0, weight_decay: 1e-3, nesterov: false }
+    }
+
+    #[test]
+    fn a_step_writes_the_row_then_moves_clock_and_theories() {
+        let mut t = Tracker::new(plan(), true, 1);
+        let rows = [1.0, 2.0, 0.1, 0.5, 0.0, /* */ -1.0, 3.0, 0.2, 0.5, 0.0, /* */ 0.5, 1.0, 0.0, 0.3, 0.1];
+        let mut out = vec![f64::NAN; 13 * 2];
+        let report = t.step_sgd(0, &rows, 5, None, &[sgd(0.1, 0.0)], Some(&mut out)).unwrap();
+        assert_eq!(report.time, 0.0);
+        assert_eq!(report.regimes, vec![("translation", "first-order"), ("scale", "first-order")]);
+        let at = |field: &str, g: usize| out[ROW_FIELDS.iter().position(|f| *f == field).unwrap() * 2 + g];
+        assert_eq!((at("measured", 0), at("measured", 1)), (5.0, 0.5));
+        assert_eq!((at("paper", 0), at("exact", 1)), (5.0, 0.5)); // predictions of θ_0: the start
+        assert_eq!(at("lr", 1), 0.1);
+        assert!(at("update_sum", 0).is_nan() && at("update_sum", 1).is_finite());
+        assert_eq!(at("residual", 0), 0.0); // ⟨θ, ĝ⟩ = 0: a perfect scale symmetry
+        assert!((t.time() - 0.1).abs() < 1e-15);
+        // Same hyperparameters: no regimes to report; a skipped step moves the clock.
+        assert!(t.step_sgd(1, &rows, 5, None, &[sgd(0.1, 0.0)], None).unwrap().regimes.is_empty());
+        t.skip(2, &[sgd(0.2, 0.0)]).unwrap();
+        assert!((t.time() - 0.4).abs() < 1e-15);
+        let last = t.final_row(&[1.0, 2.0, -1.0, 3.0, 0.5, 1.0], 2).unwrap().unwrap();
+        assert_eq!(last.measured, vec![5.0, 0.5]);
+        assert_eq!(last.magnitude, vec![5.0, 3f64.sqrt()]);
+    }
+
+    #[test]
+    fn momentum_switched_off_stops_the_closed_form_with_a_note() {
+        let mut t = Tracker::new(plan(), true, 1);
+        let rows = [1.0; 15];
+        t.step_sgd(0, &rows, 5, None, &[sgd(0.1, 0.9)], None).unwrap();
+        let report = t.step_sgd(1, &[1.0; 24], 8, Some(&[0.5, 0.25]), &[sgd(0.1, 0.0)], None).unwrap();
+        assert_eq!(report.notes.len(), 2, "{:?}", report.notes);
+        assert!(report.notes[0].starts_with("paper closed form stopped at step 1 for translation"));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_and_leaves_the_state() {
+        let mut t = Tracker::new(plan(), false, 1);
+        let h = [sgd(0.1, 0.0)];
+        assert!(matches!(t.step_update(&[0.0; 15], 5, None, &h, None), Err(Error::Shape(_))));
+        assert!(matches!(t.step_update(&[0.0; 24], 8, None, &h, None), Err(Error::Shape(_)))); // extra rows missing
+        assert!(matches!(t.step_update(&[0.0; 24], 8, Some(&[0.0; 2]), &[], None), Err(Error::Shape(_))));
+        assert!(matches!(t.step_update(&[0.0; 24], 8, Some(&[0.0; 2]), &h, Some(&mut [0.0; 3])), Err(Error::Shape(_))));
+        assert!(t.final_row(&[0.0; 6], 2).unwrap().is_none());
+        assert_eq!(t.time(), 0.0);
+        t.step_update(&[0.0; 24], 8, Some(&[0.0; 2]), &h, None).unwrap();
+        assert!((t.time() - 0.1).abs() < 1e-15);
+    }
+}
