@@ -1,4 +1,4 @@
-"""group_stats / group_stats_batch against float64 numpy references (THEORY.md §2, §6)."""
+"""group_stats / group_stats_batch against float64 numpy references (docs/theory.md §2, §6)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": t
 
 
 def reference(theta, grad=None, velocity=None, axis=0, block=1):
-    """Per-group sums in float64 by numpy, straight from THEORY.md §2's definition."""
+    """Per-group sums in float64 by numpy, straight from docs/theory.md §2's definition."""
 
     def grouped(x):
         x = np.asarray(x, dtype=np.float64)

@@ -3,7 +3,7 @@
 For small float64 models with randomised normaliser affines and biases (so that clipping
 activations really clip), it tests every weight row, weight column / column block, whole tensor
 and (row of one tensor [+ the same row of a tensor of the same length], column or column block of
-another) pair against the gradient constraints of THEORY.md section 3 on several random batches.
+another) pair against the gradient constraints of docs/theory.md §3 on several random batches.
 Every group the oracle finds true must be claimed by find_symmetries (up to unions of claims and
 entries without gradient), and every claim must hold.
 """

@@ -1,4 +1,4 @@
-"""find_symmetries on hand-built models: every pattern of THEORY.md section 2, proved by verify."""
+"""find_symmetries on hand-built models: every pattern of docs/theory.md §2, proved by verify."""
 
 import pytest
 import torch

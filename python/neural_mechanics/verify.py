@@ -1,6 +1,6 @@
 """verify: prove (or refute) claimed symmetry groups with the model's own gradients.
 
-For every group the geometric constraint of THEORY.md section 3 is measured on one batch:
+For every group the geometric constraint of docs/theory.md §3 is measured on one batch:
 the gradient constraint from one backward pass and, on request, the Hessian constraint from
 Hessian-vector products (double backward). A true group gives ~1e-7 in float32, a false claim
 O(1); BatchNorm's epsilon breaks scale groups by about eps / (sigma^2 + eps), which is predicted
@@ -51,7 +51,7 @@ def _eps_prediction(kind: str, module: torch.nn.Module, x: torch.Tensor, eps: fl
 
 def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None = None,
            hessian: bool = False, tol: float = 1e-5, output: str = "logits"):
-    """Per group, the normalised constraint residuals of THEORY.md section 3, as a DataFrame.
+    """Per group, the normalised constraint residuals of docs/theory.md §3, as a DataFrame.
 
     ``data`` is ``(inputs, targets)``; the loss is ``loss_fn(model(*inputs), targets)``. With
     ``symmetries=None`` the groups are discovered from ``inputs`` (``output`` is passed on).

@@ -1,4 +1,4 @@
-//! THEORY.md §5.4: the equilibrium a scale group's norm reaches when minibatch noise dominates
+//! docs/theory.md §5.4: the equilibrium a scale group's norm reaches when minibatch noise dominates
 //! the steps (successive gradients uncorrelated), ηλ small; corrections are O(ηλ/(1−β)²).
 
 use crate::error::{Error, Result};
@@ -59,7 +59,7 @@ pub fn sgd(lr: f64, weight_decay: f64, grad_sq_unit: f64, momentum: f64, dampeni
 }
 
 /// AdamW (decoupled λ, first-moment β1). update_sq = E|u_A|², the squared norm of Adam's step
-/// direction (≈ |A| when noise dominates).
+/// direction (≈ |A|(1−β1)/(1+β1) when noise dominates: the first moment averages the noise down).
 ///   |θ*|² = ηE|u|²(1+β1)/(2λ(1−β1)),  angle √(2ηλ(1−β1)/(1+β1)),  η/|θ*|,  1/(2ηλ).
 pub fn adamw(lr: f64, weight_decay: f64, update_sq: f64, beta1: f64) -> Result<Equilibrium> {
     check("lr", lr, 0.0, None)?;

@@ -1,4 +1,4 @@
-//! THEORY.md §5.3: the exact discrete ledger of `torch.optim.SGD`, and the optimizer-agnostic
+//! docs/theory.md §5.3: the exact discrete ledger of `torch.optim.SGD`, and the optimizer-agnostic
 //! identity for any optimizer whose update is measured.
 //!
 //! With u_n the applied update (θ_{n+1} = θ_n − η_n u_n), g_n = λ y_n + s_n (s_n the measured

@@ -1,5 +1,5 @@
 """Symmetry discovery: which parameter groups of a model carry a translation, scale or rescale
-symmetry (THEORY.md section 2), read from the model's real dataflow.
+symmetry (docs/theory.md §2), read from the model's real dataflow.
 
 - ``trace.py``: records the op-level dataflow of one forward pass (meta device first).
 - ``graph.py``: the graph of values and calls.

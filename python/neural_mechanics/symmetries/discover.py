@@ -319,7 +319,7 @@ def _compress(parts: list[tuple[str, tuple]], params: Mapping[str, torch.Tensor]
 
 
 def find_symmetries(model: torch.nn.Module, example_input: Any, output: str = "logits") -> Symmetries:
-    """Every translation, scale and rescale group of ``model`` (THEORY.md section 2).
+    """Every translation, scale and rescale group of ``model`` (docs/theory.md §2).
 
     ``example_input`` is what ``model`` is called with (a tensor, or a tuple of positional
     arguments). ``output="logits"`` says the model's (first) output feeds softmax / cross-entropy

@@ -19,7 +19,7 @@ Part = tuple  # (parameter name, index, sign)
 
 @dataclass(frozen=True)
 class SymmetryGroup:
-    """One group A of THEORY.md section 2 and the parameter entries it is made of.
+    """One group A of docs/theory.md §2 and the parameter entries it is made of.
 
     ``parts`` lists ``(parameter name, index, sign)``: ``param[index]`` are the entries, ``sign``
     is +1, or -1 for the outgoing side of a rescale group. ``normalizers`` (filled by discovery

@@ -1,6 +1,6 @@
 """Follow one perturbation of a layer's output through the dataflow graph to where it is absorbed.
 
-Every symmetry of THEORY.md section 2 is a perturbation of one layer's output that some later op
+Every symmetry of docs/theory.md §2 is a perturbation of one layer's output that some later op
 undoes. Three kinds are followed ("mode"):
 
 - ``scale``: channel (unit) i of the output is multiplied by alpha > 0. A BatchNorm /
