@@ -1,18 +1,26 @@
 """Writes the three notebooks of this folder (without outputs) with nbformat.
 
-The .ipynb files are committed; rerun this after editing a cell here:
-``python notebooks/build_notebooks.py``. Every notebook reads ``NM_QUICK=1`` from the
-environment (tests/test_notebooks.py sets it) to run in a few seconds with few steps.
+The .ipynb files are committed and are generated, never edited by hand: edit a cell here, then
+``python notebooks/build_notebooks.py``. ``--check`` writes nothing: it builds every notebook in
+memory and exits 1, naming each notebook that differs from the committed file (the test suite
+runs it, tests/test_notebooks.py). Generation is byte-for-byte deterministic: cell ids are the
+notebook's name and the cell's position, the format version is pinned. Every notebook reads
+``NM_QUICK=1`` from the environment (tests/test_notebooks.py sets it) to run in a few seconds
+with few steps.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
+NBFORMAT_MINOR = 5  # 4.5: the first version with cell ids
 
 SETUP = """\
 %matplotlib inline
@@ -132,14 +140,14 @@ plots.plot_exact_dynamics(panels, groups=8)"""
         ),
         new_markdown_cell(
             "## How good is each theory?\n\n"
-            "The exact ledger (THEORY §5.3) accounts for every step to float precision; the paper's closed form "
+            "The exact ledger (docs/theory.md §5.3) accounts for every step to float precision; the paper's closed form "
             "with momentum (§5.2) is a continuous-time model, accurate to O(η)."
         ),
         new_code_cell("plots.plot_errors(runs['vgg_bn'])"),
         new_code_cell("report.summary_table(runs)"),
         new_markdown_cell(
             "## The geometric constraints hold at every step\n\n"
-            "Each symmetry makes the gradient orthogonal to its generator (THEORY §3): residuals near float32 "
+            "Each symmetry makes the gradient orthogonal to its generator (docs/theory.md §3): residuals near float32 "
             "precision. Biases before BatchNorm have no gradient at all, and so prove nothing."
         ),
         new_code_cell("plots.plot_residuals(runs['vgg_bn'])"),
@@ -161,7 +169,7 @@ def equilibrium() -> list:
             "# Equilibrium and the effective learning rate\n\n"
             "A channel before BatchNorm is scale-invariant: its loss does not depend on |θ_A|. Weight decay "
             "shrinks the norm, the finite learning rate grows it (the η|ĝ|² \"centrifugal\" term), and the two "
-            "balance at (THEORY §5.4, SGD with momentum β, dampening d, coupled weight decay λ)\n\n"
+            "balance at (docs/theory.md §5.4, SGD with momentum β, dampening d, coupled weight decay λ)\n\n"
             "|θ*|⁴ = η(1−d) E|g̃|² / (2λ(1−β)),\n\n"
             "where g̃ is the gradient at unit norm (|g̃_A| = |ĝ_A|·|θ_A|). The direction then moves with the "
             "*effective* learning rate η/|θ|², and the norm relaxes to equilibrium in about (1−β)/(4ηλ(1−d)) steps."
@@ -169,7 +177,8 @@ def equilibrium() -> list:
         new_code_cell(SETUP),
         new_code_cell(
             """\
-from neural_mechanics import data_sources, models, plots, report
+from neural_mechanics import data_sources, models, plots
+from neural_mechanics.equilibrium import equilibrium_summary, equilibrium_table
 
 source = data_sources.digits()
 # A weight decay of 5e-3 and lr 0.1 make the relaxation time (1-β)/(4ηλ) = 50 steps, so the run
@@ -184,7 +193,7 @@ nm.theory.equilibrium_sgd(lr=recipe.lr, weight_decay=recipe.weight_decay, grad_s
             "E|g̃|² is measured by the tracker (`grad_sq` × `measured` for scale groups), averaged over the "
             "second half of the run. A ratio near 1 means the layer sits at its equilibrium."
         ),
-        new_code_cell("report.equilibrium_summary(run)"),
+        new_code_cell("equilibrium_summary(run)"),
         new_code_cell("plots.plot_equilibrium(run)"),
         new_markdown_cell(
             "## The effective learning rate\n\n"
@@ -201,22 +210,71 @@ nm.theory.equilibrium_sgd(lr=recipe.lr, weight_decay=recipe.weight_decay, grad_s
         new_code_cell(
             """\
 demo = models.train("vgg_bn", source, models.Recipe(steps=60 if QUICK else 1500))
-table = report.equilibrium_table(demo.run)
+table = equilibrium_table(demo.run)
 table[["layer", "label", "final_norm_sq", "predicted_norm_sq", "ratio", "relaxation_steps", "phase_steps"]].head(8)"""
         ),
         new_code_cell("plots.plot_equilibrium(demo.run)"),
     ]
 
 
-def write(name: str, cells: list) -> Path:
+NOTEBOOKS: dict[str, Callable[[], list]] = {"quickstart": quickstart, "paper_figures": paper_figures, "equilibrium": equilibrium}
+
+
+def render(name: str) -> str:
+    """Notebook ``name`` as the exact text of its .ipynb file."""
+    cells = NOTEBOOKS[name]()
+    for position, cell in enumerate(cells):
+        cell.id = f"{name}-{position:02d}"  # deterministic (nbformat's default is random)
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                                              "language_info": {"name": "python"}})
+    nb.nbformat_minor = NBFORMAT_MINOR
     nbformat.validate(nb)
-    path = HERE / f"{name}.ipynb"
-    nbformat.write(nb, path)
-    return path
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def write(folder: Path = HERE) -> list[Path]:
+    paths = []
+    for name in NOTEBOOKS:
+        path = folder / f"{name}.ipynb"
+        path.write_bytes(render(name).encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+def check(folder: Path = HERE) -> list[str]:
+    """What differs between the notebooks in ``folder`` and what this script writes (empty: nothing)."""
+    problems = []
+    for name in NOTEBOOKS:
+        path = folder / f"{name}.ipynb"
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.read_bytes() != render(name).encode("utf-8"):
+            problems.append(f"{path}: differs from what build_notebooks.py writes")
+    for path in sorted(folder.glob("*.ipynb")):
+        if path.stem not in NOTEBOOKS:
+            problems.append(f"{path}: not written by build_notebooks.py")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed notebook differs")
+    parser.add_argument("--dir", type=Path, default=HERE, help="the notebooks' folder (default: this script's)")
+    args = parser.parse_args(argv)
+    if not args.check:
+        for path in write(args.dir):
+            print(path)
+        return 0
+    problems = check(args.dir)
+    for line in problems:
+        print(line)
+    if problems:
+        print("regenerate them: python notebooks/build_notebooks.py")
+        return 1
+    print(f"{len(NOTEBOOKS)} notebooks match build_notebooks.py")
+    return 0
 
 
 if __name__ == "__main__":
-    for name, cells in (("quickstart", quickstart()), ("paper_figures", paper_figures()), ("equilibrium", equilibrium())):
-        print(write(name, cells))
+    sys.exit(main())

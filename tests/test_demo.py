@@ -11,6 +11,7 @@ import torch
 
 import neural_mechanics as nm
 from neural_mechanics import cli, data_sources, models
+from neural_mechanics.errors import InvalidArgumentError, ShapeError
 
 STEPS = 60  # enough for the lr step (at 75%) and for every charge to move; a few seconds
 
@@ -165,3 +166,20 @@ def test_own_data_any_dataset_and_tensors(tmp_path):
     assert data_sources.load(str(tmp_path / "d.pt")).num_classes == 10
     with pytest.raises(ValueError):
         data_sources.load(str(tmp_path / "nothing-here"))
+
+
+def test_bad_inputs_raise_library_errors(tmp_path):
+    with pytest.raises(InvalidArgumentError):
+        models.build("resnet")
+    with pytest.raises(ShapeError):
+        models.vgg(image_size=2)  # two poolings leave nothing of a 2x2 image
+    with pytest.raises(InvalidArgumentError):
+        data_sources.digits(test_fraction=1.0)
+    with pytest.raises(InvalidArgumentError):
+        data_sources.from_dataset((torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)))
+    with pytest.raises(ShapeError):
+        data_sources.from_dataset((torch.zeros(4, 1, 8, 6), torch.zeros(4, dtype=torch.int64)))
+    with pytest.raises(InvalidArgumentError):
+        data_sources.load(str(tmp_path / "nothing-here"))
+    with pytest.raises(InvalidArgumentError):
+        cli.demo(tmp_path / "out", steps=1, progress=False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from neural_mechanics import data_sources, models, plots, report
+from neural_mechanics import data_sources, equilibrium, models, plots, report
+from neural_mechanics.errors import InvalidArgumentError, UnknownColumnError
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_exact_dynamics_figure(runs):
 
 
 def test_equilibrium_prediction_matches_theory_formula(runs):
-    # |θ*|⁴ = η(1−d)E|g̃|²/(2λ(1−β)) with E|g̃|² = grad_sq·|θ|² (THEORY §5.4)
+    # |θ*|⁴ = η(1−d)E|g̃|²/(2λ(1−β)) with E|g̃|² = grad_sq·|θ|² (docs/theory.md §5.4)
     run = runs["vgg_bn"]
     table = report.equilibrium_table(run, window=1.0)
     start, last = report.last_phase(run)
@@ -125,3 +126,25 @@ def test_equilibrium_prediction_matches_theory_formula(runs):
     lr, wd, beta = run.array("lr")[last, 0], run.array("weight_decay")[last, 0], run.array("momentum")[last, 0]
     expected = np.sqrt(lr * unit / (2 * wd * (1 - beta)))
     assert np.allclose(table["predicted_norm_sq"], expected, rtol=1e-9)
+
+
+def test_the_equilibrium_analysis_keeps_its_old_names_in_report(runs):
+    for name in ("equilibrium_series", "equilibrium_table", "equilibrium_summary", "grad_sq_unit", "last_phase"):
+        assert getattr(report, name) is getattr(equilibrium, name), name
+    assert equilibrium.has_equilibrium(runs["vgg_bn"]) and not equilibrium.has_equilibrium(runs["vgg"])
+    assert np.isnan(equilibrium.equilibrium_series(runs["vgg"])).all()
+
+
+def test_bad_arguments_raise_library_errors(runs):
+    run = runs["vgg_bn"]
+    with pytest.raises(InvalidArgumentError):
+        plots.plot_charges(run, "dilation")
+    with pytest.raises(InvalidArgumentError):
+        plots.plot_errors(run, x="epoch")
+    with pytest.raises(InvalidArgumentError):
+        plots.pick_groups(run, "scale", "classifier")
+    with pytest.raises(InvalidArgumentError):
+        plots.plot_exact_dynamics([])
+    with pytest.raises(UnknownColumnError) as info:
+        run.array("loss")
+    assert isinstance(info.value, KeyError)

@@ -35,23 +35,15 @@ def test_chunked_device_sums_match(monkeypatch):
 
 def test_tracking_with_the_delayed_device_path_on_cpu_equals_rust():
     """The whole CUDA code path, run on CPU: results consumed one step late, same run."""
-    import torch.nn as nn
-    import torch.nn.functional as F
+    from helpers import bn_mlp, digits, sgd, train_steps
 
-    x, y = nm.load_digits(flatten=True)
+    x, y = digits(flatten=True)
     runs = {}
     for reducer in ("rust", "torch", "torch-sync"):
-        torch.manual_seed(3)
-        model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        g = torch.Generator().manual_seed(0)
+        model = bn_mlp((32,), seed=3)
+        opt = sgd()(model)
         with nm.track(model, opt, reducer=reducer) as tracker:
-            for _ in range(25):
-                idx = torch.randint(0, len(x), (32,), generator=g)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            train_steps(model, opt, x, y, 25)
         runs[reducer] = tracker.run
     base = runs["rust"]
     for name in ("torch", "torch-sync"):

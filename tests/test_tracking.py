@@ -5,43 +5,25 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import bn_mlp, digits, sgd, train_steps
 
 import neural_mechanics as nm
 from neural_mechanics.errors import InvalidArgumentError, NothingToTrackError
 
-X, Y = nm.load_digits(flatten=True)
+X, Y = digits(flatten=True)
 
 
-def mlp() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
-    )
-
-
-def loop(model, opt, steps, *, tracker_kw=None, accumulate=1, before=None):
-    g = torch.Generator().manual_seed(0)
-    for n in range(steps):
-        if before is not None:
-            before(n)
-        opt.zero_grad()
-        for _ in range(accumulate):
-            idx = torch.randint(0, len(X), (32,), generator=g)
-            F.cross_entropy(model(X[idx]), Y[idx]).backward()
-        opt.step()
+def loop(model, opt, steps, *, accumulate=1):
+    """``steps`` SGD steps on batches of 32 flattened digits, the batches drawn from seed 0."""
+    train_steps(model, opt, X, Y, steps, accumulate=accumulate)
 
 
 def tracked(opt_factory, steps=60, **kw):
-    model = mlp()
+    model = bn_mlp()
     opt = opt_factory(model)
     with nm.track(model, opt, **kw) as tracker:
         loop(model, opt, steps)
     return tracker.run, model, opt, tracker
-
-
-def sgd(**kw):
-    args = dict(lr=0.05, momentum=0.9, weight_decay=5e-4) | kw
-    return lambda m: torch.optim.SGD(m.parameters(), **args)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +43,7 @@ def test_plain_sgd_paper_is_close():
 
 
 def test_groups_are_discovered_at_the_first_forward_and_hooks_go_away():
-    model = mlp()
+    model = bn_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = nm.track(model, opt)
     assert "?" in repr(tracker)
@@ -95,7 +77,7 @@ def test_nothing_to_track_raises():
 
 
 def test_bad_arguments():
-    model = mlp()
+    model = bn_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for kw in (dict(every=0), dict(record_every=-1), dict(every=1.5)):
         with pytest.raises(InvalidArgumentError):
@@ -143,7 +125,7 @@ def test_mixed_hyperparameters_inside_one_group():
 
 
 def test_frozen_parameters_are_reported_not_dropped():
-    model = mlp()
+    model = bn_mlp()
     model[5].weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     with nm.track(model, opt) as tracker:
@@ -154,7 +136,7 @@ def test_frozen_parameters_are_reported_not_dropped():
 
 
 def test_existing_momentum_buffer_before_tracking():
-    model = mlp()
+    model = bn_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=0.2, weight_decay=5e-4)
     loop(model, opt, 20)  # the buffer exists before tracking starts
     with nm.track(model, opt) as tracker:
@@ -165,7 +147,7 @@ def test_existing_momentum_buffer_before_tracking():
 
 
 def test_gradient_accumulation_counts_one_step_per_optimizer_step():
-    model = mlp()
+    model = bn_mlp()
     opt = sgd()(model)
     with nm.track(model, opt) as tracker:
         loop(model, opt, 12, accumulate=3)
@@ -175,7 +157,7 @@ def test_gradient_accumulation_counts_one_step_per_optimizer_step():
 
 
 def test_steps_skipped_by_grad_scaler_are_not_counted():
-    model = mlp()
+    model = bn_mlp()
     opt = sgd()(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     g = torch.Generator().manual_seed(0)
@@ -195,7 +177,7 @@ def test_steps_skipped_by_grad_scaler_are_not_counted():
 
 
 def test_lr_scheduler_changes_are_followed():
-    model = mlp()
+    model = bn_mlp()
     opt = sgd()(model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
     with nm.track(model, opt) as tracker:
@@ -233,7 +215,7 @@ def test_save_and_reload_a_tracked_run(tmp_path):
 
 
 def test_a_parameter_without_gradient_is_reported():
-    model = mlp()
+    model = bn_mlp()
     opt = sgd()(model)
     with nm.track(model, opt) as tracker:
         loop(model, opt, 3)
@@ -246,7 +228,7 @@ def test_a_parameter_without_gradient_is_reported():
 
 
 def test_a_param_group_added_during_training_does_not_break_the_loop():
-    model = mlp()
+    model = bn_mlp()
     head = [p for n, p in model.named_parameters() if n.startswith("5.")]
     body = [p for n, p in model.named_parameters() if not n.startswith("5.")]
     opt = torch.optim.SGD(body, lr=0.05, momentum=0.9)

@@ -7,8 +7,7 @@ closed form within 2e-2, its propagator continuing through the learning-rate dro
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from helpers import acceptance_net, digits, sgd, train_steps
 
 import neural_mechanics as nm
 
@@ -16,42 +15,15 @@ STEPS = 400
 BATCH = 64
 
 
-def acceptance_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-
-
 def train(optimizer_factory, *, steps=STEPS, every=1, scheduler=True, seed=0):
     torch.manual_seed(seed)
-    x, y = nm.load_digits()
+    x, y = digits()
     model = acceptance_net()
     opt = optimizer_factory(model)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[240], gamma=0.2) if scheduler else None
-    g = torch.Generator().manual_seed(seed)
     with nm.track(model, opt, every=every) as tracker:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (BATCH,), generator=g)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
+        train_steps(model, opt, x, y, steps, batch=BATCH, seed=seed, scheduler=sched)
     return tracker.run
-
-
-def sgd(nesterov=False):
-    return lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
 
 
 @pytest.fixture(scope="module")

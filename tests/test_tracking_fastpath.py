@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from helpers import digits, train_steps
 
 import neural_mechanics as nm
 from neural_mechanics import _native, theory
@@ -24,7 +24,7 @@ from neural_mechanics.errors import (
 from neural_mechanics.run import COLUMNS, GroupInfo, Run
 from neural_mechanics.tracking.reducers import RustReducer
 
-X, Y = nm.load_digits()
+X, Y = digits()
 
 
 def convnet(channels_last: bool = False) -> nn.Module:
@@ -39,12 +39,7 @@ def convnet(channels_last: bool = False) -> nn.Module:
 
 
 def train(model, opt, tracker, steps=6):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(X), (32,), generator=g)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(X[idx]), Y[idx]).backward()
-        opt.step()
+    train_steps(model, opt, X, Y, steps)
     return tracker.run
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidArgumentError
+
 QUICK_STEPS = 150
 DEFAULT_STEPS = 1500
 DEFAULT_MODELS = ("vgg_bn", "vgg", "mlp")
@@ -45,7 +47,7 @@ def demo(
         source = data_sources.from_dataset(data)
     n_steps = steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS)
     if n_steps < 2:
-        raise ValueError(f"steps must be at least 2, got {n_steps}")
+        raise InvalidArgumentError(f"steps must be at least 2, got {n_steps}")
     recipe = zoo.Recipe(steps=n_steps)
     trained = [zoo.train(name, source, recipe, progress=progress) for name in models]
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .datasets import DIGITS_CREDIT, load_digits
+from .errors import InvalidArgumentError, ShapeError
 
 
 @dataclass
@@ -57,7 +58,7 @@ def _split(dataset: Any, test_fraction: float, seed: int) -> tuple[Any, Any]:
     from torch.utils.data import Subset, TensorDataset
 
     if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        raise InvalidArgumentError(f"test_fraction must be in [0, 1), got {test_fraction}")
     n = len(dataset)
     n_test = int(round(n * test_fraction))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -100,7 +101,7 @@ def image_folder(
     steps += [transforms.Resize((image_size, image_size)), transforms.ToTensor()]
     folder = datasets.ImageFolder(os.fspath(root), transform=transforms.Compose(steps))
     if len(folder) == 0:
-        raise ValueError(f"{root}: no images found (expected root/<class>/<image>)")
+        raise InvalidArgumentError(f"{root}: no images found (expected root/<class>/<image>)")
     channels = 1 if grayscale else 3
     if in_memory:
         x = torch.stack([folder[i][0] for i in range(len(folder))])
@@ -140,10 +141,10 @@ def from_dataset(
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(torch.is_tensor(t) for t in dataset):
         dataset = TensorDataset(dataset[0].float(), dataset[1].long())
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
+        raise InvalidArgumentError("the dataset is empty")
     image = dataset[0][0]
     if image.dim() != 3 or image.shape[1] != image.shape[2]:
-        raise ValueError(f"images must be (channels, size, size); got {tuple(image.shape)}")
+        raise ShapeError(f"images must be (channels, size, size); got {tuple(image.shape)}")
     if test is None:
         train, test = _split(dataset, test_fraction, seed)
     else:
@@ -167,7 +168,7 @@ def load(spec: str | os.PathLike[str] | None, *, image_size: int = 8) -> DataSou
         import torch
 
         return from_dataset(torch.load(path, weights_only=False), name=os.path.basename(path))
-    raise ValueError(f"--data {path!r}: expected 'digits', an ImageFolder directory or a .pt/.pth file")
+    raise InvalidArgumentError(f"--data {path!r}: expected 'digits', an ImageFolder directory or a .pt/.pth file")
 
 
 def batches(dataset: Any, batch_size: int, *, seed: int = 0) -> Iterator[tuple[Any, Any]]:

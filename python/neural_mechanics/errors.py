@@ -41,6 +41,14 @@ class RunIOError(NeuralMechanicsError, OSError):
     """The operating system refused to read or write a saved run."""
 
 
+class UnknownColumnError(NeuralMechanicsError, KeyError):
+    """A column name that a run does not record (``Run.array("nope")``)."""
+
+
+class RunNotOnThisRankError(NeuralMechanicsError, RuntimeError):
+    """The Run of a distributed tracker is only kept on rank 0."""
+
+
 __all__ = [
     "NeuralMechanicsError",
     "ShapeError",
@@ -51,4 +59,6 @@ __all__ = [
     "DeviceError",
     "RunFormatError",
     "RunIOError",
+    "UnknownColumnError",
+    "RunNotOnThisRankError",
 ]

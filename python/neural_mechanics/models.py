@@ -1,7 +1,7 @@
 """Reference models sized for small images (the packaged 8x8 digits by default).
 
 Each model is built so that the symmetry the demo plots from it really exists
-(THEORY.md section 2), which ``find_symmetries`` confirms (tests/test_demo.py checks it):
+(docs/theory.md §2), which ``find_symmetries`` confirms (tests/test_demo.py checks it):
 
 - ``vgg_bn``: Conv → BatchNorm → ReLU blocks, a Linear classifier.
   Translation: the classifier's columns (softmax). Scale: every conv before a BatchNorm.
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from .errors import InvalidArgumentError, ShapeError
+
 # (conv widths, pool after this block?) per block: two 8x8 blocks then one 4x4 block, ending 2x2,
 # so the classifier reads 2·2·width features. Small enough for a few hundred steps a second on
 # two CPU cores, large enough that every channel moves visibly.
@@ -44,7 +46,7 @@ def _vgg(in_channels: int, image_size: int, num_classes: int, batch_norm: bool, 
             size //= 2
         channels = width
     if size < 1:
-        raise ValueError(f"image_size {image_size} is too small for {sum(p for _, p in blocks)} poolings")
+        raise ShapeError(f"image_size {image_size} is too small for {sum(p for _, p in blocks)} poolings")
     layers += [("flatten", nn.Flatten()), ("classifier", nn.Linear(channels * size * size, num_classes))]
     return nn.Sequential(OrderedDict(layers))
 
@@ -84,7 +86,7 @@ def build(name: str, **shape: Any) -> nn.Module:
     try:
         ctor = REFERENCE_MODELS[name][0]
     except KeyError:
-        raise ValueError(f"unknown reference model {name!r}; one of {sorted(REFERENCE_MODELS)}") from None
+        raise InvalidArgumentError(f"unknown reference model {name!r}; one of {sorted(REFERENCE_MODELS)}") from None
     return ctor(**shape)
 
 

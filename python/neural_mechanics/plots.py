@@ -7,6 +7,11 @@ the cell's value, or ``display(fig)``); elsewhere ``fig.savefig("name.png")``. P
 draw into an axes of your own figure instead.
 
 This is the only module of the package that imports matplotlib.
+
+A run is read through its public methods (``array``, ``groups``, ``errors``, ...), duck-typed:
+this module never imports ``run``, not even lazily, because ``Run.plot`` and its siblings import
+this module at call time. What it draws it takes from ``equilibrium`` (the §5.4 analysis);
+``report`` imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from .equilibrium import equilibrium_series, equilibrium_table
+from .errors import InvalidArgumentError
 
 # The x axis of charge and error plots: the model time of the closed forms, or the step.
 TIME_LABEL = "time t = Σ η(1−d)"
@@ -62,7 +70,7 @@ def _xaxis(run: Any, x: str) -> tuple[np.ndarray, str]:
         return run.time_index, TIME_LABEL
     if x == "step":
         return run.step_index.astype(float), STEP_LABEL
-    raise ValueError(f"x must be 'time' or 'step', got {x!r}")
+    raise InvalidArgumentError(f"x must be 'time' or 'step', got {x!r}")
 
 
 def layers_of(run: Any, symmetry: str) -> list[str]:
@@ -77,7 +85,7 @@ def default_layer(run: Any, symmetry: str) -> str:
     layers = layers_of(run, symmetry)
     if not layers:
         present = sorted(set(run.groups.symmetry))
-        raise ValueError(f"the run has no {symmetry!r} groups (it has {present})")
+        raise InvalidArgumentError(f"the run has no {symmetry!r} groups (it has {present})")
     if symmetry != "translation":
         return layers[0]
     g = run.groups
@@ -92,7 +100,7 @@ def pick_groups(run: Any, symmetry: str, layer: str, groups: int | None = 8) -> 
     g = run.groups
     idx = np.flatnonzero((g.symmetry == symmetry) & (g.layer == layer))
     if not len(idx):
-        raise ValueError(f"no {symmetry!r} groups in layer {layer!r}; layers with it: {layers_of(run, symmetry)}")
+        raise InvalidArgumentError(f"no {symmetry!r} groups in layer {layer!r}; layers with it: {layers_of(run, symmetry)}")
     if groups is None or len(idx) <= groups:
         return idx
     measured = run.array("measured")[:, idx]
@@ -140,7 +148,7 @@ def plot_charges(
     learning-rate change.
     """
     if symmetry not in SYMMETRY_TITLE:
-        raise ValueError(f"symmetry must be one of {sorted(SYMMETRY_TITLE)}, got {symmetry!r}")
+        raise InvalidArgumentError(f"symmetry must be one of {sorted(SYMMETRY_TITLE)}, got {symmetry!r}")
     layer = default_layer(run, symmetry) if layer is None else layer
     idx = pick_groups(run, symmetry, layer, groups)
     fig, ax = _new_axes(ax)
@@ -191,7 +199,7 @@ def plot_exact_dynamics(panels: list[tuple[Any, str, str | None]], *, groups: in
     """The paper's "exact dynamics" figure: one panel per ``(run, symmetry, layer)``, measured
     solid, theories dashed/dotted; a Figure."""
     if not panels:
-        raise ValueError("no panels to draw")
+        raise InvalidArgumentError("no panels to draw")
     fig, axes = new_figure(len(panels), 1, width=4.8, height=3.9)
     axes = np.atleast_1d(axes)
     for k, (ax, (run, symmetry, layer)) in enumerate(zip(axes, panels)):
@@ -241,7 +249,7 @@ RESIDUAL_BINS = 150
 
 
 def plot_residuals(run: Any, ax: Any = None, *, x: str = "step", title: str | None = None) -> Any:
-    """Gradient-constraint residuals per layer (THEORY.md §3): the median over the layer's groups
+    """Gradient-constraint residuals per layer (docs/theory.md §3): the median over the layer's groups
     (line) and the band between its 10th and 90th percentiles, log scale; a Figure.
 
     ~1e-7 is a symmetry holding to float32 precision; O(1) is no symmetry. Groups with no
@@ -314,10 +322,8 @@ def plot_equilibrium(run: Any, layer: str | None = None, groups: int | None = 6,
     step's hyperparameters (dashed). Right: for every scale group, the predicted |θ*|² of the
     last learning-rate phase against the |θ_A|² reached at the end, with the line y = x; points
     below it are still relaxing down, above it still growing. ``table``: the output of
-    ``report.equilibrium_table`` (computed when None). ``window``: see that function.
+    ``equilibrium.equilibrium_table`` (computed when None). ``window``: see that function.
     """
-    from .report import equilibrium_series, equilibrium_table
-
     layer = default_layer(run, "scale") if layer is None else layer
     if table is None:
         table = equilibrium_table(run, window=window)
@@ -376,8 +382,6 @@ def _equilibrium_scatter(ax: Any, table: Any) -> None:
 def plot_effective_lr(run: Any, layer: str | None = None, groups: int | None = 6, ax: Any = None, *, x: str = "step") -> Any:
     """The effective angular learning rate η/|θ_A|² of scale groups over time (log scale), with
     its equilibrium value (dashed); a Figure."""
-    from .report import equilibrium_series
-
     layer = default_layer(run, "scale") if layer is None else layer
     idx = pick_groups(run, "scale", layer, groups)
     fig, ax = _new_axes(ax)

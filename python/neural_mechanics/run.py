@@ -8,6 +8,11 @@ per-step columns NaN.
 
 Errors everywhere are |prediction − measured| / (max over the run of the group's magnitude),
 where the magnitude is √|A|·|θ_A| (translation), |θ_A|² (scale), |θ_A1|² + |θ_A2|² (rescale).
+
+Import direction: this module records and reads runs and imports no rendering module at import
+time. ``Run.plot``, ``Run.plot_errors`` and ``Run.plot_residuals`` import ``plots`` when called;
+that edge stays acyclic because ``plots`` (and the ``equilibrium`` analysis it draws) never
+import this module, not even lazily.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from .errors import RunFormatError
+from .errors import RunFormatError, UnknownColumnError
 
 FILE_KIND = "neural-mechanics run"
 
@@ -212,7 +217,7 @@ class Run:
     def array(self, column: str) -> np.ndarray:
         """One column as a (rows, groups) array, final row included (see COLUMNS)."""
         if column not in COLUMNS:
-            raise KeyError(f"unknown column {column!r}; one of {COLUMNS}")
+            raise UnknownColumnError(f"unknown column {column!r}; one of {COLUMNS}")
         return self._rows()[2][column]
 
     @property
@@ -281,7 +286,7 @@ class Run:
             )
         return pd.DataFrame(rows)
 
-    # -- figures (neural_mechanics.plots; matplotlib is imported only here) -------------------
+    # -- figures (neural_mechanics.plots, imported at call time: matplotlib only when drawing) ---
     def plot(self, symmetry: str, layer: str | None = None, **kwargs: Any) -> Any:
         """Measured charges (solid) against theory (dashed) for one symmetry; a Figure."""
         from .plots import plot_charges

@@ -1,0 +1,183 @@
+"""The §5.4 equilibrium of scale groups (docs/theory.md §5.4), measured from a recorded run.
+
+Weight decay shrinks the norm of a scale-invariant group and the finite learning rate grows it;
+under torch.optim.SGD the two balance at |θ*|⁴ = η(1−d)E|g̃_A|²/(2λ(1−β)), where g̃_A is the
+gradient at unit norm (|g̃_A|² = |ĝ_A|²·|θ_A|², read from the run's ``grad_sq`` and ``measured``
+columns). This module turns a :class:`~neural_mechanics.Run` into that prediction: per row
+(:func:`equilibrium_series`), per group at the end of the last learning-rate phase
+(:func:`equilibrium_table`) and per layer (:func:`equilibrium_summary`). It computes; it draws
+and writes nothing (``plots`` and ``report`` do).
+
+Imports: ``theory`` only. A Run is read through its public methods (``array``, ``groups``,
+``step_index``, ``optimizer``), never imported: ``run`` imports ``plots`` lazily for
+``Run.plot`` and ``plots`` imports this module, so importing ``run`` here would close a cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import theory
+
+__all__ = [
+    "has_equilibrium",
+    "grad_sq_unit",
+    "last_phase",
+    "equilibrium_series",
+    "equilibrium_table",
+    "equilibrium_summary",
+]
+
+
+def _ffill(a: np.ndarray) -> np.ndarray:
+    """Forward-fill NaN rows (the final row has no hyperparameters: it keeps the last step's)."""
+    out = a.copy()
+    for i in range(1, len(out)):
+        bad = ~np.isfinite(out[i])
+        out[i, bad] = out[i - 1, bad]
+    return out
+
+
+def _scale_mask(run: Any) -> np.ndarray:
+    return np.asarray(run.groups.symmetry == "scale")
+
+
+def _is_sgd(run: Any) -> bool:
+    return "SGD" in (run.optimizer or "") and np.isfinite(run.array("momentum")[:-1]).any()
+
+
+def has_equilibrium(run: Any) -> bool:
+    """Whether the §5.4 SGD equilibrium applies to ``run``: it has scale groups and was trained
+    with torch.optim.SGD (every function here gives NaN or an empty table otherwise)."""
+    return bool(_scale_mask(run).any()) and _is_sgd(run)
+
+
+def grad_sq_unit(run: Any) -> np.ndarray:
+    """E|g̃_A|² per row for scale groups: |ĝ_A|²·|θ_A|² (the gradient at unit norm), (rows, groups);
+    NaN for other groups and for the final row."""
+    g2 = run.array("grad_sq") * run.array("measured")
+    g2[:, ~_scale_mask(run)] = np.nan
+    return g2
+
+
+def _sgd_equilibrium(run: Any, unit: np.ndarray, rows: Any) -> dict[str, np.ndarray]:
+    hyper = {c: _ffill(run.array(c))[rows] for c in ("lr", "momentum", "dampening", "weight_decay")}
+    with np.errstate(all="ignore"):
+        return theory.equilibrium_sgd(
+            lr=hyper["lr"], weight_decay=hyper["weight_decay"], grad_sq_unit=np.nan_to_num(unit, nan=0.0),
+            momentum=hyper["momentum"], dampening=hyper["dampening"],
+        )
+
+
+def _scatter(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    full = np.full((values.shape[0], n), np.nan)
+    full[:, mask] = values
+    return full
+
+
+def equilibrium_series(run: Any, window: int | None = None) -> np.ndarray:
+    """The equilibrium |θ*|² of every scale group at every row, (rows, groups), NaN elsewhere.
+
+    E|g̃_A|² is the mean of |ĝ_A|²|θ_A|² over the trailing ``window`` rows (default: 1/10 of the
+    run, at least 5), the hyperparameters those of the row's step: "where the norm is heading
+    now". Only meaningful for torch.optim.SGD runs (NaN otherwise).
+    """
+    mask = _scale_mask(run)
+    rows = len(run.step_index)
+    out = np.full((rows, len(run.groups)), np.nan)
+    if not has_equilibrium(run):
+        return out
+    w = max(5, rows // 10) if window is None else max(1, int(window))
+    unit = _ffill(grad_sq_unit(run)[:, mask])
+    finite = np.isfinite(unit)
+    csum = np.cumsum(np.where(finite, unit, 0.0), axis=0)
+    ccount = np.cumsum(finite, axis=0)
+    lag_sum = np.vstack([np.zeros((w, unit.shape[1])), csum[:-w]]) if rows > w else np.zeros_like(csum)
+    lag_count = np.vstack([np.zeros((w, unit.shape[1])), ccount[:-w]]) if rows > w else np.zeros_like(ccount)
+    with np.errstate(all="ignore"):
+        mean = (csum - lag_sum) / (ccount - lag_count)
+    eq = _sgd_equilibrium(run, _scatter(mean, mask, len(run.groups)), slice(None))
+    out[:, mask] = np.asarray(eq["norm_sq"])[:, mask]
+    return out
+
+
+def last_phase(run: Any) -> tuple[int, int]:
+    """(first row, last step row) of the last stretch of constant learning rate."""
+    lr = run.array("lr")[:, 0]
+    last = len(lr) - 2  # the final row has no step
+    start = last
+    while start > 0 and lr[start - 1] == lr[last]:
+        start -= 1
+    return start, last
+
+
+def equilibrium_table(run: Any, window: float = 0.5) -> Any:
+    """Per scale group: the §5.4 equilibrium |θ*|² of the last learning-rate phase against the
+    |θ_A|² reached at the end (a pandas DataFrame; empty without scale groups or for a non-SGD
+    run).
+
+    E|g̃_A|² = mean of |ĝ_A|²·|θ_A|² over the last ``window`` fraction of that phase, hyperparameters
+    its last step's. ``ratio`` = reached / predicted: 1 at equilibrium, > 1 a norm still decaying
+    toward it, < 1 still growing. ``phase_steps`` against ``relaxation_steps`` says whether the
+    run was long enough to get there.
+    """
+    import pandas as pd
+
+    mask = _scale_mask(run)
+    cols = ["layer", "group", "label", "initial_norm_sq", "final_norm_sq", "predicted_norm_sq", "ratio",
+            "relaxation_steps", "phase_steps", "angular_update", "effective_lr_final", "effective_lr_equilibrium"]
+    if not has_equilibrium(run):
+        return pd.DataFrame(columns=cols)
+    start, last = last_phase(run)
+    lo = max(start, last + 1 - max(1, int(round((last + 1 - start) * window))))
+    unit = grad_sq_unit(run)[lo : last + 1][:, mask]
+    finite = np.isfinite(unit)
+    with np.errstate(all="ignore"):
+        e_unit = _scatter((np.where(finite, unit, 0.0).sum(0) / finite.sum(0))[None, :], mask, len(run.groups))[0]
+    eq = _sgd_equilibrium(run, e_unit[None, :], slice(last, last + 1))
+    measured = run.array("measured")
+    lr = _ffill(run.array("lr"))[last]
+    idx = np.flatnonzero(mask)
+    final, pred = measured[-1, idx], np.asarray(eq["norm_sq"])[0, idx]
+    frame = pd.DataFrame(
+        {
+            "layer": run.groups.layer[idx].astype(str),
+            "group": run.groups.index[idx],
+            "label": run.groups.label[idx].astype(str),
+            "initial_norm_sq": measured[0, idx],
+            "final_norm_sq": final,
+            "predicted_norm_sq": pred,
+            "ratio": final / pred,
+            "relaxation_steps": np.asarray(eq["relaxation_steps"])[0, idx],
+            "phase_steps": np.full(len(idx), last + 1 - start),
+            "angular_update": np.asarray(eq["angular_update"])[0, idx],
+            "effective_lr_final": lr[idx] / final,
+            "effective_lr_equilibrium": np.asarray(eq["effective_lr"])[0, idx],
+        }
+    )
+    return frame[cols]
+
+
+def equilibrium_summary(run: Any, window: float = 0.5) -> Any:
+    """``equilibrium_table`` per layer: medians of the predicted and reached norms and their ratio."""
+    import pandas as pd
+
+    t = equilibrium_table(run, window)
+    rows = []
+    for layer in dict.fromkeys(t["layer"]):
+        s = t[t["layer"] == layer]
+        rows.append(
+            {
+                "layer": layer,
+                "groups": len(s),
+                "initial |θ|² (median)": float(np.median(s["initial_norm_sq"])),
+                "reached |θ|² (median)": float(np.median(s["final_norm_sq"])),
+                "predicted |θ*|² (median)": float(np.median(s["predicted_norm_sq"])),
+                "reached / predicted (median)": float(np.median(s["ratio"])),
+                "relaxation steps": float(np.median(s["relaxation_steps"])),
+                "last phase steps": int(s["phase_steps"].iloc[0]),
+            }
+        )
+    return pd.DataFrame(rows)
