@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import bn_mlp, digits, sgd, train_steps
 
 import neural_mechanics as nm
 from neural_mechanics.errors import InvalidArgumentError, NothingToTrackError
+
+from helpers import bn_mlp, digits, sgd, train_steps
 
 X, Y = digits(flatten=True)
 

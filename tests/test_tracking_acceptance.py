@@ -7,9 +7,10 @@ closed form within 2e-2, its propagator continuing through the learning-rate dro
 import numpy as np
 import pytest
 import torch
-from helpers import acceptance_net, digits, sgd, train_steps
 
 import neural_mechanics as nm
+
+from helpers import acceptance_net, digits, sgd, train_steps
 
 STEPS = 400
 BATCH = 64

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import digits, train_steps
 
 import neural_mechanics as nm
 from neural_mechanics import _native, theory
@@ -23,6 +22,8 @@ from neural_mechanics.errors import (
 )
 from neural_mechanics.run import COLUMNS, GroupInfo, Run
 from neural_mechanics.tracking.reducers import RustReducer
+
+from helpers import digits, train_steps
 
 X, Y = digits()
 

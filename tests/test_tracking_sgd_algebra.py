@@ -4,9 +4,10 @@ tracker's native core (src/tracking/algebra.rs) against it."""
 import numpy as np
 import pytest
 import torch
-from sgd_reference import PartSums, step_quantities
 
 from neural_mechanics import _native, group_stats
+
+from sgd_reference import PartSums, step_quantities
 
 
 def rust_core(n):

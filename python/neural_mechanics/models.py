@@ -154,9 +154,7 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
             sched.step()
             if step % 50 == 0 or step == recipe.steps - 1:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-        # Read the run inside the block: Tracker.run re-measures its last row from the live
-        # parameters, so it must be taken before anything else touches the model.
-        run = tracker.run
+        run = tracker.run  # its last row, the final charges, is measured when the block closes
     seconds = time.perf_counter() - start
     bar.close()
     return Trained(

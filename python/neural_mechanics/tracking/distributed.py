@@ -27,13 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from ..errors import InvalidArgumentError, NeuralMechanicsError
+from ..errors import InvalidArgumentError, RunNotOnThisRankError
 
 __all__ = ["RunOnRankZero", "RunNotOnThisRankError", "Context", "attach", "is_sharded"]
-
-
-class RunNotOnThisRankError(NeuralMechanicsError, RuntimeError):
-    """The Run of a distributed tracker is only kept on rank 0."""
 
 
 class RunOnRankZero:

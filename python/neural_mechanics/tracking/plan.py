@@ -8,7 +8,7 @@ each step's sums along them happen there (src/tracking/plan.rs).
 
 Terms: a *part* is one (parameter, index, sign) entry of a group; a *column* is the set of parts
 of one group that share one optimizer param_group (one ledger runs per column and the group's
-ledger is their sum, THEORY §5.3); a *group* is a symmetry group.
+ledger is their sum, docs/theory.md §5.3); a *group* is a symmetry group.
 """
 
 from __future__ import annotations
