@@ -1,4 +1,4 @@
-"""Equilibrium (THEORY.md §5.4) against the long-run average of pure-noise scale-invariant toys
+"""Equilibrium (docs/theory.md §5.4) against the long-run average of pure-noise scale-invariant toys
 with ηλ ≤ 1e-4: SGD, SGD with momentum (and dampening), AdamW. Within 3%."""
 
 from __future__ import annotations

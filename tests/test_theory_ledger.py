@@ -1,4 +1,4 @@
-"""The exact ledger (THEORY.md §5.3) against simulated torch.optim.SGD runs of numpy toys:
+"""The exact ledger (docs/theory.md §5.3) against simulated torch.optim.SGD runs of numpy toys:
 a weight matrix whose loss depends only on its row directions (scale groups, with a small
 breaking term so the flux is not zero) and a softmax/cross-entropy layer (translation groups)."""
 

@@ -1,4 +1,4 @@
-"""The paper's closed forms (THEORY.md §5.1, §5.2) against independent references: a direct
+"""The paper's closed forms (docs/theory.md §5.1, §5.2) against independent references: a direct
 convolution with the closed-form kernels of THEORY's table, and an RK4 integration of the ODE
 with 1,000 substeps per step, in every regime, at the critical point and under schedules."""
 
@@ -21,7 +21,7 @@ def coefficients(kind, lr, beta, damp, wd):
 
 
 def table_kernels(gamma, omega2, t, critical=False):
-    """K(t), G(t) and P(t) = ∫_0^t G from THEORY.md's table (float64, moderate arguments)."""
+    """K(t), G(t) and P(t) = ∫_0^t G from the table of docs/theory.md §5.2 (float64, moderate arguments)."""
     t = np.asarray(t, dtype=float)
     if critical:
         e = np.exp(-gamma * t)

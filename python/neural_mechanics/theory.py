@@ -1,4 +1,4 @@
-"""The theory engine (THEORY.md §5) on numpy arrays: closed forms, exact ledger, equilibrium.
+"""The theory engine (docs/theory.md §5) on numpy arrays: closed forms, exact ledger, equilibrium.
 
 Everything runs in the Rust core in float64 with O(groups) state; the per-group work is spread
 over the private thread pool when there are 16k groups or more. Full formulas: docs/theory.md.

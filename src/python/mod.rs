@@ -2,6 +2,8 @@
 //! error mapped to one class of `neural_mechanics.errors`. Built only with the `python` feature.
 
 use crate::error::Error;
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray2};
 use pyo3::prelude::*;
 
 mod raw;
@@ -33,6 +35,13 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         Python::attach(|py| to_pyerr(py, err))
     }
+}
+
+/// A (rows, cols) float64 numpy array holding `data` row-major (a length that does not match
+/// is a ShapeError, never a panic).
+pub(crate) fn array2(py: Python<'_>, data: Vec<f64>, rows: usize, cols: usize) -> PyResult<Bound<'_, PyArray2<f64>>> {
+    let array = Array2::from_shape_vec((rows, cols), data).map_err(|e| Error::Shape(e.to_string()))?;
+    Ok(array.into_pyarray(py))
 }
 
 #[pymodule]

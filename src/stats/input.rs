@@ -5,7 +5,49 @@ use super::sums::Sums;
 use crate::error::{Error, Result};
 use half::slice::HalfFloatSliceExt;
 
-/// Element types the kernels read. `BF16` is carried as its raw 16 bits.
+/// The element types the kernels read, with the codes the Python layer passes for them
+/// (`_native.group_stats_ptrs` reads these codes; `_native.DTYPE_CODES` exports them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DType {
+    F32 = 0,
+    F64 = 1,
+    F16 = 2,
+    BF16 = 3,
+}
+
+impl DType {
+    pub const ALL: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.code() == code)
+    }
+
+    /// The name numpy and torch give the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Element slices of one of the [`DType`]s. `BF16` is carried as its raw 16 bits.
 #[derive(Clone, Copy, Debug)]
 pub enum Data<'a> {
     F32(&'a [f32]),
@@ -28,13 +70,17 @@ impl<'a> Data<'a> {
         self.len() == 0
     }
 
-    pub fn dtype_name(&self) -> &'static str {
+    pub fn dtype(&self) -> DType {
         match self {
-            Data::F32(_) => "float32",
-            Data::F64(_) => "float64",
-            Data::F16(_) => "float16",
-            Data::BF16(_) => "bfloat16",
+            Data::F32(_) => DType::F32,
+            Data::F64(_) => DType::F64,
+            Data::F16(_) => DType::F16,
+            Data::BF16(_) => DType::BF16,
         }
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        self.dtype().name()
     }
 
     /// (address, length, dtype): two equal identities are the same memory read the same way.
@@ -200,7 +246,7 @@ impl<'a> Item<'a> {
                         self.layout
                     )));
                 }
-                if std::mem::discriminant(d) != std::mem::discriminant(&self.theta) {
+                if d.dtype() != self.theta.dtype() {
                     return Err(Error::DType(format!(
                         "tensor {index}: {name} is {} but theta is {}; give all arrays one dtype",
                         d.dtype_name(),

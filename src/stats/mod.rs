@@ -15,7 +15,7 @@
 //!
 //! Reading order, top-down:
 //! - this file: the public API, [`group_stats_batch`] and its helpers;
-//! - `input`: what a call reduces ([`Data`], [`Layout`], [`Item`]), and its validation;
+//! - `input`: what a call reduces ([`DType`], [`Data`], [`Layout`], [`Item`]), and its validation;
 //! - `plan`: the cut into tasks, the pairing of a tensor reduced by rows and by columns into one
 //!   read, and the plan-order merge;
 //! - `segments`: long contiguous segments (rows, long column blocks);
@@ -40,7 +40,7 @@ mod sums;
 mod tests;
 
 pub use bandwidth::read_pass;
-pub use input::{fmt_shape, Data, Item, Layout};
+pub use input::{fmt_shape, DType, Data, Item, Layout};
 pub use sums::Sums;
 
 use crate::error::{Error, Result};

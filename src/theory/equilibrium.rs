@@ -1,4 +1,4 @@
-//! THEORY.md §5.4: the equilibrium a scale group's norm reaches when minibatch noise dominates
+//! docs/theory.md §5.4: the equilibrium a scale group's norm reaches when minibatch noise dominates
 //! the steps (successive gradients uncorrelated), ηλ small; corrections are O(ηλ/(1−β)²).
 
 use crate::error::{Error, Result};

@@ -1,4 +1,4 @@
-//! The theory engine (THEORY.md §5): the paper's closed forms, the exact discrete ledger and
+//! The theory engine (docs/theory.md §5): the paper's closed forms, the exact discrete ledger and
 //! equilibrium predictions, float64, O(groups) state.
 //!
 //! Layout of the module:
@@ -25,7 +25,7 @@ pub use hyper::{Hyper, Schedule};
 
 use crate::error::{Error, Result};
 
-/// The three charge kinds of THEORY.md §2.
+/// The three charge kinds of docs/theory.md §2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// q_A = ⟨θ_A, 1⟩.

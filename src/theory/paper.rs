@@ -1,4 +1,4 @@
-//! THEORY.md §5.1 and §5.2: the paper's closed forms, advanced one step at a time with the
+//! docs/theory.md §5.1 and §5.2: the paper's closed forms, advanced one step at a time with the
 //! exact propagators of [`super::propagator`].
 //!
 //! Conventions (stated once, see docs/theory.md): the state after n steps is (y_n, ẏ_n) at time
@@ -34,7 +34,7 @@ pub struct PaperState {
 
 impl PaperState {
     /// y0: the charges at step 0; ydot0: ẏ(0) (None = 0, the paper's start; only meaningful
-    /// with momentum, see THEORY.md §5.2 for its value when a buffer already exists).
+    /// with momentum, see docs/theory.md §5.2 for its value when a buffer already exists).
     pub fn new(kind: Kind, y0: &[f64], ydot0: Option<&[f64]>) -> Result<PaperState> {
         let groups = y0.len();
         check_finite("y0", y0, groups)?;

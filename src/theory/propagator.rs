@@ -1,4 +1,4 @@
-//! Exact one-step propagators of the paper's ODEs (THEORY.md §5.1, §5.2), drive held constant
+//! Exact one-step propagators of the paper's ODEs (docs/theory.md §5.1, §5.2), drive held constant
 //! over the step.
 //!
 //! Second order (momentum β > 0): ÿ + 2γẏ + ω²y = f over a step of length h = η(1−d), with
@@ -246,7 +246,7 @@ pub fn regime(kind: Kind, hp: Hyper) -> Result<Regime> {
 mod tests {
     use super::*;
 
-    /// K, G, G', P from the closed forms of THEORY.md's table (fine for moderate arguments).
+    /// K, G, G', P from the closed forms of the table of docs/theory.md §5.2 (fine for moderate arguments).
     fn table(gamma: f64, omega2: f64, t: f64) -> (f64, f64, f64, f64) {
         let d = omega2 - gamma * gamma;
         let (k, g, gp);

@@ -166,8 +166,7 @@ pub(super) unsafe fn segment<E: Lanes, const A: usize, const U: usize>(t: &[E], 
         r[Q] = hsum(acc[0][Q]);
     });
     for j in i..n {
-        let at = |a: usize| if a < A { data[a][j].to_f64() } else { 0.0 };
-        let p = products([at(0), at(1), at(2)]);
+        let p = products(portable::element(data, A, j));
         for (s, p) in r.iter_mut().zip(p).take(k) {
             *s += p;
         }

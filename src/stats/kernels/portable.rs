@@ -63,11 +63,16 @@ pub(super) fn tile<E: Element>(rows: &Rows<'_, E>, acc: &mut ColAcc, mut rows_ou
 pub(super) fn add_columns<E: Element>(r: [&[E]; 3], arrays: usize, cols: Range<usize>, acc: &mut ColAcc, row: &mut [f64; 8]) {
     let k = Sums::count(arrays);
     for c in cols {
-        let at = |a: usize| if a < arrays { r[a][c].to_f64() } else { 0.0 };
-        let p = products([at(0), at(1), at(2)]);
+        let p = products(element(r, arrays, c));
         for q in 0..k {
             acc.0[q][c] += p[q];
             row[q] += p[q];
         }
     }
+}
+
+/// Element `j` of the first `arrays` of `data` (θ, ĝ, v), widened; 0 for the others.
+#[inline(always)]
+pub(super) fn element<E: Element>(data: [&[E]; 3], arrays: usize, j: usize) -> [f64; 3] {
+    std::array::from_fn(|a| if a < arrays { data[a][j].to_f64() } else { 0.0 })
 }
