@@ -14,6 +14,7 @@ use rayon::prelude::*;
 const READ_TASK_BYTES: usize = TASK_ELEMS * 4;
 
 /// The same software prefetch distance as the segment kernels.
+#[cfg(target_arch = "x86_64")]
 const READ_PREFETCH_BYTES: usize = 4096;
 
 #[inline(always)]

@@ -74,6 +74,7 @@ pub(crate) fn products(element: [f64; 3]) -> [f64; 8] {
 /// Runs `$body` once for every sum index `$q` below `$k` (at most 8), unrolled in the source:
 /// `$q` is a constant in each copy, so the vector kernels' `PRODUCTS[$q]` lookups and register
 /// indices fold away and no loop or branch is left in their inner loops.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! each_sum {
     ($k:expr, |$q:ident| $body:block) => {{
         let below: usize = $k;
@@ -86,4 +87,5 @@ macro_rules! each_sum {
         })*
     }};
 }
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use each_sum;

@@ -4,6 +4,7 @@
 
 use super::kernels::{self, ColAcc, Kernel, Rows};
 use super::plan::pairs;
+use super::sums::{each_sum, products, GRAD, ONE, PRODUCTS, THETA, VELOCITY};
 use super::*;
 use crate::pool;
 
@@ -317,4 +318,102 @@ fn shapes_print_like_python() {
     assert_eq!(fmt_shape(&[4, 6]), "(4, 6)");
     assert_eq!(fmt_shape(&[5]), "(5,)");
     assert_eq!(fmt_shape(&[]), "()");
+}
+
+#[test]
+fn the_product_table_gives_the_names_the_counts_and_the_culprit_input() {
+    let inputs = ["theta", "grad", "velocity"];
+    for (q, &(a, b)) in PRODUCTS.iter().enumerate() {
+        let name = match (a, b) {
+            (a, ONE) => format!("sum_{}", inputs[a]),
+            (a, b) if a == b => format!("sumsq_{}", inputs[a]),
+            (a, b) => format!("dot_{}_{}", inputs[a], inputs[b]),
+        };
+        assert_eq!(Sums::NAMES[q], name, "NAMES follows PRODUCTS");
+    }
+    // The sums of the first `arrays` arrays are exactly the first count(arrays) of the table.
+    for arrays in 1..=3 {
+        let reads_only_given = |&(a, b): &(usize, usize)| a < arrays && (b < arrays || b == ONE);
+        let k = Sums::count(arrays);
+        assert!(PRODUCTS[..k].iter().all(reads_only_given) && !PRODUCTS[k..].iter().any(reads_only_given), "{arrays} arrays");
+    }
+    let culprits: Vec<usize> = (0..8).map(Sums::newest_input).collect();
+    assert_eq!(culprits, [THETA, THETA, GRAD, GRAD, GRAD, VELOCITY, VELOCITY, VELOCITY]);
+    let (x, y, z) = (1.5, -2.0, 0.25);
+    assert_eq!(products([x, y, z]), [x, x * x, y, y * y, x * y, z * z, x * z, y * z]);
+}
+
+#[test]
+fn each_sum_runs_the_first_k_sum_indices_in_order() {
+    for k in 0..=8 {
+        let mut seen = Vec::new();
+        each_sum!(k, |Q| {
+            seen.push(Q);
+        });
+        assert_eq!(seen, (0..k).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn dtype_codes_round_trip() {
+    assert_eq!(DType::ALL.map(DType::code), [0, 1, 2, 3]);
+    for dtype in DType::ALL {
+        assert_eq!(DType::from_code(dtype.code()), Some(dtype));
+    }
+    assert_eq!(DType::from_code(4), None);
+    assert_eq!(Data::F16(&[]).dtype(), DType::F16);
+    assert_eq!(Data::BF16(&[]).dtype_name(), "bfloat16");
+}
+
+#[test]
+fn every_segment_kernel_agrees_on_every_tail_length() {
+    // Lengths around the widths of the vector kernels (4 lanes, 1, 2 or 4 vectors per
+    // iteration), in float32 and float64, against the float64 reference of one group.
+    for n in [0usize, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 100] {
+        let raw: Vec<Vec<f64>> = (0..3).map(|s| random(n, 90 + s)).collect();
+        let f: Vec<Vec<f32>> = raw.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect();
+        let f_exact: Vec<Vec<f64>> = f.iter().map(|v| v.iter().map(|&x| x as f64).collect()).collect();
+        for arrays in 1..=3 {
+            let k = Sums::count(arrays);
+            let want64 = reference((1, n, 1), 0, 1, &[&raw[0][..], &raw[1][..], &raw[2][..]][..arrays]);
+            let want32 = reference((1, n, 1), 0, 1, &[&f_exact[0][..], &f_exact[1][..], &f_exact[2][..]][..arrays]);
+            for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
+                let (g, v) = ((arrays > 1).then_some(&raw[1][..]), (arrays > 2).then_some(&raw[2][..]));
+                let mut got = vec![0f64; k];
+                kernels::segment_with(kernel, &raw[0], g, v, &mut got);
+                close(&got, &want64, 1e-14);
+                let (g, v) = ((arrays > 1).then_some(&f[1][..]), (arrays > 2).then_some(&f[2][..]));
+                let mut got = vec![0f64; k];
+                kernels::segment_with(kernel, &f[0], g, v, &mut got);
+                close(&got, &want32, 1e-14);
+            }
+        }
+    }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn fused_row_segments_add_each_segment_to_its_group_and_its_row() {
+    use super::kernels::RowSegments;
+    let Some(best) = RowSegments::detect() else { return };
+    // Both widths where the CPU has them, segments with and without a masked tail.
+    let kinds: Vec<RowSegments> = if best == RowSegments::Avx512 { vec![RowSegments::Avx2, RowSegments::Avx512] } else { vec![best] };
+    for kernel in kinds {
+        for seg in [1usize, 3, 4, 7, 8, 9, 33, 49] {
+            let groups = 5;
+            let raw: Vec<Vec<f64>> = (0..3).map(|s| random(groups * seg, 60 + s)).collect();
+            for arrays in 1..=3 {
+                let k = Sums::count(arrays);
+                let lanes = kernel.lanes();
+                let mut cols = vec![[0f64; 64]; groups];
+                let mut row = [0f64; 64];
+                kernel.add([&raw[0][..], &raw[1][..], &raw[2][..]], arrays, groups, seg, &mut cols, &mut row);
+                let add_lanes = |v: &[f64; 64]| (0..k).map(|q| v[q * lanes..(q + 1) * lanes].iter().sum()).collect::<Vec<f64>>();
+                let refs = [&raw[0][..], &raw[1][..], &raw[2][..]];
+                let per_group: Vec<f64> = cols.iter().flat_map(add_lanes).collect();
+                close(&per_group, &reference((1, groups, seg), 1, 1, &refs[..arrays]), 1e-14);
+                close(&add_lanes(&row), &reference((1, groups * seg, 1), 0, 1, &refs[..arrays]), 1e-14);
+            }
+        }
+    }
 }

@@ -63,6 +63,7 @@ impl<'a, E> Rows<'a, E> {
     }
 
     /// Row j's start in each array (dangling for absent arrays; never read).
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn ptrs(&self, j: usize) -> [*const E; 3] {
         std::array::from_fn(|a| self.data[a].as_ptr().wrapping_add(j * self.stride))
     }
