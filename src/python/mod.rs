@@ -1,5 +1,10 @@
 //! The thin pyo3 layer: numpy in, numpy out, the GIL released during the work, every core
-//! error mapped to one class of `neural_mechanics.errors`. Built only with the `python` feature.
+//! error mapped to one class of `neural_mechanics.errors` (`?` on a core `Result` does it).
+//! Built only with the `python` feature.
+//!
+//! The contract with the Python layer is defined here, in Rust, and exported for Python to read
+//! (never copied there): SUM_NAMES, DTYPE_CODES, MAX_THREADS and `layout` (stats.rs),
+//! RUN_FORMAT_VERSION (runfile.rs), THEORY_KINDS and THEORY_CRITICAL_TOL (theory.rs).
 
 use crate::error::Error;
 use numpy::ndarray::Array2;
