@@ -60,21 +60,9 @@ impl Sums {
     }
 }
 
-/// The products of one element (θ, ĝ, v), one per sum in the order of [`PRODUCTS`]: the scalar
-/// form of every kernel (the portable loops and the tails of the vector ones). An absent array
-/// is passed as 0; the sums that read it are not used.
-#[inline(always)]
-pub(crate) fn products(element: [f64; 3]) -> [f64; 8] {
-    std::array::from_fn(|q| match PRODUCTS[q] {
-        (a, ONE) => element[a],
-        (a, b) => element[a] * element[b],
-    })
-}
-
 /// Runs `$body` once for every sum index `$q` below `$k` (at most 8), unrolled in the source:
-/// `$q` is a constant in each copy, so the vector kernels' `PRODUCTS[$q]` lookups and register
-/// indices fold away and no loop or branch is left in their inner loops.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+/// `$q` is a constant in each copy, so `PRODUCTS[$q]` lookups and register indices fold away
+/// and no loop or branch is left in a kernel's inner loop.
 macro_rules! each_sum {
     ($k:expr, |$q:ident| $body:block) => {{
         let below: usize = $k;
@@ -89,3 +77,18 @@ macro_rules! each_sum {
 }
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use each_sum;
+
+/// The products of one element (θ, ĝ, v), one per sum in the order of [`PRODUCTS`]: the scalar
+/// form of every kernel (the portable loops and the tails of the vector ones). An absent array
+/// is passed as 0; the sums that read it are not used.
+#[inline(always)]
+pub(crate) fn products(element: [f64; 3]) -> [f64; 8] {
+    let mut p = [0f64; 8];
+    each_sum!(8, |Q| {
+        p[Q] = match const { PRODUCTS[Q] } {
+            (a, ONE) => element[a],
+            (a, b) => element[a] * element[b],
+        };
+    });
+    p
+}
