@@ -3,7 +3,7 @@
 //! Built only with the `python` feature.
 //!
 //! The contract with the Python layer is defined here, in Rust, and exported for Python to read
-//! (never copied there): SUM_NAMES, DTYPE_CODES, MAX_THREADS and `layout` (stats.rs),
+//! (never copied there): SUM_NAMES, DTYPE_CODES, MAX_THREADS and `layout` (this folder's stats.rs),
 //! RUN_FORMAT_VERSION (runfile.rs), THEORY_KINDS and THEORY_CRITICAL_TOL (theory.rs).
 
 use crate::error::Error;
