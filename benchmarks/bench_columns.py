@@ -5,7 +5,7 @@ incoming weights) and by column blocks (the previous units' outgoing weights). C
 shape (float32, fresh arrays far larger than the caches unless the shape is small):
 
 * one call   group_stats_batch([rows, columns]) on the same arrays: the kernel sees the same
-             memory twice and reads it once (src/stats.rs `pairs`);
+             memory twice and reads it once (src/stats/plan.rs `pairs`);
 * two calls  the same two reductions as two calls (what it cost before the fused read);
 * read pass  one plain read of the three arrays (the bandwidth limit of any one-pass kernel).
 

@@ -259,3 +259,60 @@ def test_read_pass_helper_reads_every_byte():
     y[999_999] ^= 1
     assert _native.read_pass([y, x[:5]]) != before
     assert _native.read_pass([]) == 0
+
+
+# -- the Rust <-> Python contract: constants and helpers defined once, in Rust -----------------
+
+
+@pytest.mark.parametrize(
+    "shape,axis,block,want",
+    [
+        ((7,), 0, 1, (1, 7, 1)),
+        ((4, 6), 0, 1, (1, 4, 6)),
+        ((4, 6), 1, 3, (4, 2, 3)),
+        ((8, 6, 3, 3), 0, 1, (1, 8, 54)),
+        ((8, 6, 3, 3), 1, 2, (8, 3, 18)),
+        ((3, 0), 0, 1, (1, 3, 0)),
+        ((3, 0), 1, 1, (3, 0, 1)),
+    ],
+)
+def test_native_layout_is_the_kernels_view(shape, axis, block, want):
+    from neural_mechanics import _native
+
+    outer, groups, seg = _native.layout(shape, axis, block)
+    assert (outer, groups, seg) == want
+    assert outer * groups * seg == int(np.prod(shape))
+    # The groups the kernels return are the layout's groups.
+    x = np.random.default_rng(0).standard_normal(shape)
+    got = nm.group_stats(x, x, axis=axis, block=block)
+    assert all(v.shape == (groups,) for v in got.values())
+
+
+@pytest.mark.parametrize(
+    "shape,axis,block,error",
+    [((), 0, 1, nm.ShapeError), ((4, 6), 1, 4, nm.InvalidArgumentError), ((4, 6), 0, 2, nm.InvalidArgumentError), ((4, 6), 2, 1, nm.InvalidArgumentError)],
+)
+def test_native_layout_refuses_what_group_stats_refuses(shape, axis, block, error):
+    from neural_mechanics import _native
+
+    with pytest.raises(error) as native:
+        _native.layout(shape, axis, block)
+    if axis in (0, 1):  # group_stats checks the axis itself, in Python
+        with pytest.raises(error) as public:
+            nm.group_stats(np.ones(shape), axis=axis, block=block)
+        assert str(native.value) == str(public.value)
+
+
+def test_dtype_codes_round_trip_through_group_stats_ptrs():
+    from neural_mechanics import _native
+
+    assert _native.DTYPE_CODES == {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+    rng = np.random.default_rng(3)
+    for name, code in _native.DTYPE_CODES.items():
+        t, g = (torch.from_numpy(rng.standard_normal((6, 40))).to(TORCH_DTYPES[name]) for _ in range(2))
+        layout = _native.layout(tuple(t.shape), 0, 1)
+        got = _native.group_stats_ptrs([(t.data_ptr(), g.data_ptr(), 0, t.numel(), *layout, code)])
+        want = nm.group_stats_batch([(t, g)], as_arrays=True)[0]
+        assert got.tobytes() == want.tobytes(), name
+    with pytest.raises(nm.DTypeError, match="unknown dtype code 4"):
+        _native.group_stats_ptrs([(t.data_ptr(), 0, 0, t.numel(), *layout, 4)])

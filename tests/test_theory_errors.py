@@ -134,3 +134,18 @@ def test_many_groups_parallel_path_matches_serial():
     finally:
         nm.set_num_threads(0)  # back to the default
     assert np.array_equal(par, ser)
+
+
+def test_native_arrays_must_be_contiguous_float64_and_the_argument_is_named():
+    # neural_mechanics.theory always passes contiguous float64; the private functions check it.
+    from neural_mechanics import _native
+
+    one, zero = np.ones(1), np.zeros(1)
+    with pytest.raises(ShapeError, match="not C-contiguous") as info:
+        _native.theory_paper("scale", Y0, DRIVE, np.full(8, 0.1)[::2], zero, zero, zero, 4)
+    assert "while processing 'lr'" in getattr(info.value, "__notes__", [])
+    with pytest.raises(TypeError) as info:
+        _native.theory_ledger_measured("scale", Y0, one.astype(np.float32), 4, None, None, None)
+    assert "while processing 'lr'" in getattr(info.value, "__notes__", [])
+    with pytest.raises(ShapeError, match="drive has shape"):
+        _native.theory_paper("scale", Y0, DRIVE[:, :2].copy(), one, zero, zero, zero, 4)

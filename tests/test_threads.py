@@ -144,3 +144,16 @@ def test_no_hang_after_plain_fork():
 
 def test_errors_are_library_errors():
     assert issubclass(InvalidArgumentError, NeuralMechanicsError)
+
+
+def test_max_threads_comes_from_the_core():
+    from neural_mechanics import _native, threads
+
+    assert threads.MAX_THREADS is _native.MAX_THREADS
+    nm.set_num_threads(_native.MAX_THREADS)  # the limit itself is accepted (no pool is started)
+    try:
+        assert nm.get_num_threads() == _native.MAX_THREADS
+    finally:
+        nm.set_num_threads(0)
+    with pytest.raises(InvalidArgumentError, match=str(_native.MAX_THREADS)):
+        nm.set_num_threads(_native.MAX_THREADS + 1)

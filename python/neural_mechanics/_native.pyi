@@ -1,5 +1,6 @@
 """The private native module (Rust, pyo3). Use the Python API of neural_mechanics instead."""
 
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any, TypeAlias, final
 
@@ -9,6 +10,8 @@ import numpy.typing as npt
 _F64: TypeAlias = npt.NDArray[np.float64]
 
 __all__ = [
+    "DTYPE_CODES",
+    "MAX_THREADS",
     "RUN_FORMAT_VERSION",
     "SUM_NAMES",
     "THEORY_CRITICAL_TOL",
@@ -16,7 +19,6 @@ __all__ = [
     "TheoryLedgerStream",
     "TheoryPaperStream",
     "COLUMN_FIELDS",
-    "DTYPE_CODES",
     "ROW_FIELDS",
     "TrackerCore",
     "__version__",
@@ -39,11 +41,14 @@ __all__ = [
 
 __version__: str
 SUM_NAMES: list[str]
+DTYPE_CODES: dict[str, int]
+MAX_THREADS: int
 RUN_FORMAT_VERSION: int
 THEORY_KINDS: list[str]
 THEORY_CRITICAL_TOL: float
 
 # stats
+def layout(shape: Sequence[int], axis: int, block: int) -> tuple[int, int, int]: ...
 def group_stats_batch(items: list[tuple[Any, Any, Any, int, int, bool]], check_finite: bool = True) -> list[_F64]: ...
 def group_stats_ptrs(items: list[tuple[int, int, int, int, int, int, int, int]]) -> _F64: ...
 def read_pass(buffers: list[Any]) -> int: ...
@@ -132,9 +137,6 @@ _Hyper: TypeAlias = tuple[float, float, float, float, bool]
 
 ROW_FIELDS: list[str]
 COLUMN_FIELDS: list[str]
-DTYPE_CODES: dict[str, int]
-
-def layout(shape: list[int] | tuple[int, ...], axis: int, block: int) -> tuple[int, int, int]: ...
 def reduce_ptrs(main: list[_Spec], extra: list[_Spec]) -> tuple[_F64, _F64 | None]: ...
 @final
 class TrackerCore:

@@ -1,6 +1,6 @@
 """Per-group statistics of a parameter tensor, its gradient and a velocity, in one fused pass.
 
-The reductions of THEORY.md §2: keep axis 0 of an (out, in, rest) view of the tensor (one group
+The reductions of docs/theory.md §2: keep axis 0 of an (out, in, rest) view of the tensor (one group
 per row: the incoming weights of a unit, a channel before BatchNorm) or keep axis 1 in blocks of
 ``block`` columns (the outgoing weights of a unit, translation columns, the column blocks of
 Conv -> Flatten -> Linear). The work runs in Rust, in parallel, without copying contiguous input.

@@ -37,7 +37,7 @@ import numpy as np
 from . import _native
 from .errors import DTypeError, InvalidArgumentError, ShapeError
 
-KINDS: tuple[str, ...] = ("translation", "scale", "rescale")
+KINDS: tuple[str, ...] = tuple(_native.THEORY_KINDS)  # ("translation", "scale", "rescale")
 REGIMES: tuple[str, ...] = ("first-order", "underdamped", "critical", "overdamped")
 #: |ω² − γ²| ≤ CRITICAL_TOL·γ² is reported as "critical" by :func:`regime`.
 CRITICAL_TOL: float = float(_native.THEORY_CRITICAL_TOL)

@@ -8,8 +8,8 @@ from . import _native
 from .errors import InvalidArgumentError
 
 ENV_VAR = "NEURAL_MECHANICS_NUM_THREADS"
-#: More threads than this is refused (a typo, not a machine); the Rust core enforces the same.
-MAX_THREADS = 4096
+#: More threads than this is refused (a typo, not a machine): the Rust core's limit, read from it.
+MAX_THREADS: int = _native.MAX_THREADS
 
 
 def set_num_threads(n: Any) -> None:

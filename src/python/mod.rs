@@ -1,7 +1,14 @@
 //! The thin pyo3 layer: numpy in, numpy out, the GIL released during the work, every core
-//! error mapped to one class of `neural_mechanics.errors`. Built only with the `python` feature.
+//! error mapped to one class of `neural_mechanics.errors` (`?` on a core `Result` does it).
+//! Built only with the `python` feature.
+//!
+//! The contract with the Python layer is defined here, in Rust, and exported for Python to read
+//! (never copied there): SUM_NAMES, DTYPE_CODES, MAX_THREADS and `layout` (this folder's stats.rs),
+//! RUN_FORMAT_VERSION (runfile.rs), THEORY_KINDS and THEORY_CRITICAL_TOL (theory.rs).
 
 use crate::error::Error;
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray2};
 use pyo3::prelude::*;
 
 mod raw;
@@ -33,6 +40,13 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         Python::attach(|py| to_pyerr(py, err))
     }
+}
+
+/// A (rows, cols) float64 numpy array holding `data` row-major (a length that does not match
+/// is a ShapeError, never a panic).
+pub(crate) fn array2(py: Python<'_>, data: Vec<f64>, rows: usize, cols: usize) -> PyResult<Bound<'_, PyArray2<f64>>> {
+    let array = Array2::from_shape_vec((rows, cols), data).map_err(|e| Error::Shape(e.to_string()))?;
+    Ok(array.into_pyarray(py))
 }
 
 #[pymodule]

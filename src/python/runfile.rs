@@ -1,6 +1,5 @@
 //! Bindings of `crate::runfile`: numpy float64/int64 arrays in and out.
 
-use super::to_pyerr;
 use crate::error::Error;
 use crate::runfile::{self, ArrayRef, ElemType};
 use numpy::{PyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -12,9 +11,12 @@ enum Held<'py> {
     I64(PyReadonlyArrayDyn<'py, i64>),
 }
 
+/// (name, numpy array) pairs, as save_run takes them and load_run returns them.
+type NamedArrays<'py> = Vec<(String, Bound<'py, PyAny>)>;
+
 /// save_run(path, meta_json, arrays): arrays is a list of (name, C-contiguous float64 or int64 array).
 #[pyfunction]
-fn save_run(py: Python<'_>, path: PathBuf, meta_json: &str, arrays: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<()> {
+fn save_run(py: Python<'_>, path: PathBuf, meta_json: &str, arrays: NamedArrays<'_>) -> PyResult<()> {
     let mut held = Vec::with_capacity(arrays.len());
     for (name, obj) in &arrays {
         let h = if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<f64>>() {
@@ -22,14 +24,14 @@ fn save_run(py: Python<'_>, path: PathBuf, meta_json: &str, arrays: Vec<(String,
         } else if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<i64>>() {
             Held::I64(a)
         } else {
-            return Err(to_pyerr(py, Error::DType(format!("array {name:?}: only float64 and int64 arrays are saved"))));
+            return Err(Error::DType(format!("array {name:?}: only float64 and int64 arrays are saved")).into());
         };
         let contiguous = match &h {
             Held::F64(a) => a.is_c_contiguous(),
             Held::I64(a) => a.is_c_contiguous(),
         };
         if !contiguous {
-            return Err(to_pyerr(py, Error::Shape(format!("array {name:?} is not C-contiguous"))));
+            return Err(Error::Shape(format!("array {name:?} is not C-contiguous")).into());
         }
         held.push(h);
     }
@@ -45,7 +47,7 @@ fn save_run(py: Python<'_>, path: PathBuf, meta_json: &str, arrays: Vec<(String,
             }
         })
         .collect();
-    py.detach(|| runfile::write_atomic(&path, meta_json, &refs)).map_err(|e| to_pyerr(py, e))
+    Ok(py.detach(|| runfile::write_atomic(&path, meta_json, &refs))?)
 }
 
 fn bytes_of<T: Copy>(s: &[T]) -> &[u8] {
@@ -55,8 +57,8 @@ fn bytes_of<T: Copy>(s: &[T]) -> &[u8] {
 
 /// load_run(path) -> (meta_json, [(name, array)]).
 #[pyfunction]
-fn load_run<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, Vec<(String, Bound<'py, PyAny>)>)> {
-    let (meta, arrays) = py.detach(|| runfile::read(&path)).map_err(|e| to_pyerr(py, e))?;
+fn load_run<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(String, NamedArrays<'py>)> {
+    let (meta, arrays) = py.detach(|| runfile::read(&path))?;
     let mut out = Vec::with_capacity(arrays.len());
     for a in arrays {
         let words = a.bytes.chunks_exact(8).map(|w| <[u8; 8]>::try_from(w).unwrap_or([0; 8]));

@@ -1,12 +1,14 @@
-//! Bindings of `crate::stats` and the thread pool.
+//! Bindings of `crate::stats` and the thread pool, and the constants of their contract with
+//! the Python layer (SUM_NAMES, DTYPE_CODES, MAX_THREADS, `layout`): defined in Rust, read by
+//! Python, so neither side keeps its own copy.
 
-use super::to_pyerr;
+use super::array2;
 use crate::error::Error;
 use crate::pool;
-use crate::stats::{self, Data, Item, Layout, Sums};
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use crate::stats::{self, DType, Data, Item, Layout, Sums};
+use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 /// A borrowed, read-only numpy array of one of the element types the kernels read.
 enum Held<'py> {
@@ -93,8 +95,7 @@ fn group_stats_batch<'py>(py: Python<'py>, items: Vec<ItemSpec<'py>>, check_fini
     let mut held = Vec::with_capacity(items.len());
     let mut layouts = Vec::with_capacity(items.len());
     for (i, (theta, grad, velocity, axis, block, bf16)) in items.iter().enumerate() {
-        let take =
-            |obj: &Bound<'py, PyAny>, name: &str| Held::take(obj, *bf16, &format!("tensor {i}: {name}")).map_err(|e| to_pyerr(py, e));
+        let take = |obj: &Bound<'py, PyAny>, name: &str| Held::take(obj, *bf16, &format!("tensor {i}: {name}"));
         let t = take(theta, "theta")?;
         let g = grad.as_ref().map(|a| take(a, "grad")).transpose()?;
         let v = velocity.as_ref().map(|a| take(a, "velocity")).transpose()?;
@@ -102,18 +103,16 @@ fn group_stats_batch<'py>(py: Python<'py>, items: Vec<ItemSpec<'py>>, check_fini
         for (name, other) in [("grad", &g), ("velocity", &v)] {
             if let Some(o) = other {
                 if o.shape() != shape {
-                    return Err(to_pyerr(
-                        py,
-                        Error::Shape(format!(
-                            "tensor {i}: {name} has shape {} but theta has shape {}",
-                            stats::fmt_shape(&o.shape()),
-                            stats::fmt_shape(&shape)
-                        )),
-                    ));
+                    return Err(Error::Shape(format!(
+                        "tensor {i}: {name} has shape {} but theta has shape {}",
+                        stats::fmt_shape(&o.shape()),
+                        stats::fmt_shape(&shape)
+                    ))
+                    .into());
                 }
             }
         }
-        layouts.push(Layout::from_shape(&shape, *axis, *block).map_err(|e| to_pyerr(py, e))?);
+        layouts.push(Layout::from_shape(&shape, *axis, *block)?);
         held.push((t, g, v));
     }
     let work: Vec<Item<'_>> = held
@@ -126,24 +125,14 @@ fn group_stats_batch<'py>(py: Python<'py>, items: Vec<ItemSpec<'py>>, check_fini
             layout: *layout,
         })
         .collect();
-    let outputs = py
-        .detach(|| {
-            let out = stats::group_stats_batch(&work)?;
-            if check_finite {
-                stats::check_finite(&work, &out)?;
-            }
-            Ok(out)
-        })
-        .map_err(|e| to_pyerr(py, e))?;
-    outputs
-        .into_iter()
-        .zip(&work)
-        .map(|(out, item)| {
-            let array =
-                Array2::from_shape_vec((item.layout.groups, item.width()), out).map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))?;
-            Ok(array.into_pyarray(py))
-        })
-        .collect()
+    let outputs = py.detach(|| {
+        let out = stats::group_stats_batch(&work)?;
+        if check_finite {
+            stats::check_finite(&work, &out)?;
+        }
+        Ok::<_, Error>(out)
+    })?;
+    outputs.into_iter().zip(&work).map(|(out, item)| array2(py, out, item.layout.groups, item.width())).collect()
 }
 
 /// read_pass(buffers)
@@ -156,27 +145,47 @@ fn group_stats_batch<'py>(py: Python<'py>, items: Vec<ItemSpec<'py>>, check_fini
 fn read_pass(py: Python<'_>, buffers: Vec<PyReadonlyArray1<'_, u8>>) -> PyResult<u64> {
     let mut slices = Vec::with_capacity(buffers.len());
     for (i, b) in buffers.iter().enumerate() {
-        let s = b.as_slice().map_err(|_| to_pyerr(py, Error::Shape(format!("buffer {i} is not contiguous"))))?;
+        let s = b.as_slice().map_err(|_| Error::Shape(format!("buffer {i} is not contiguous")))?;
         slices.push(s);
     }
-    py.detach(|| stats::read_pass(&slices)).map_err(|e| to_pyerr(py, e))
+    Ok(py.detach(|| stats::read_pass(&slices))?)
 }
 
 /// Set the size of the private thread pool; 0 restores the default
 /// (NEURAL_MECHANICS_NUM_THREADS, else the number of cores).
 #[pyfunction]
-fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
-    pool::set_num_threads(n).map_err(|e| to_pyerr(py, e))
+fn set_num_threads(n: usize) -> PyResult<()> {
+    Ok(pool::set_num_threads(n)?)
 }
 
 /// The number of threads the next parallel call will use.
 #[pyfunction]
-fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
-    pool::num_threads().map_err(|e| to_pyerr(py, e))
+fn get_num_threads() -> PyResult<usize> {
+    Ok(pool::num_threads()?)
+}
+
+/// layout(shape, axis, block) -> (outer, groups, seg)
+/// --
+///
+/// The view the kernels reduce a C-contiguous tensor of `shape` in, keeping `axis` (0: rows,
+/// 1: columns in blocks of `block`): group g is the union over o < outer of the `seg` elements
+/// from (o * groups + g) * seg. The errors are those of group_stats_batch.
+#[pyfunction]
+fn layout(shape: Vec<usize>, axis: usize, block: usize) -> PyResult<(usize, usize, usize)> {
+    let Layout { outer, groups, seg } = Layout::from_shape(&shape, axis, block)?;
+    Ok((outer, groups, seg))
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
     m.add("SUM_NAMES", Sums::NAMES.to_vec())?;
+    let codes = PyDict::new(py);
+    for dtype in DType::ALL {
+        codes.set_item(dtype.name(), dtype.code())?;
+    }
+    m.add("DTYPE_CODES", codes)?;
+    m.add("MAX_THREADS", pool::MAX_THREADS)?;
+    m.add_function(wrap_pyfunction!(layout, m)?)?;
     m.add_function(wrap_pyfunction!(group_stats_batch, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;

@@ -2,40 +2,63 @@
 //! arguments (float64, contiguous, scalars as length-1 arrays) and calls these; the core checks
 //! every value, so a bad argument becomes an exception of `neural_mechanics.errors`.
 
-use super::to_pyerr;
 use crate::error::Error;
 use crate::theory::{equilibrium, ledger, paper, propagator, Hyper, Kind, Schedule};
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::ndarray::{Dimension, Ix1, Ix2};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::Borrowed;
 
-type Arr1<'py> = PyReadonlyArray1<'py, f64>;
-type Arr2<'py> = PyReadonlyArray2<'py, f64>;
+use super::array2;
 
-fn err(py: Python<'_>) -> impl Fn(Error) -> PyErr + '_ {
-    move |e| to_pyerr(py, e)
-}
+/// A float64 array argument of D dimensions, borrowed read-only and C-contiguous, so that its
+/// data is one slice. Extraction refuses another dtype or rank (TypeError) and a strided view
+/// (ShapeError); pyo3 adds a note naming the argument to either.
+struct F64Array<'py, D: Dimension>(PyReadonlyArray<'py, f64, D>);
 
-fn slice1<'a>(a: &'a Arr1<'_>, name: &str) -> Result<&'a [f64], Error> {
-    a.as_slice().map_err(|_| Error::Shape(format!("{name} is not contiguous")))
-}
+/// A 1-D float64 array argument: hyperparameters (one value, or one per step), charges, rates.
+type Arr1<'py> = F64Array<'py, Ix1>;
+/// A (steps, groups) float64 array argument.
+type Arr2<'py> = F64Array<'py, Ix2>;
 
-/// A (steps, groups) array's data, after checking both dimensions.
-fn slice2<'a>(a: &'a Arr2<'_>, name: &str, steps: Option<usize>, groups: usize) -> Result<&'a [f64], Error> {
-    let shape = a.shape();
-    let rows_ok = steps.map_or(true, |s| shape[0] == s);
-    if shape[1] != groups || !rows_ok {
-        let want = match steps {
-            Some(s) => format!("({s}, {groups})"),
-            None => format!("(steps, {groups})"),
-        };
-        return Err(Error::Shape(format!("{name} has shape {shape:?}; expected {want} (steps, groups)")));
+impl<'a, 'py, D: Dimension + 'a> FromPyObject<'a, 'py> for F64Array<'py, D> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let array = <PyReadonlyArray<'py, f64, D> as FromPyObject<'a, 'py>>::extract(obj)?;
+        if !array.is_c_contiguous() {
+            return Err(Error::Shape("the array is not C-contiguous; pass np.ascontiguousarray(array)".into()).into());
+        }
+        Ok(F64Array(array))
     }
-    a.as_slice().map_err(|_| Error::Shape(format!("{name} is not C-contiguous")))
 }
 
-fn to_array2(py: Python<'_>, data: Vec<f64>, rows: usize, groups: usize) -> PyResult<Bound<'_, PyArray2<f64>>> {
-    Array2::from_shape_vec((rows, groups), data).map(|a| a.into_pyarray(py)).map_err(|e| to_pyerr(py, Error::Shape(e.to_string())))
+impl<D: Dimension> F64Array<'_, D> {
+    /// The elements, in C order.
+    fn values(&self) -> &[f64] {
+        // Contiguity was checked on extraction, so there is always a slice.
+        self.0.as_slice().unwrap_or_default()
+    }
+}
+
+impl Arr2<'_> {
+    /// The data of a (steps, groups) array, after checking both dimensions (any number of rows
+    /// when `steps` is None).
+    fn rows(&self, name: &str, steps: Option<usize>, groups: usize) -> Result<&[f64], Error> {
+        let shape = self.0.shape();
+        if shape[1] != groups || steps.is_some_and(|s| shape[0] != s) {
+            let want = match steps {
+                Some(s) => format!("({s}, {groups})"),
+                None => format!("(steps, {groups})"),
+            };
+            return Err(Error::Shape(format!("{name} has shape {shape:?}; expected {want} (steps, groups)")));
+        }
+        Ok(self.values())
+    }
+
+    fn steps(&self) -> usize {
+        self.0.shape()[0]
+    }
 }
 
 /// theory_paper(kind, y0, drive, lr, momentum, dampening, weight_decay, steps, ydot0=None)
@@ -58,31 +81,22 @@ fn theory_paper<'py>(
     steps: usize,
     ydot0: Option<Arr1<'py>>,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let e = err(py);
-    let kind = Kind::parse(kind).map_err(&e)?;
-    let y0s = slice1(&y0, "y0").map_err(&e)?;
-    let groups = y0s.len();
-    let drive_s = match (&drive, kind.is_quadratic()) {
-        (Some(d), true) => Some(slice2(d, "drive", Some(steps), groups).map_err(&e)?),
+    let kind = Kind::parse(kind)?;
+    let groups = y0.values().len();
+    let drive = match (&drive, kind.is_quadratic()) {
+        (Some(d), true) => Some(d.rows("drive", Some(steps), groups)?),
         _ => None,
     };
-    let ydot_s = ydot0.as_ref().map(|v| slice1(v, "ydot0")).transpose().map_err(&e)?;
-    let (l, m, d, w) = (
-        slice1(&lr, "lr").map_err(&e)?,
-        slice1(&momentum, "momentum").map_err(&e)?,
-        slice1(&dampening, "dampening").map_err(&e)?,
-        slice1(&weight_decay, "weight_decay").map_err(&e)?,
-    );
-    let out = py
-        .detach(|| {
-            let schedule = Schedule::new(steps, l, m, d, w)?;
-            paper::paper(kind, y0s, ydot_s, drive_s, &schedule)
-        })
-        .map_err(&e)?;
-    to_array2(py, out, steps + 1, groups)
+    let (y0, ydot0) = (y0.values(), ydot0.as_ref().map(F64Array::values));
+    let [l, m, d, w] = [&lr, &momentum, &dampening, &weight_decay].map(F64Array::values);
+    let out = py.detach(|| {
+        let schedule = Schedule::new(steps, l, m, d, w)?;
+        paper::paper(kind, y0, ydot0, drive, &schedule)
+    })?;
+    array2(py, out, steps + 1, groups)
 }
 
-/// Streaming closed forms (THEORY.md §5.1/§5.2): one `step` per optimizer step.
+/// Streaming closed forms (docs/theory.md §5.1/§5.2): one `step` per optimizer step.
 #[pyclass(module = "neural_mechanics._native", name = "TheoryPaperStream")]
 struct TheoryPaperStream {
     inner: paper::PaperState,
@@ -92,12 +106,9 @@ struct TheoryPaperStream {
 impl TheoryPaperStream {
     #[new]
     #[pyo3(signature = (kind, y0, ydot0 = None))]
-    fn new(py: Python<'_>, kind: &str, y0: Arr1<'_>, ydot0: Option<Arr1<'_>>) -> PyResult<Self> {
-        let e = err(py);
-        let kind = Kind::parse(kind).map_err(&e)?;
-        let y = slice1(&y0, "y0").map_err(&e)?;
-        let v = ydot0.as_ref().map(|v| slice1(v, "ydot0")).transpose().map_err(&e)?;
-        Ok(TheoryPaperStream { inner: paper::PaperState::new(kind, y, v).map_err(&e)? })
+    fn new(kind: &str, y0: Arr1<'_>, ydot0: Option<Arr1<'_>>) -> PyResult<Self> {
+        let inner = paper::PaperState::new(Kind::parse(kind)?, y0.values(), ydot0.as_ref().map(F64Array::values))?;
+        Ok(TheoryPaperStream { inner })
     }
 
     /// step(drive, lr, momentum, dampening, weight_decay) -> y_{n+1}
@@ -111,9 +122,8 @@ impl TheoryPaperStream {
         dampening: f64,
         weight_decay: f64,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let e = err(py);
-        let d = match (&drive, self.inner.kind().is_quadratic()) {
-            (Some(d), true) => Some(slice1(d, "drive").map_err(&e)?),
+        let drive = match (&drive, self.inner.kind().is_quadratic()) {
+            (Some(d), true) => Some(d.values()),
             _ => None,
         };
         let hp = Hyper::new(lr, momentum, dampening, weight_decay);
@@ -121,9 +131,10 @@ impl TheoryPaperStream {
         // SAFETY: the fresh array is owned here, not yet visible to Python, and step_into
         // writes every one of its elements before it is returned (on error it is dropped).
         let out = unsafe { PyArray1::<f64>::new(py, groups, false) };
-        let out_slice = unsafe { out.as_slice_mut() }.map_err(|_| to_pyerr(py, Error::Shape("output".into())))?;
+        // SAFETY: nothing else can reach the fresh array, so this is its only borrow.
+        let out_slice = unsafe { out.as_slice_mut() }.map_err(|_| Error::Shape("output".into()))?;
         let inner = &mut self.inner;
-        py.detach(|| inner.step_into(d, hp, Some(out_slice))).map_err(&e)?;
+        py.detach(|| inner.step_into(drive, hp, Some(out_slice)))?;
         Ok(out)
     }
 
@@ -177,31 +188,22 @@ fn theory_ledger<'py>(
     weight_decay: Arr1<'py>,
     nesterov: bool,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let e = err(py);
-    let kind = Kind::parse(kind).map_err(&e)?;
-    let y0s = slice1(&y0, "y0").map_err(&e)?;
-    let groups = y0s.len();
-    let fl = slice2(&flux, "flux", None, groups).map_err(&e)?;
-    let steps = flux.shape()[0];
-    let usq = update_sq.as_ref().map(|u| slice2(u, "update_sq", Some(steps), groups)).transpose().map_err(&e)?;
-    let udot = update_dot.as_ref().map(|u| slice2(u, "update_dot", Some(steps), groups)).transpose().map_err(&e)?;
-    let b0 = buffer_dot0.as_ref().map(|b| slice1(b, "buffer_dot0")).transpose().map_err(&e)?;
-    let (l, m, d, w) = (
-        slice1(&lr, "lr").map_err(&e)?,
-        slice1(&momentum, "momentum").map_err(&e)?,
-        slice1(&dampening, "dampening").map_err(&e)?,
-        slice1(&weight_decay, "weight_decay").map_err(&e)?,
-    );
-    let out = py
-        .detach(|| {
-            let schedule = Schedule::new(steps, l, m, d, w)?;
-            ledger::ledger(kind, y0s, fl, usq, udot, b0, &schedule, nesterov)
-        })
-        .map_err(&e)?;
-    to_array2(py, out, steps + 1, groups)
+    let kind = Kind::parse(kind)?;
+    let groups = y0.values().len();
+    let fl = flux.rows("flux", None, groups)?;
+    let steps = flux.steps();
+    let usq = update_sq.as_ref().map(|u| u.rows("update_sq", Some(steps), groups)).transpose()?;
+    let udot = update_dot.as_ref().map(|u| u.rows("update_dot", Some(steps), groups)).transpose()?;
+    let (y0, buffer_dot0) = (y0.values(), buffer_dot0.as_ref().map(F64Array::values));
+    let [l, m, d, w] = [&lr, &momentum, &dampening, &weight_decay].map(F64Array::values);
+    let out = py.detach(|| {
+        let schedule = Schedule::new(steps, l, m, d, w)?;
+        ledger::ledger(kind, y0, fl, usq, udot, buffer_dot0, &schedule, nesterov)
+    })?;
+    array2(py, out, steps + 1, groups)
 }
 
-/// Streaming exact ledger (THEORY.md §5.3): one `step` per optimizer step.
+/// Streaming exact ledger (docs/theory.md §5.3): one `step` per optimizer step.
 #[pyclass(module = "neural_mechanics._native", name = "TheoryLedgerStream")]
 struct TheoryLedgerStream {
     inner: ledger::LedgerState,
@@ -211,12 +213,9 @@ struct TheoryLedgerStream {
 impl TheoryLedgerStream {
     #[new]
     #[pyo3(signature = (kind, y0, buffer_dot0 = None))]
-    fn new(py: Python<'_>, kind: &str, y0: Arr1<'_>, buffer_dot0: Option<Arr1<'_>>) -> PyResult<Self> {
-        let e = err(py);
-        let kind = Kind::parse(kind).map_err(&e)?;
-        let y = slice1(&y0, "y0").map_err(&e)?;
-        let b = buffer_dot0.as_ref().map(|b| slice1(b, "buffer_dot0")).transpose().map_err(&e)?;
-        Ok(TheoryLedgerStream { inner: ledger::LedgerState::new(kind, y, b).map_err(&e)? })
+    fn new(kind: &str, y0: Arr1<'_>, buffer_dot0: Option<Arr1<'_>>) -> PyResult<Self> {
+        let inner = ledger::LedgerState::new(Kind::parse(kind)?, y0.values(), buffer_dot0.as_ref().map(F64Array::values))?;
+        Ok(TheoryLedgerStream { inner })
     }
 
     /// step(flux, update_sq, update_dot, lr, momentum, dampening, weight_decay, nesterov) -> y_{n+1}
@@ -234,15 +233,14 @@ impl TheoryLedgerStream {
         weight_decay: f64,
         nesterov: bool,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let e = err(py);
         let inputs = ledger::LedgerInputs {
-            flux: slice1(&flux, "flux").map_err(&e)?,
-            update_sq: update_sq.as_ref().map(|u| slice1(u, "update_sq")).transpose().map_err(&e)?,
-            update_dot: update_dot.as_ref().map(|u| slice1(u, "update_dot")).transpose().map_err(&e)?,
+            flux: flux.values(),
+            update_sq: update_sq.as_ref().map(F64Array::values),
+            update_dot: update_dot.as_ref().map(F64Array::values),
         };
         let hp = Hyper::new(lr, momentum, dampening, weight_decay);
         let inner = &mut self.inner;
-        py.detach(|| inner.step(inputs, hp, nesterov).map(|_| ())).map_err(&e)?;
+        py.detach(|| inner.step(inputs, hp, nesterov).map(|_| ()))?;
         Ok(PyArray1::from_slice(py, self.inner.y()))
     }
 
@@ -279,19 +277,14 @@ fn theory_ledger_measured<'py>(
     update_sq: Option<Arr2<'py>>,
     update_sum: Option<Arr2<'py>>,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    let e = err(py);
-    let kind = Kind::parse(kind).map_err(&e)?;
-    let y0s = slice1(&y0, "y0").map_err(&e)?;
-    let groups = y0s.len();
-    fn take<'a>(a: &'a Option<Arr2<'_>>, name: &str, steps: usize, groups: usize) -> Result<Option<&'a [f64]>, Error> {
-        a.as_ref().map(|a| slice2(a, name, Some(steps), groups)).transpose()
-    }
-    let dot_s = take(&dot, "dot_theta_update", steps, groups).map_err(&e)?;
-    let usq = take(&update_sq, "update_sq", steps, groups).map_err(&e)?;
-    let usum = take(&update_sum, "update_sum", steps, groups).map_err(&e)?;
-    let l = slice1(&lr, "lr").map_err(&e)?;
-    let out = py.detach(|| ledger::ledger_measured(kind, y0s, steps, l, dot_s, usq, usum)).map_err(&e)?;
-    to_array2(py, out, steps + 1, groups)
+    let kind = Kind::parse(kind)?;
+    let groups = y0.values().len();
+    let dot = dot.as_ref().map(|a| a.rows("dot_theta_update", Some(steps), groups)).transpose()?;
+    let usq = update_sq.as_ref().map(|a| a.rows("update_sq", Some(steps), groups)).transpose()?;
+    let usum = update_sum.as_ref().map(|a| a.rows("update_sum", Some(steps), groups)).transpose()?;
+    let (y0, lr) = (y0.values(), lr.values());
+    let out = py.detach(|| ledger::ledger_measured(kind, y0, steps, lr, dot, usq, usum))?;
+    array2(py, out, steps + 1, groups)
 }
 
 type Four<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
@@ -301,10 +294,10 @@ fn columns<'py>(py: Python<'py>, all: Vec<equilibrium::Equilibrium>) -> Four<'py
     (col(|q| q.norm_sq), col(|q| q.angular_update), col(|q| q.effective_lr), col(|q| q.relaxation_steps))
 }
 
-fn same_len(py: Python<'_>, arrays: &[&[f64]]) -> PyResult<usize> {
+fn same_len(arrays: &[&[f64]]) -> Result<usize, Error> {
     let n = arrays[0].len();
     if arrays.iter().any(|a| a.len() != n) {
-        return Err(to_pyerr(py, Error::Shape("equilibrium inputs must be broadcast to one shape".into())));
+        return Err(Error::Shape("equilibrium inputs must be broadcast to one shape".into()));
     }
     Ok(n)
 }
@@ -323,16 +316,9 @@ fn theory_equilibrium_sgd<'py>(
     momentum: Arr1<'py>,
     dampening: Arr1<'py>,
 ) -> PyResult<Four<'py>> {
-    let e = err(py);
-    let (l, w, g, m, d) = (
-        slice1(&lr, "lr").map_err(&e)?,
-        slice1(&weight_decay, "weight_decay").map_err(&e)?,
-        slice1(&grad_sq_unit, "grad_sq_unit").map_err(&e)?,
-        slice1(&momentum, "momentum").map_err(&e)?,
-        slice1(&dampening, "dampening").map_err(&e)?,
-    );
-    let n = same_len(py, &[l, w, g, m, d])?;
-    let all = (0..n).map(|i| equilibrium::sgd(l[i], w[i], g[i], m[i], d[i])).collect::<Result<Vec<_>, _>>().map_err(&e)?;
+    let [l, w, g, m, d] = [&lr, &weight_decay, &grad_sq_unit, &momentum, &dampening].map(F64Array::values);
+    let n = same_len(&[l, w, g, m, d])?;
+    let all = (0..n).map(|i| equilibrium::sgd(l[i], w[i], g[i], m[i], d[i])).collect::<Result<Vec<_>, _>>()?;
     Ok(columns(py, all))
 }
 
@@ -348,26 +334,18 @@ fn theory_equilibrium_adamw<'py>(
     update_sq: Arr1<'py>,
     beta1: Arr1<'py>,
 ) -> PyResult<Four<'py>> {
-    let e = err(py);
-    let (l, w, u, b) = (
-        slice1(&lr, "lr").map_err(&e)?,
-        slice1(&weight_decay, "weight_decay").map_err(&e)?,
-        slice1(&update_sq, "update_sq").map_err(&e)?,
-        slice1(&beta1, "beta1").map_err(&e)?,
-    );
-    let n = same_len(py, &[l, w, u, b])?;
-    let all = (0..n).map(|i| equilibrium::adamw(l[i], w[i], u[i], b[i])).collect::<Result<Vec<_>, _>>().map_err(&e)?;
+    let [l, w, u, b] = [&lr, &weight_decay, &update_sq, &beta1].map(F64Array::values);
+    let n = same_len(&[l, w, u, b])?;
+    let all = (0..n).map(|i| equilibrium::adamw(l[i], w[i], u[i], b[i])).collect::<Result<Vec<_>, _>>()?;
     Ok(columns(py, all))
 }
 
 /// theory_regime(lr, momentum, dampening, weight_decay, kind="scale") -> str
 #[pyfunction]
 #[pyo3(signature = (lr, momentum, dampening, weight_decay, kind = "scale"))]
-fn theory_regime(py: Python<'_>, lr: f64, momentum: f64, dampening: f64, weight_decay: f64, kind: &str) -> PyResult<&'static str> {
-    let e = err(py);
-    let kind = Kind::parse(kind).map_err(&e)?;
-    let r = propagator::regime(kind, Hyper::new(lr, momentum, dampening, weight_decay)).map_err(&e)?;
-    Ok(r.name())
+fn theory_regime(lr: f64, momentum: f64, dampening: f64, weight_decay: f64, kind: &str) -> PyResult<&'static str> {
+    let regime = propagator::regime(Kind::parse(kind)?, Hyper::new(lr, momentum, dampening, weight_decay))?;
+    Ok(regime.name())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

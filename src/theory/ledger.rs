@@ -286,9 +286,19 @@ pub fn ledger_measured(
 mod tests {
     use super::*;
 
+    /// What a simulated run measured, per step: the charge |θ_n|² (steps + 1 values), the flux
+    /// ⟨θ_n, ĝ_n⟩, |u_n|², ⟨u_n, b_n⟩ and the learning rate.
+    struct Simulated {
+        xs: Vec<f64>,
+        flux: Vec<f64>,
+        update_sq: Vec<f64>,
+        update_dot: Vec<f64>,
+        lrs: Vec<f64>,
+    }
+
     /// A tiny scale-invariant SGD run in f64 (θ ∈ R², loss depends on θ/|θ| only), simulated
     /// directly and compared with the ledger fed the measured flux and |u|².
-    fn simulate(beta: f64, damp: f64, wd: f64, nesterov: bool, steps: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    fn simulate(beta: f64, damp: f64, wd: f64, nesterov: bool, steps: usize) -> Simulated {
         let mut th = [1.3f64, -0.4];
         let mut buf: Option<[f64; 2]> = None;
         let (mut xs, mut fl, mut us, mut es, mut lrs) = (vec![], vec![], vec![], vec![], vec![]);
@@ -325,14 +335,14 @@ mod tests {
             th = [th[0] - eta * u[0], th[1] - eta * u[1]];
         }
         xs.push(th[0] * th[0] + th[1] * th[1]);
-        (xs, fl, us, es, lrs)
+        Simulated { xs, flux: fl, update_sq: us, update_dot: es, lrs }
     }
 
     #[test]
     fn reproduces_simulated_sgd() {
         for &(beta, damp, nesterov) in &[(0.0, 0.0, false), (0.9, 0.0, false), (0.9, 0.3, false), (0.8, 0.0, true)] {
             let steps = 40;
-            let (xs, fl, us, es, lrs) = simulate(beta, damp, 0.01, nesterov, steps);
+            let Simulated { xs, flux: fl, update_sq: us, update_dot: es, lrs } = simulate(beta, damp, 0.01, nesterov, steps);
             let (m, d, w) = ([beta], [damp], [0.01]);
             let sched = Schedule::new(steps, &lrs, &m, &d, &w).unwrap();
             let ys = ledger(Kind::Scale, &xs[..1], &fl, Some(&us), Some(&es), None, &sched, nesterov).unwrap();
