@@ -22,6 +22,7 @@ import numpy as np
 
 from .equilibrium import equilibrium_series, equilibrium_table
 from .errors import InvalidArgumentError
+from .forecast import QUANTITIES, observed, panel_forecasts
 
 # The x axis of charge and error plots: the model time of the closed forms, or the step.
 TIME_LABEL = "time t = Σ η(1−d)"
@@ -403,5 +404,86 @@ def plot_effective_lr(run: Any, layer: str | None = None, groups: int | None = 6
     ax.set_xlabel(xlabel)
     ax.set_ylabel("effective learning rate η / |θ_A|²")
     ax.set_title(f"Effective angular learning rate of {layer} (scale-invariant channels)", fontsize=10)
+    ax.grid(alpha=0.25)
+    return fig
+
+
+FORECAST_LABEL = {
+    "norm": "norm |θ_A|",
+    "effective_lr": "effective learning rate",
+    "angular_update": "angular update per step (rad)",
+}
+
+
+def plot_forecast(
+    run: Any,
+    forecast_df: Any = None,
+    *,
+    symmetry: str | None = None,
+    layer: str | None = None,
+    quantity: str = "charge",
+    groups: int | None = 6,
+    ax: Any = None,
+    title: str | None = None,
+) -> Any:
+    """Measured (solid) against the forecast of docs/theory.md §5.7 (dashed, same colour) and its
+    band (shaded) for at most ``groups`` groups of one layer; a Figure.
+
+    ``forecast_df``: the output of ``Run.forecast`` / ``forecast.forecast``, or a list of them
+    (each drawn from its own starting step, marked by a dotted grey line); None draws
+    ``forecast.panel_forecasts(run)`` (from the middle of the run with the rates it followed,
+    and from its end at the last rate). ``symmetry``: default scale if the run has scale groups,
+    else rescale, else translation; ``layer``: default as in :func:`plot_charges`; ``quantity``:
+    one of ``forecast.QUANTITIES`` (the last three for scale groups only). The x axis is the step.
+    """
+    frames = panel_forecasts(run) if forecast_df is None else (list(forecast_df) if isinstance(forecast_df, (list, tuple)) else [forecast_df])
+    if not frames:
+        raise InvalidArgumentError("nothing to draw: no forecast (the run is too short, or does not name its optimizer)")
+    if quantity not in QUANTITIES:
+        raise InvalidArgumentError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+    present = set(run.groups.symmetry)
+    if symmetry is None:
+        symmetry = next((s for s in ("scale", "rescale", "translation") if s in present), "scale")
+    if quantity != "charge" and symmetry != "scale":
+        raise InvalidArgumentError(f"{quantity!r} is forecast for scale groups only, not {symmetry!r}")
+    layer = default_layer(run, symmetry) if layer is None else layer
+    idx = pick_groups(run, symmetry, layer, groups)
+    fig, ax = _new_axes(ax, figsize=(6.8, 4.2))
+    xs = run.step_index.astype(float)
+    measured = observed(run, quantity)[:, idx]
+    colors = _colors(len(idx))
+    wanted = run.groups.index[idx]
+    for j in range(len(idx)):
+        ax.plot(xs, measured[:, j], color=colors[j], lw=1.6)
+    for k, frame in enumerate(frames):
+        sel = frame[(frame["symmetry"] == symmetry) & (frame["layer"] == layer) & (frame["quantity"] == quantity)]
+        for j, g in enumerate(wanted):
+            rows = sel[sel["group"] == g]
+            if not len(rows):
+                continue
+            steps = rows["step"].to_numpy(dtype=float)
+            ax.plot(steps, rows["forecast"].to_numpy(), color=colors[j], lw=1.3, ls=(0, (4, 2)))
+            ax.fill_between(steps, rows["low"].to_numpy(), rows["high"].to_numpy(), color=colors[j], alpha=0.13, lw=0)
+        start = frame.attrs.get("at", float(frame["step"].min()))
+        ax.axvline(float(start), color="0.45", lw=0.9, ls=":", label="forecast starts" if k == 0 else None)
+    _mark_lr_changes(ax, run, xs)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [
+        Line2D([], [], color="0.3", lw=1.6, label="measured"),
+        Line2D([], [], color="0.3", lw=1.3, ls=(0, (4, 2)), label="forecast (§5.7)"),
+        Patch(color="0.3", alpha=0.2, label="band: drive at its 10–90th pct."),
+    ]
+    handles += [h for h, lab in zip(*ax.get_legend_handles_labels()) if lab.startswith(("lr step", "forecast starts"))]
+    ax.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
+    if quantity == "effective_lr":
+        ax.set_yscale("log")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(CHARGE_LABEL[symmetry] if quantity == "charge" else FORECAST_LABEL[quantity])
+    n_all = int(((run.groups.symmetry == symmetry) & (run.groups.layer == layer)).sum())
+    shown = f"{len(idx)} of {n_all} groups" if len(idx) < n_all else f"{n_all} groups"
+    ax.set_title(title or f"Forecast: {SYMMETRY_TITLE[symmetry].lower()} groups of {layer} ({shown})\n"
+                 f"from what the run held at step {', '.join(str(int(f.attrs.get('at', f['step'].min()))) for f in frames)}", fontsize=9.5)
     ax.grid(alpha=0.25)
     return fig

@@ -10,6 +10,7 @@ Layout of a report folder (``write_report``)::
     <model>/errors.png            error of the exact ledger and of the paper's closed form
     <model>/residuals.png         gradient-constraint residuals per layer
     <model>/equilibrium.png       scale groups against the §5.4 equilibrium (models with scale groups)
+    <model>/forecast.png          the §5.7 forecast from mid-run and past the end, against the run
     <model>/summary.md, .html     that model's part of summary.md
     runs/<model>.nmrun            the saved runs (``neural_mechanics.load_run``)
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from . import plots
 from .equilibrium import equilibrium_series, equilibrium_summary, equilibrium_table, grad_sq_unit, has_equilibrium, last_phase
+from .forecast import panel_forecasts
 from .run import load_run
 
 __all__ = [
@@ -203,6 +205,8 @@ def run_figures(run: Any, folder: Path, *, groups: int = 8) -> dict[str, Path]:
     out["residuals"] = _save(plots.plot_residuals(run), folder / "residuals.png")
     if has_equilibrium(run):
         out["equilibrium"] = _save(plots.plot_equilibrium(run), folder / "equilibrium.png")
+    if forecasts := panel_forecasts(run):  # docs/theory.md §5.7
+        out["forecast"] = _save(plots.plot_forecast(run, forecasts), folder / "forecast.png")
     return out
 
 

@@ -305,6 +305,25 @@ class Run:
 
         return plot_residuals(self, **kwargs)
 
+    # -- forecast (docs/theory.md §5.7; neural_mechanics.forecast, imported at call time) ------
+    def forecast(self, steps: int, *, at: int | None = None, lr: Any = None, window: int = 50, **kwargs: Any) -> Any:
+        """Every group's charge (scale groups: also norm, effective lr, angular update) for the
+        ``steps`` steps after step ``at`` (default: the last row), from what the run held there,
+        under the future rates ``lr`` (a callable of the step index, an array of ``steps``
+        rates, or None to hold the last); a long DataFrame with a band. See
+        ``neural_mechanics.forecast.forecast``."""
+        from .forecast import forecast
+
+        return forecast(self, steps, at=at, lr=lr, window=window, **kwargs)
+
+    def plot_forecast(self, forecast: Any = None, **kwargs: Any) -> Any:
+        """Measured (solid), forecast (dashed) and its band (shaded); a Figure. ``forecast``: a
+        frame of ``Run.forecast`` (or a list of them); None draws one from the middle of the run
+        and one past its end. See ``neural_mechanics.plots.plot_forecast``."""
+        from .plots import plot_forecast
+
+        return plot_forecast(self, forecast, **kwargs)
+
     # -- persistence -------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         g = self.groups
