@@ -89,7 +89,7 @@ def test_sgd_scale_relaxation_matches_the_simulation(x0, momentum, dampening):
     lr = 0.05 if momentum else 0.25
     run = simulate("SGD", 900, lr=lr, wd=2e-3, momentum=momentum, dampening=dampening, x0=x0)
     frame = F.forecast(run, 800, at=100)
-    assert mean_error(run, frame, 100) < 0.012
+    assert mean_error(run, frame, 100) < 0.02  # measured 0.2–1.1%: the O(ηλ/(1−β)²) of §5.4
     x = run.array("measured")
     assert abs(x[-1].mean() / x[100].mean() - 1) > 0.3  # the charge really relaxes
     # The constant-drive model holds |u|² (not |u|²|θ|²) at its window value: wrong equilibrium.
@@ -100,7 +100,7 @@ def test_sgd_scale_relaxation_matches_the_simulation(x0, momentum, dampening):
     const[0] = x[100].mean()
     for k in range(800):
         const[k + 1] = const[k] * np.exp(-kappa) + lr**2 * gain * (d.value / x[100]).mean() * (1 - np.exp(-kappa)) / kappa
-    assert np.max(np.abs(const / x[100:].mean(1) - 1)) > 0.15
+    assert np.max(np.abs(const / x[100:].mean(1) - 1)) > 0.15  # measured 25–45%
 
 
 def test_sgd_forecast_follows_a_learning_rate_schedule():
@@ -109,7 +109,7 @@ def test_sgd_forecast_follows_a_learning_rate_schedule():
     as_callable = F.forecast(run, 800, at=100, lr=schedule)
     as_array = F.forecast(run, 800, at=100, lr=[schedule(n) for n in range(100, 900)])
     np.testing.assert_array_equal(charge(as_callable), charge(as_array))
-    assert mean_error(run, as_callable, 100) < 0.012
+    assert mean_error(run, as_callable, 100) < 0.02
     held = F.forecast(run, 800, at=100)  # lr=None holds 0.05: a different, wrong, future
     assert mean_error(run, held, 100) > 0.05
 
@@ -151,8 +151,9 @@ def test_adamw_scale_relaxation_matches_the_simulation(beta1, beta2, x0):
     run = simulate("AdamW", 1000, lr=0.01, wd=0.05, beta1=beta1, beta2=beta2, x0=x0)
     frame = F.forecast(run, 900, at=100, beta1=beta1)
     x = run.array("measured")
-    # sign descent's radial noise makes a random walk of each group: compare the group mean
-    assert mean_error(run, frame, 100) < (0.04 if beta1 == 0 else 0.025)
+    # Sign descent's radial noise makes each group a random walk: the mean of 48 is within ~3%
+    # (measured 3.2%, 3.9%); Adam 0.6% (from above) and 2.3% (from below: v lags the falling |ĝ|²).
+    assert mean_error(run, frame, 100) < (0.06 if beta1 == 0 else 0.035)
     assert abs(x[-1].mean() / x[100].mean() - 1) > 0.25
     band = charge(frame, column="low")[-1], charge(frame, column="high")[-1]
     assert np.mean((x[-1] >= band[0]) & (x[-1] <= band[1])) >= 0.6
