@@ -6,8 +6,9 @@ scale groups, its norm, effective learning rate and angular update) ``steps`` st
 §5.7: weight decay and the learning rate are known, the drive (the centrifugal input of the
 gradient noise) is estimated over the last ``window`` recorded steps before ``at`` and held at
 its physical invariant: |u_A|²·|θ_A|² for a scale group under SGD (the update at unit norm),
-Adam's direction |a_A|² under decoupled weight decay. The band is the same forecast with the
-drive at its 10th and 90th percentiles over the window. ``forecast_errors`` compares a forecast
+Adam's direction |a_A|² under decoupled weight decay. The band adds, in quadrature, the same
+forecast with the drive at its 10th and 90th percentiles over the window and the charge's own
+fluctuation about the model measured over the window. ``forecast_errors`` compares a forecast
 from an earlier step with what the run then measured, against two baselines (hold the last value;
 extend the last ``window`` steps linearly).
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError, NonFiniteError, ShapeError, UnknownColumnError
+from .errors import InvalidArgumentError, NeuralMechanicsError, NonFiniteError, ShapeError, UnknownColumnError
 
 __all__ = [
     "QUANTITIES",
@@ -396,8 +397,9 @@ def forecast(
     Returns a long pandas DataFrame with columns step (at … at+steps; the row at ``at`` is the
     measured starting point), symmetry, layer, group, quantity (``QUANTITIES``; only "charge"
     for translation and rescale groups), forecast, low, high (the band: the drive at its 10th and
-    90th percentiles over the window). ``frame.attrs`` holds at, steps, window, optimizer, model
-    ("sgd" or "adaptive") and beta1.
+    90th percentiles over the window, and the charge's measured fluctuation about the model, in
+    quadrature). ``frame.attrs`` holds at, steps, window, optimizer, model ("sgd" or "adaptive")
+    and beta1. Memory: O(steps × groups).
     """
     import pandas as pd
 
@@ -556,13 +558,17 @@ def panel_forecasts(run: Any, window: int = 50) -> list[Any]:
     """The two forecasts the report's panel draws: from the middle of the run to its end under
     the rates it recorded (to be compared with what it measured), and from its last row for half
     the run's length more at the last rate (where each group is heading). Empty when the run is
-    too short (fewer than 4 recorded steps) or does not name its optimizer."""
+    too short (fewer than 5 recorded rows) or cannot be forecast (it does not name its optimizer,
+    records no update, ...): a report draws what it can."""
     steps = np.asarray(run.step_index)
     if len(steps) < 5 or not getattr(run, "optimizer", ""):
         return []
     mid = int(steps[np.searchsorted(steps, steps[0] + (steps[-1] - steps[0]) // 2)])
-    out = []
-    if mid < steps[-1]:
-        out.append(forecast(run, int(steps[-1]) - mid, at=mid, lr=recorded_lr(run, mid, int(steps[-1])), window=window))
-    out.append(forecast(run, max(1, int(steps[-1] - steps[0]) // 2), window=window))
+    try:
+        out = []
+        if mid < steps[-1]:
+            out.append(forecast(run, int(steps[-1]) - mid, at=mid, lr=recorded_lr(run, mid, int(steps[-1])), window=window))
+        out.append(forecast(run, max(1, int(steps[-1] - steps[0]) // 2), window=window))
+    except NeuralMechanicsError:
+        return []
     return out

@@ -473,7 +473,7 @@ def plot_forecast(
     handles = [
         Line2D([], [], color="0.3", lw=1.6, label="measured"),
         Line2D([], [], color="0.3", lw=1.3, ls=(0, (4, 2)), label="forecast (§5.7)"),
-        Patch(color="0.3", alpha=0.2, label="band: drive at its 10–90th pct."),
+        Patch(color="0.3", alpha=0.2, label="band: drive at its 10–90th pct.,\n± the measured fluctuation"),
     ]
     handles += [h for h, lab in zip(*ax.get_legend_handles_labels()) if lab.startswith(("lr step", "forecast starts"))]
     ax.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
