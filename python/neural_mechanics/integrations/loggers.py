@@ -74,8 +74,10 @@ class WandbSink:
     def __init__(self, run: Any):
         self.run = run
         self.name = f"wandb run {getattr(run, 'id', '?')}"
-        run.define_metric(STEP_KEY)
-        run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
+
+    def start(self) -> None:
+        self.run.define_metric(STEP_KEY)
+        self.run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         self.run.log({**values, STEP_KEY: step})
@@ -163,9 +165,8 @@ class LightningSink:
 class _WandbNoDefine(WandbSink):
     """The wandb run of a Lightning ``WandbLogger``, which defines its own x axis."""
 
-    def __init__(self, run: Any):
-        self.run = run
-        self.name = f"wandb run {getattr(run, 'id', '?')}"
+    def start(self) -> None:
+        pass
 
 
 def sink_for(target: Any) -> Any:
@@ -217,7 +218,9 @@ class Logger:
         return self.logged_step is None or step // self.every > self.logged_step // self.every
 
     def start(self, run: Any, watcher: RowWatcher) -> None:
-        pass
+        start = getattr(self.sink, "start", None)
+        if callable(start):
+            start()
 
     def on_row(self, step: int, watcher: RowWatcher) -> None:
         if self.due(step):
