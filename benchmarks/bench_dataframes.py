@@ -6,7 +6,8 @@
 
 (b) The live view (``tracker.live()`` at its defaults: every=25, budget 3%) on the tracking
     acceptance network (digits, batch 64, CPU, SGD, tracked every step), against the same
-    tracked loop without it, in interleaved blocks of steps on two models; the figure is the
+    tracked loop without it, in interleaved blocks of steps on two models (the order rotates
+    from round to round); the figure is the
     median over blocks of the per-step time with the view divided by the median without. The
     frames are drawn and encoded as PNG (the real cost) and dropped instead of being sent to a
     notebook. The view's redraw budget runs on a clock that is paused while the other
@@ -146,8 +147,10 @@ def bench_live(blocks: int, steps: int) -> dict:
     for model, opt, _, _ in configs.values():  # warm-up, and the live view's first frame
         block(model, opt)
     per_step: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(blocks):
-        for name, (model, opt, _, _) in configs.items():
+    names = list(configs)
+    for b in range(blocks):
+        for name in names[b % len(names) :] + names[: b % len(names)]:  # the order rotates every round
+            model, opt, _, _ = configs[name]
             if name == "tracked + live":
                 clock.resume()
             per_step[name].append(block(model, opt))

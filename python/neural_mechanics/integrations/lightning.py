@@ -114,11 +114,13 @@ class NeuralMechanicsCallback(pl.Callback):
                 from lightning_fabric.utilities.apply_func import move_data_to_device
 
                 symmetries = nm.find_symmetries(pl_module, move_data_to_device(example, pl_module.device))
+        from .loggers import LightningSink
+
         self.tracker = nm.track(
             pl_module,
             optimizer,
             symmetries,
-            log_to=list(trainer.loggers) or None,
+            log_to=[LightningSink(logger) for logger in trainer.loggers] or None,
             log_every=self.log_every or max(1, int(trainer.log_every_n_steps)),
             log_histograms=self.log_histograms,
             log_figures=self.log_figures,

@@ -183,10 +183,11 @@ def sink_for(target: Any) -> Any:
                 raise InvalidArgumentError("log_to='wandb' logs to the current wandb run, and there is none: call wandb.init() first")
             return WandbSink(wandb.run)
         raise InvalidArgumentError(f"log_to: unknown destination {target!r}; 'tensorboard', 'wandb', a SummaryWriter, a wandb run or a Lightning logger")
-    module = type(target).__module__
-    if module.startswith("wandb"):
+    if isinstance(target, (TensorBoardSink, WandbSink, LightningSink)):
+        return target
+    if type(target).__module__.startswith("wandb"):
         return WandbSink(target)
-    if module.startswith(("pytorch_lightning", "lightning")) and hasattr(target, "log_metrics"):
+    if hasattr(target, "log_metrics") and hasattr(target, "log_hyperparams"):  # Lightning's Logger interface
         return LightningSink(target)
     if hasattr(target, "add_scalar"):
         return TensorBoardSink(target)

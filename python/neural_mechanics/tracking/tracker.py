@@ -13,7 +13,7 @@ from .. import _native
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from .distributed import RunOnRankZero, attach
-from .paths import SgdPath, UpdatePath
+from .paths import SgdPath, UpdatePath, read_hyper
 from .plan import Plan, build_plan
 from .reducers import Reads, choose
 
@@ -60,6 +60,7 @@ class Tracker:
         self._run: Run | None = None
         self._step = 0
         self._closed = False
+        self._closure_pending = False  # optimizer.step(closure): measured once the closure has run
         self._observers: Any = None  # loggers and the live view (neural_mechanics.integrations), if any
         if log_to is not None and (self._dist is None or self._dist.owns_run):
             from ..integrations.loggers import loggers_for
@@ -129,6 +130,8 @@ class Tracker:
         once the run exists, ``on_row(step, watcher)`` after each row, ``close(run, watcher)``
         after the final row (neural_mechanics.integrations.observers). An observer that raises
         is dropped with a note in ``run.notes``; training goes on."""
+        if self._closed:
+            raise InvalidArgumentError("the tracker is closed: nothing more will be recorded to observe")
         if self._observers is None:
             from ..integrations.observers import Observers
 
@@ -178,13 +181,12 @@ class Tracker:
         # optimizer.step(closure) (Lightning, closure-style loops): the gradient of this step
         # exists only once the optimizer has run the closure, so measure right after its first
         # call, before the update (a pre-hook may hand the optimizer new arguments).
-        called = False
+        self._closure_pending = True
 
         def closure_then_measure() -> Any:
-            nonlocal called
             loss = closure()
-            if not called:
-                called = True
+            if self._closure_pending:
+                self._closure_pending = False
                 self._before_step()
             return loss
 
@@ -205,6 +207,12 @@ class Tracker:
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._path is None:
             return
+        if self._closure_pending:  # an optimizer that never called its closure: the step went unmeasured
+            self._closure_pending = False
+            if isinstance(self._path, SgdPath):
+                self._path._skip(self._step, read_hyper(self.optimizer))
+            if self._run is not None:
+                self._run.notes.append(f"step {self._step}: optimizer.step(closure) never called the closure; the step was not measured")
         self._path.after_step(self._step)
         self._step += 1
 
