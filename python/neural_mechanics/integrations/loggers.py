@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from . import require
 from .scalars import PREFIX, RowWatcher
 
 STEP_KEY = f"{PREFIX}/step"  # wandb: the x axis of every neural_mechanics/* metric
+SYMMETRIES = ("translation", "scale", "rescale")
 
 
 # -- sinks: one class per destination, each with the same five calls ------------------------------
@@ -45,9 +47,7 @@ class TensorBoardSink:
                 self.writer.add_histogram(tag, v[np.isfinite(v)], step)
 
     def table(self, frame: Any, step: int) -> None:
-        from ..report import to_markdown
-
-        self.writer.add_text(f"{PREFIX}/summary", to_markdown(frame), step)
+        self.writer.add_text(f"{PREFIX}/summary", markdown_table(frame), step)
 
     def images(self, paths: dict[str, str], step: int) -> None:
         from matplotlib.image import imread
@@ -246,12 +246,43 @@ class Logger:
 
 
 def report_figures(run: Any, folder: str) -> dict[str, str]:
-    """The report's figures of ``run`` (``report.run_figures``) as PNG files in ``folder``."""
-    from pathlib import Path
+    """The figures of a run's report (those of ``report.run_figures``: the charges of each
+    symmetry, the errors, the residuals, the equilibrium where it applies) as PNG files in
+    ``folder``, drawn by ``plots`` (``report`` sits above everything and is imported by the
+    command line only, docs/architecture.md)."""
+    from .. import plots
+    from ..equilibrium import has_equilibrium
 
-    from ..report import run_figures
+    figures: dict[str, Callable[[], Any]] = {}
+    for sym in SYMMETRIES:
+        if (run.groups.symmetry == sym).any():
+            figures[f"charges_{sym}"] = partial(plots.plot_charges, run, sym, groups=8)
+    figures["errors"] = lambda: plots.plot_errors(run)
+    figures["residuals"] = lambda: plots.plot_residuals(run)
+    if has_equilibrium(run):
+        figures["equilibrium"] = lambda: plots.plot_equilibrium(run)
+    out = {}
+    for name, draw in figures.items():
+        path = os.path.join(folder, f"{name}.png")
+        draw().savefig(path, dpi=130)
+        out[name] = path
+    return out
 
-    return {k: os.fspath(p) for k, p in run_figures(run, Path(folder)).items()}
+
+def markdown_table(frame: Any) -> str:
+    """A pipe table of a DataFrame (TensorBoard renders Markdown text), numbers in 4 digits."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            if not np.isfinite(v):
+                return "—"
+            return f"{v:.4g}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.2e}"
+        return (str(v) or "—").replace("|", "\\|")  # a "|" must not split a cell
+
+    cols = [fmt(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def _last_step(run: Any, watcher: RowWatcher | None) -> int:
