@@ -56,7 +56,7 @@ def test_the_redraw_budget_and_thinning_bound_the_cost():
     opt = sgd()(model)
     frames: list[bytes] = []
     with nm.track(model, opt) as tracker:
-        view = nm.live(tracker, every=1, display=frames.append, budget=1e-6, max_points=10, progress=False)
+        view = nm.live(tracker, every=1, display=frames.append, budget=1e-6, min_interval=60.0, max_points=10, progress=False)
         train_steps(model, opt, x, y, 25)
     assert view.frames == 2  # the first sample, then none within the budget, then the final one at close
     assert len(view._steps) <= 10 and view._stride > 1  # every other sample dropped past max_points

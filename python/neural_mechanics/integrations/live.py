@@ -13,7 +13,8 @@ Cost:
 - in a notebook, every ``every``-th row is sampled (a few numpy calls on O(groups) numbers), and
   the figure is redrawn only when the time since the last redraw is at least ``1/budget`` times
   what the last redraw cost (``budget=0.03``: drawing takes at most ~3% of the wall time,
-  however fast the steps are), and not more often than every ``min_interval`` seconds. The
+  however fast the steps are), and not more often than every ``min_interval`` seconds (the
+  second frame, the first that measures a plain redraw, comes after ``min_interval``). The
   samples kept are thinned (every other one dropped) past ``max_points``, so a redraw's cost
   stays bounded over long runs. docs/benchmarks.md gives the measured overhead.
 
@@ -195,7 +196,9 @@ class LiveView:
         self._show(buf.getvalue())
         self.frames += 1
         end = self._clock()
-        self._draw_cost, self._last_draw = end - start, end
+        # The first frame also builds the figure and its layout (several times a redraw): the
+        # budget starts from the second one.
+        self._draw_cost, self._last_draw = (end - start if self.frames > 1 else 0.0), end
 
     def _make_figure(self) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
