@@ -4,7 +4,7 @@
     10⁶ rows (10,000 recorded steps × 100 groups, in memory), interleaved round by round; the
     table gives the median and the minimum per call and the median ratio to ``to_pandas``.
 
-(b) The live view (``tracker.live()`` at its defaults: every=25, budget 3%) on the tracking
+(b) The live view (``tracker.live()`` at its defaults: every=25, budget 2%) on the tracking
     acceptance network (digits, batch 64, CPU, SGD, tracked every step), against the same
     tracked loop without it, in interleaved blocks of steps on two models (the order rotates
     from round to round); the figure is the
@@ -189,7 +189,7 @@ def bench_live(blocks: int, steps: int) -> dict:
         "png_bytes_median": statistics.median(frames),
         "live_callbacks_share": hook_share,
     }
-    print(f"\n(b) live view at its defaults (every=25, budget=3%), acceptance net, batch 64, {blocks} interleaved blocks of {steps} steps")
+    print(f"\n(b) live view at its defaults (every=25, budget=2%), acceptance net, batch 64, {blocks} interleaved blocks of {steps} steps")
     print(f"{'configuration':<34}{'median ms/step':>15}{'ratio':>8}")
     for name, ts in per_step.items():
         med = statistics.median(ts)

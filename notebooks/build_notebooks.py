@@ -225,7 +225,7 @@ def live() -> list:
             "cell — measured charges against both theories for one layer per symmetry, the worst error of each layer, "
             "the effective learning rates of the scale layers — and a progress line with the steps, the groups and the "
             "worst error so far. Outside a notebook it does nothing and costs nothing; in a notebook it redraws within "
-            "a time budget (3% of the wall time by default). See docs/integrations.md."
+            "a time budget (2% of the wall time by default). See docs/integrations.md."
         ),
         new_code_cell(SETUP),
         new_code_cell(

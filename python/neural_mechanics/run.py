@@ -312,15 +312,18 @@ class Run:
                 columns.append(pl.Series(col, v))
         return pl.DataFrame(columns)
 
-    def to_parquet(self, path: str | os.PathLike[str]) -> Path:
+    def to_parquet(self, path: str | os.PathLike[str], **options: Any) -> Path:
         """Write ``to_arrow()`` to a Parquet file (read back with ``pandas.read_parquet``,
-        ``polars.read_parquet`` or ``pyarrow.parquet.read_table``); returns the path. Needs
-        ``neural-mechanics[dataframes]``."""
+        ``polars.read_parquet`` or ``pyarrow.parquet.read_table``); returns the path.
+        Dictionary encoding is kept to the string columns (measured values are nearly all
+        distinct: encoding them tripled the write time for nothing); ``options`` go to
+        ``pyarrow.parquet.write_table``. Needs ``neural-mechanics[dataframes]``."""
         from .integrations import require
 
         pq = require("pyarrow.parquet", "Run.to_parquet")
         target = Path(path)
-        pq.write_table(self.to_arrow(), os.fspath(target))
+        options.setdefault("use_dictionary", ["symmetry", "layer", "label"])
+        pq.write_table(self.to_arrow(), os.fspath(target), **options)
         return target
 
     def summary(self) -> Any:
