@@ -235,6 +235,9 @@ class Logger:
             self.sink.histograms(watcher.charges(), step)
 
     def close(self, run: Any, watcher: RowWatcher | None) -> None:
+        if run is None:  # the tracker closed before recording anything
+            self.sink.close()
+            return
         step = _last_step(run, watcher)
         try:
             self.sink.table(run.summary(), step)

@@ -8,7 +8,8 @@ object with
 - ``name`` (a short description, used in notes),
 - ``start(run, watcher)``: once, when the run exists,
 - ``on_row(step, watcher)``: after each committed row (``watcher.row`` is the newest row),
-- ``close(run, watcher)``: once, after the final row was measured.
+- ``close(run, watcher)``: once, after the final row was measured (``run`` is None when the
+  tracker closed before recording anything: release what you hold).
 
 An observer that raises is never allowed to break training: the error is caught, a note is added
 to ``run.notes`` (once) with a warning, and that observer is dropped; the others go on.

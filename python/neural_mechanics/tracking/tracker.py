@@ -237,8 +237,8 @@ class Tracker:
             return
         if self._path is not None:
             self._path.finish(self._step)
-        if self._observers is not None and self._run is not None:
-            self._observers.close(self._run)
+        if self._observers is not None:
+            self._observers.close(self._run)  # None if no row was ever recorded
         for h in self._handles:
             h.remove()
         self._handles.clear()
