@@ -1,4 +1,4 @@
-"""Writes the three notebooks of this folder (without outputs) with nbformat.
+"""Writes the notebooks of this folder (without outputs) with nbformat.
 
 The .ipynb files are committed and are generated, never edited by hand: edit a cell here, then
 ``python notebooks/build_notebooks.py``. ``--check`` writes nothing: it builds every notebook in
@@ -217,7 +217,56 @@ table[["layer", "label", "final_norm_sq", "predicted_norm_sq", "ratio", "relaxat
     ]
 
 
-NOTEBOOKS: dict[str, Callable[[], list]] = {"quickstart": quickstart, "paper_figures": paper_figures, "equilibrium": equilibrium}
+def live() -> list:
+    return [
+        new_markdown_cell(
+            "# Watching a run live\n\n"
+            "`tracker.live()` (or `nm.live(tracker)`) shows, while the loop runs, one figure updated in place under the "
+            "cell — measured charges against both theories for one layer per symmetry, the worst error of each layer, "
+            "the effective learning rates of the scale layers — and a progress line with the steps, the groups and the "
+            "worst error so far. Outside a notebook it does nothing and costs nothing; in a notebook it redraws within "
+            "a time budget (2% of the wall time by default). See docs/integrations.md."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell(
+            """\
+import torch.nn as nn
+import torch.nn.functional as F
+
+x, y = nm.load_digits()
+torch.manual_seed(0)
+model = nn.Sequential(
+    nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+    nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+STEPS = 60 if QUICK else 1500
+g = torch.Generator().manual_seed(0)
+
+with nm.track(model, opt) as tracker:
+    view = tracker.live(every=10 if QUICK else 25, total=STEPS)
+    for step in range(STEPS):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()"""
+        ),
+        new_markdown_cell(
+            "The view is active because this is a Jupyter kernel; the same line in a script returns an inactive view. "
+            "The last frame stays in the cell's output; the figure itself is `view.figure`."
+        ),
+        new_code_cell(
+            """\
+assert view.active and view.frames >= 1, view
+print(view)
+tracker.run.summary()"""
+        ),
+    ]
+
+
+NOTEBOOKS: dict[str, Callable[[], list]] = {"quickstart": quickstart, "paper_figures": paper_figures, "equilibrium": equilibrium, "live": live}
 
 
 def render(name: str) -> str:

@@ -52,6 +52,7 @@ _LAZY = {
     "SymmetryGroup": ".symmetries",
     "Symmetries": ".symmetries",
     "verify": ".verify",
+    "live": ".integrations.live",
 }
 
 

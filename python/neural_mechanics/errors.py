@@ -49,6 +49,10 @@ class RunNotOnThisRankError(NeuralMechanicsError, RuntimeError):
     """The Run of a distributed tracker is only kept on rank 0."""
 
 
+class MissingDependencyError(NeuralMechanicsError, ImportError):
+    """An optional package (an extra such as ``neural-mechanics[dataframes]``) is not installed."""
+
+
 __all__ = [
     "NeuralMechanicsError",
     "ShapeError",
@@ -61,4 +65,5 @@ __all__ = [
     "RunIOError",
     "UnknownColumnError",
     "RunNotOnThisRankError",
+    "MissingDependencyError",
 ]

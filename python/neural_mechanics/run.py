@@ -257,6 +257,75 @@ class Run:
             frame[col] = frame[col].astype("category")
         return frame
 
+    # -- the same long table for Arrow, polars and Parquet (docs/integrations.md) -------------
+    def _long_table(self) -> tuple[int, dict[str, Any]]:
+        """(rows of the long table, {column: array}) in ``to_pandas()``'s column order, built from
+        the stored blocks with numpy repeat/tile: numeric columns as numpy arrays, the string
+        columns (symmetry, layer, label) as (codes, categories) with the categories sorted, as
+        pandas sorts a categorical's categories."""
+        steps, time, c = self._rows()
+        n_rows, n = len(steps), len(self.groups)
+        table: dict[str, Any] = {"step": np.repeat(steps, n), "time": np.repeat(time, n)}
+        for col in ("symmetry", "layer", "group", "label"):
+            values = getattr(self.groups, "index" if col == "group" else col)
+            if col == "group":
+                table[col] = np.tile(values, n_rows)
+            elif n_rows == 0:
+                table[col] = (np.zeros(0, dtype=np.int32), [])
+            else:
+                categories, codes = np.unique(np.asarray(values, dtype=str), return_inverse=True)
+                table[col] = (np.tile(codes.astype(np.int32), n_rows), categories.tolist())
+        for col in COLUMNS:
+            table[col] = c[col].reshape(-1)
+        return n_rows * n, table
+
+    def to_arrow(self) -> Any:
+        """The long table of ``to_pandas()`` as a ``pyarrow.Table``: the same columns and types
+        (int64, float64; symmetry, layer and label dictionary-encoded, which ``to_pandas()`` of
+        the table turns into pandas categoricals). Needs ``neural-mechanics[dataframes]``."""
+        from .integrations import require
+
+        pa = require("pyarrow", "Run.to_arrow")
+        _, table = self._long_table()
+        arrays = {}
+        for col, v in table.items():
+            if isinstance(v, tuple):
+                arrays[col] = pa.DictionaryArray.from_arrays(pa.array(v[0], type=pa.int32()), pa.array(v[1], type=pa.string()))
+            else:
+                arrays[col] = pa.array(v)
+        return pa.table(arrays)
+
+    def to_polars(self) -> Any:
+        """The long table of ``to_pandas()`` as a ``polars.DataFrame``: the same columns and types,
+        symmetry, layer and label as ``pl.Enum`` over their sorted values (polars' ``to_pandas()``
+        gives them back as categoricals, marked ordered). Needs ``neural-mechanics[dataframes]``."""
+        from .integrations import require
+
+        pl = require("polars", "Run.to_polars")
+        _, table = self._long_table()
+        columns = []
+        for col, v in table.items():
+            if isinstance(v, tuple):
+                codes, categories = v
+                columns.append(pl.Series(col, categories, dtype=pl.Enum(categories)).gather(codes))
+            else:
+                columns.append(pl.Series(col, v))
+        return pl.DataFrame(columns)
+
+    def to_parquet(self, path: str | os.PathLike[str], **options: Any) -> Path:
+        """Write ``to_arrow()`` to a Parquet file (read back with ``pandas.read_parquet``,
+        ``polars.read_parquet`` or ``pyarrow.parquet.read_table``); returns the path.
+        Dictionary encoding is kept to the string columns (measured values are nearly all
+        distinct: encoding them tripled the write time for nothing); ``options`` go to
+        ``pyarrow.parquet.write_table``. Needs ``neural-mechanics[dataframes]``."""
+        from .integrations import require
+
+        pq = require("pyarrow.parquet", "Run.to_parquet")
+        target = Path(path)
+        options.setdefault("use_dictionary", ["symmetry", "layer", "label"])
+        pq.write_table(self.to_arrow(), os.fspath(target), **options)
+        return target
+
     def summary(self) -> Any:
         """Per layer: groups, median and max error of paper and exact, max constraint residual,
         the momentum regime, and why a theory is NaN where it is."""

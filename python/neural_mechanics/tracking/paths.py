@@ -55,6 +55,9 @@ class _Path:
         self.record_every = record_every
         self._queue: list[Callable[[], None]] = []  # measurements waiting for their sums, oldest first
         self._no_grad_noted: set[str] = set()
+        # Set by the tracker when something watches the run (loggers, the live view): called with
+        # (step, time, row) after each row is committed; ``row`` is the run's (columns, groups) view.
+        self.on_row: Callable[[int, float, np.ndarray], None] | None = None
 
     def flush(self) -> None:
         """Process every measurement still waiting (the device's results of an earlier step)."""
@@ -82,6 +85,8 @@ class _Path:
         for kind, regime in regimes:
             self.run.note_regime(kind, regime)
         self.run.notes.extend(notes)
+        if row is not None and self.on_row is not None:
+            self.on_row(step, time, row)
 
     def _skip(self, step: int, hyper: list[ParamGroupHyper]) -> None:
         self.run.notes.extend(self.core.skip(step, hyper))

@@ -13,7 +13,7 @@ from .. import _native
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from .distributed import RunOnRankZero, attach
-from .paths import SgdPath, UpdatePath
+from .paths import SgdPath, UpdatePath, read_hyper
 from .plan import Plan, build_plan
 from .reducers import Reads, choose
 
@@ -32,10 +32,14 @@ class Tracker:
         reducer: str = "auto",
         memory_limit: int | None = 256 * 2**20,
         spill_dir: str | None = None,
+        log_to: Any = None,
+        log_every: int = 50,
+        log_histograms: bool = False,
+        log_figures: bool = True,
     ):
         import torch
 
-        for name, value in (("every", every), ("record_every", record_every)):
+        for name, value in (("every", every), ("record_every", record_every), ("log_every", log_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -56,6 +60,13 @@ class Tracker:
         self._run: Run | None = None
         self._step = 0
         self._closed = False
+        self._closure_pending = False  # optimizer.step(closure): measured once the closure has run
+        self._observers: Any = None  # loggers and the live view (neural_mechanics.integrations), if any
+        if log_to is not None and (self._dist is None or self._dist.owns_run):
+            from ..integrations.loggers import loggers_for
+
+            for logger in loggers_for(log_to, every=log_every, histograms=log_histograms, figures=log_figures):
+                self.observe(logger)
         if self._dist is not None and not self._dist.hooks:
             return  # DDP rank != 0: rank 0 records; no hooks, no reductions, nothing sent
         if symmetries is None:
@@ -109,6 +120,33 @@ class Tracker:
         self._note_where_theories_apply(run, plan)
         path = SgdPath if self._sgd else UpdatePath
         self._path = path(plan, reads, reducer, core, run, self.optimizer, self.every, self.record_every)
+        if self._observers is not None:
+            self._observers.start(run)
+            self._path.on_row = self._observers.on_row
+
+    # -- observers: what watches the run while it is recorded (loggers, the live view) -------
+    def observe(self, observer: Any) -> None:
+        """Call ``observer`` after each committed row and at close: its ``start(run, watcher)``
+        once the run exists, ``on_row(step, watcher)`` after each row, ``close(run, watcher)``
+        after the final row (neural_mechanics.integrations.observers). An observer that raises
+        is dropped with a note in ``run.notes``; training goes on."""
+        if self._closed:
+            raise InvalidArgumentError("the tracker is closed: nothing more will be recorded to observe")
+        if self._observers is None:
+            from ..integrations.observers import Observers
+
+            self._observers = Observers()
+            if self._path is not None and self._run is not None:
+                self._observers.start(self._run)
+                self._path.on_row = self._observers.on_row
+        self._observers.add(observer)
+
+    def live(self, every: int = 25, **kwargs: Any) -> Any:
+        """In Jupyter, a figure updated in place and a progress line while the loop runs
+        (neural_mechanics.integrations.live); elsewhere a no-op that costs nothing."""
+        from ..integrations.live import live
+
+        return live(self, every=every, **kwargs)
 
     def _note_where_theories_apply(self, run: Run, plan: Plan) -> None:
         """The run's notes on layers where the paper's closed form (or the ledger) does not apply."""
@@ -132,7 +170,31 @@ class Tracker:
             run.exact_note = f"exact needs every step; every={self.every} leaves it NaN"
 
     # -- per-step work: the path measures, the lifecycle counts ------------------------------
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        if self._closed:
+            return None
+        # torch hands the hook step's own arguments: (optimizer, closure?), {closure?}
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            self._before_step()
+            return None
+        # optimizer.step(closure) (Lightning, closure-style loops): the gradient of this step
+        # exists only once the optimizer has run the closure, so measure right after its first
+        # call, before the update (a pre-hook may hand the optimizer new arguments).
+        self._closure_pending = True
+
+        def closure_then_measure() -> Any:
+            loss = closure()
+            if self._closure_pending:
+                self._closure_pending = False
+                self._before_step()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_measure}
+        return (args[0], closure_then_measure, *args[2:]), kwargs
+
+    def _before_step(self) -> None:
         if self._closed:
             return
         if self._path is None:
@@ -145,6 +207,12 @@ class Tracker:
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._path is None:
             return
+        if self._closure_pending:  # an optimizer that never called its closure: the step went unmeasured
+            self._closure_pending = False
+            if isinstance(self._path, SgdPath):
+                self._path._skip(self._step, read_hyper(self.optimizer))
+            if self._run is not None:
+                self._run.notes.append(f"step {self._step}: optimizer.step(closure) never called the closure; the step was not measured")
         self._path.after_step(self._step)
         self._step += 1
 
@@ -169,6 +237,8 @@ class Tracker:
             return
         if self._path is not None:
             self._path.finish(self._step)
+        if self._observers is not None:
+            self._observers.close(self._run)  # None if no row was ever recorded
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -196,6 +266,10 @@ def track(
     reducer: str = "auto",
     memory_limit: int | None = 256 * 2**20,
     spill_dir: str | None = None,
+    log_to: Any = None,
+    log_every: int = 50,
+    log_histograms: bool = False,
+    log_figures: bool = True,
 ) -> Tracker:
     """Track the symmetry charges of ``model`` while ``optimizer`` trains it.
 
@@ -213,9 +287,24 @@ def track(
             "torch-sync".
         memory_limit: bytes of recorded rows kept in memory; older rows spill to ``spill_dir``
             (a temporary folder by default). None keeps everything in memory.
+        log_to: a TensorBoard ``SummaryWriter``, a wandb run, a Lightning logger, "tensorboard",
+            "wandb", or a list of them: per-layer scalars every ``log_every`` steps, the summary
+            table and the report's figures at close (``log_figures``), per-neuron histograms of
+            the charges only with ``log_histograms`` (docs/integrations.md).
 
     Use ``with track(model, opt) as tracker: ...`` and read ``tracker.run``.
     """
     return Tracker(
-        model, optimizer, symmetries, every=every, record_every=record_every, reducer=reducer, memory_limit=memory_limit, spill_dir=spill_dir
+        model,
+        optimizer,
+        symmetries,
+        every=every,
+        record_every=record_every,
+        reducer=reducer,
+        memory_limit=memory_limit,
+        spill_dir=spill_dir,
+        log_to=log_to,
+        log_every=log_every,
+        log_histograms=log_histograms,
+        log_figures=log_figures,
     )
