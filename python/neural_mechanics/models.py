@@ -195,6 +195,6 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
         recipe=recipe,
     )
     # Saved with the run, so that a report redrawn from the file shows the same training table.
-    run.info["training"] = trained.table_row()
+    run.info["training"] = list(map(list, trained.table_row().items()))  # pairs: a saved run's JSON keeps no key order
     run.info["recipe"] = recipe.describe()
     return trained

@@ -95,11 +95,12 @@ def ordered(runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_table(runs: dict[str, Any]) -> Any:
-    """One row per run that recorded how it was trained (``run.info["training"]``, which
-    ``models.train`` writes), in the runs' order; an empty DataFrame if none did."""
+    """One row per run that recorded how it was trained (``run.info["training"]``, (column,
+    value) pairs that ``models.train`` writes), in the runs' order; an empty DataFrame if none
+    did."""
     import pandas as pd
 
-    rows = [dict(run.info["training"]) for run in runs.values() if isinstance(getattr(run, "info", {}).get("training"), dict)]
+    rows = [dict(map(tuple, run.info["training"])) for run in runs.values() if getattr(run, "info", {}).get("training")]
     return pd.DataFrame(rows)
 
 

@@ -263,7 +263,7 @@ class Run:
         if not self.hyperparameters:
             return name
         shown = []
-        for k, v in self.hyperparameters[0].items():
+        for k, v in sorted(self.hyperparameters[0].items()):  # sorted: a saved run's JSON keeps no order
             if k == "lr" or v is None or isinstance(v, bool) and not v:
                 continue
             text = f"({', '.join(f'{x:g}' for x in v)})" if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(v, float) else str(v)
