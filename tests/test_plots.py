@@ -134,6 +134,7 @@ def synthetic(layers, steps=30, lr_drop=None):
         values = {c: rng.normal(size=g) for c in STEP_COLUMNS}
         values["residual"] = np.abs(values["residual"]) * 10.0 ** rng.uniform(-8, -5, size=g)
         values["magnitude"] = np.ones(g)
+        values["grad_sq"] = np.abs(values["grad_sq"])
         values["measured"] = values["paper"] = values["exact"] = np.full(g, 0.01 * n) + np.arange(g)
         lr = 0.005 if lr_drop is not None and n >= lr_drop else 0.05
         run.append(n, 0.05 * n, dict(values, lr=lr, momentum=0.9, dampening=0.0, weight_decay=5e-4))
@@ -161,6 +162,10 @@ def test_legends_stay_legible_at_29_layers():
     assert len(texts) <= plots.LEGEND_MAX, texts
     assert {"scale: 19 more layers", "rescale: 7 more layers", "translation: layer28", "float32 ε"} <= set(texts), texts
     assert len(ax.lines) == 29 + 1  # every layer is still drawn, and the float32 line
+    right = plots.plot_equilibrium(run).axes[1]  # 20 scale layers
+    texts = [t.get_text() for t in right.get_legend().get_texts()]
+    assert len(texts) <= plots.LEGEND_MAX and "14 more layers" in texts, texts
+    assert len(right.lines) == 2 * 20 + 1
 
 
 def test_one_x_axis_convention_and_the_lr_drop_keeps_its_steps():

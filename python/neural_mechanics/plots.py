@@ -375,9 +375,8 @@ def plot_residuals(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str |
             ax.plot(bx, med, color=color, ls=styles.get(sym, "-"), lw=1.4, label=f"{sym}: {layer_name(run, layer)}")
             ax.fill_between(bx, lo, hi, color=color, alpha=0.12, lw=0)
         else:
-            first = sym not in others
-            others[sym] = others.get(sym, 0) + 1
-            ax.plot(bx, med, color=SYMMETRY_COLOR[sym], ls=styles.get(sym, "-"), lw=0.7, alpha=0.45, label=f"_other {sym}" if not first else f"_first {sym}")
+            others[sym] = others.get(sym, 0) + 1  # named together in the legend below
+            ax.plot(bx, med, color=SYMMETRY_COLOR[sym], ls=styles.get(sym, "-"), lw=0.7, alpha=0.45, label="_nolegend_")
     ax.axhline(1.2e-7, color="0.5", lw=0.8, ls=":", label="float32 ε")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -445,7 +444,8 @@ def plot_equilibrium(run: Any, layer: str | None = None, groups: int | None = 6,
     """
     layer = default_layer(run, "scale") if layer is None else layer
     if ax is None:
-        fig, (left, right) = new_figure(2, 1, width=5.2, height=4.1)
+        many = len(layers_of(run, "scale")) > LEGEND_MAX - 3  # the right legend then sits outside
+        fig, (left, right) = new_figure(2, 1, width=6.4 if many else 5.2, height=4.1)
     else:
         fig, left, right = ax.figure, ax, None
     idx = pick_groups(run, "scale", layer, groups)
@@ -462,7 +462,8 @@ def plot_equilibrium(run: Any, layer: str | None = None, groups: int | None = 6,
     left.set_yscale("log")
     left.set_xlabel(xlabel)
     left.set_ylabel("squared norm |θ_A|²")
-    left.set_title(f"Scale groups of {layer_name(run, layer)}: the §5.4 relaxation\n(solid measured, dashed predicted, dotted equilibrium)", fontsize=9.5)
+    head = "\n".join(textwrap.wrap(f"Scale groups of {layer_name(run, layer)}", 52))
+    left.set_title(f"{head}\nsolid measured, dashed §5.4 relaxation, dotted |θ*|²", fontsize=9.5)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="0.3", lw=1.6, label="measured |θ_A|²"),
@@ -479,13 +480,27 @@ def plot_equilibrium(run: Any, layer: str | None = None, groups: int | None = 6,
 def _equilibrium_ratios(ax: Any, run: Any, xs: np.ndarray, xlabel: str, measured: np.ndarray, relaxed: np.ndarray, target: np.ndarray) -> None:
     g = run.groups
     layers = layers_of(run, "scale")
-    colors = _colors(len(layers))
     with np.errstate(all="ignore"), _quiet_nan_warnings():
-        for color, layer in zip(colors, layers):
+        ratios = {}
+        for layer in layers:
             mask = (g.symmetry == "scale") & (g.layer == layer)
-            ax.plot(xs, np.nanmedian(measured[:, mask] / relaxed[:, mask], axis=1), color=color, lw=1.5, label=layer_name(run, layer))
-            ax.plot(xs, np.nanmedian(measured[:, mask] / target[:, mask], axis=1), color=color, lw=1.1, ls=(0, (4, 2)))
-    ax.axhline(1.0, color="k", lw=0.8)
+            ratios[layer] = (np.nanmedian(measured[:, mask] / relaxed[:, mask], axis=1), np.nanmedian(measured[:, mask] / target[:, mask], axis=1))
+        # past LEGEND_MAX layers, name those that end farthest from the relaxation, draw the rest thin
+        if len(layers) > LEGEND_MAX - 3:
+            far = sorted(layers, key=lambda lay: -abs(np.log(np.nan_to_num(ratios[lay][0][-1], nan=1.0) or 1.0)))[: LEGEND_MAX - 4]
+        else:
+            far = layers
+    colors = _colors(len(far))
+    for layer in layers:
+        to_relaxed, to_target = ratios[layer]
+        if layer in far:
+            color = colors[far.index(layer)]
+            ax.plot(xs, to_relaxed, color=color, lw=1.5, label=layer_name(run, layer))
+            ax.plot(xs, to_target, color=color, lw=1.1, ls=(0, (4, 2)))
+        else:
+            ax.plot(xs, to_relaxed, color="0.55", lw=0.7, alpha=0.6, label="_nolegend_")
+            ax.plot(xs, to_target, color="0.55", lw=0.6, ls=(0, (4, 2)), alpha=0.5, label="_nolegend_")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
     _mark_lr_changes(ax, run, xs)
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -497,8 +512,13 @@ def _equilibrium_ratios(ax: Any, run: Any, xs: np.ndarray, xlabel: str, measured
 
     handles, _ = ax.get_legend_handles_labels()
     handles = [h for h in handles if not h.get_label().startswith("lr step")]
+    if len(far) < len(layers):
+        handles.append(Line2D([], [], color="0.55", lw=0.7, label=f"{len(layers) - len(far)} more layers"))
     handles += [Line2D([], [], color="0.3", lw=1.5, label="/ relaxation"), Line2D([], [], color="0.3", lw=1.1, ls=(0, (4, 2)), label="/ equilibrium")]
-    ax.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
+    if len(handles) > 6:
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
+    else:
+        ax.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
     ax.grid(alpha=0.25, which="both")
 
 

@@ -69,7 +69,8 @@ SYMMETRIES = ("translation", "scale", "rescale")
 
 # -- tables --------------------------------------------------------------------------------------
 # The report's headline table: Run.summary() without its long "reason" sentences (the verdict
-# rules are stated above the table; the reasons are in Run.summary()).
+# rules are stated above the table; the reasons are in Run.summary()) and without the "not
+# covered" rows, which the table of uncovered parameters lists with their reasons.
 HEADLINE_DROP = ("reason",)
 
 
@@ -280,6 +281,9 @@ def run_blocks(name: str, run: Any, figures: dict[str, Path], base: Path) -> lis
 
 
 def _rounded_summary(s: Any) -> Any:
+    # the "not covered" rows are listed with their reasons in their own table (uncovered_summary)
+    if "verdict" in s.columns:
+        s = s[s["verdict"] != "not covered"]
     s = s.drop(columns=[c for c in HEADLINE_DROP if c in s.columns])
     s["note"] = s["note"].replace("", "—")
     if "module" in s.columns:
@@ -318,9 +322,9 @@ def write_report(
     panels = exact_dynamics_panels(runs)
     if panels:
         names = {id(r): n for n, r in runs.items()}
-        fig = plots.plot_exact_dynamics(
-            panels, groups=groups, suptitle="Exact dynamics: measured charges (solid) against theory (dashed with circles: paper, dotted with crosses: exact ledger)"
-        )
+        with_paper = any(np.isfinite(r.array("paper")).any() for r, _, _ in panels)
+        theories = "dashed with circles: paper, dotted with crosses: exact ledger" if with_paper else "dotted with crosses: exact"
+        fig = plots.plot_exact_dynamics(panels, groups=groups, suptitle=f"Exact dynamics: measured charges (solid) against theory ({theories})")
         _save(fig, root / "exact_dynamics.png")
         blocks.append(Block("h2", "Exact dynamics"))
         blocks.append(Block("p", "Panels: " + "; ".join(f"({chr(97 + k)}) {sym} from model {names[id(r)]}" for k, (r, sym, _) in enumerate(panels)) + "."))

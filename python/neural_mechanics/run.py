@@ -406,10 +406,10 @@ class Run:
             "regimes": self.regimes,
             "skipped": self.skipped,
             "notes": self.notes,
-            "coverage": self.coverage,
-            "hyperparameters": self.hyperparameters,
+            "coverage": _json_safe(self.coverage),
+            "hyperparameters": _json_safe(self.hyperparameters),
             "exact_kind": self.exact_kind,
-            "info": self.info,
+            "info": _json_safe(self.info),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -436,6 +436,20 @@ class Run:
             + (f", {len(self.notes)} notes in .notes" if self.notes else "")
             + ")"
         )
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged loss, an infinite tolerance) as None and
+    numpy scalars as Python ones: the saved run's metadata is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _nan_stat(fn: Any, a: np.ndarray) -> float:
