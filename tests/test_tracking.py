@@ -240,3 +240,58 @@ def test_a_param_group_added_during_training_does_not_break_the_loop():
     run = tracker.run
     assert run.step_index[-1] == 6
     assert any("not in the optimizer" in why for why in run.skipped.values())
+
+
+# -- coverage, said at set-up ---------------------------------------------------------------------
+class _Residual(nn.Module):
+    """Linear → BatchNorm → ReLU, then a residual block whose BatchNorm output is added back: both
+    BatchNorms' affine pairs feed the residual add, so no symmetry holds for them (discovery
+    skips them with a reason)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(torch.relu(h + self.bn(self.fc(h))))
+
+
+def test_coverage_is_logged_at_set_up_and_in_repr(caplog):
+    torch.manual_seed(0)
+    model = _Residual()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with caplog.at_level("INFO", logger="neural_mechanics"):
+        with nm.track(model, opt) as tracker:
+            loop(model, opt, 2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "neural_mechanics"]
+    assert len(lines) == 1, lines
+    run = tracker.run
+    uncovered = run.coverage["uncovered"]
+    assert set(uncovered) == {"inp.1.weight", "inp.1.bias", "bn.weight", "bn.bias"}
+    entries = sum(p.numel() for p in model.parameters())
+    share = 100 * 64 / entries
+    expected = f"{len(run.groups):,} groups in {len(set(run.groups.layer))} layers; 4 parameters ({share:.2g}% of weights) not covered: residual add (4)"
+    assert expected in lines[0] and expected in repr(tracker)
+    assert run.coverage["entries"] == entries and run.coverage["parameters"] == 10
+    # the summary lists them, with the reason as sentences
+    s = run.summary()
+    row = s[s.verdict == "not covered"]
+    assert list(row.layer) == ["inp.1", "bn"] and row.reason.iloc[0].startswith("weight: No scale/rescale") and "bias: No scale/rescale" in row.reason.iloc[0]
+
+
+def test_coverage_names_parameters_outside_the_optimizer_and_layers_by_their_module():
+    model = bn_mlp()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("5.")], lr=0.05)
+    with nm.track(model, opt) as tracker:
+        loop(model, opt, 2)
+    run = tracker.run
+    assert {"5.weight", "5.bias"} <= set(run.coverage["uncovered"])
+    assert "not in the optimizer" in run.coverage["uncovered"]["5.weight"][1]
+    assert "not in the optimizer (" in repr(tracker)
+    # layers of nn.Sequential are named with their module
+    assert run.groups.display("0") == "0 · Linear(64→32)" and run.groups.module_of("1") == "BatchNorm1d(32)"
+    assert set(run.groups.normalizer[run.groups.symmetry == "scale"]) == {"BatchNorm"}

@@ -37,7 +37,7 @@ def demo(
     """
     from . import data_sources
     from . import models as zoo
-    from .report import Block, write_report
+    from .report import write_report
 
     if isinstance(data, data_sources.DataSource):
         source = data
@@ -50,37 +50,12 @@ def demo(
         raise InvalidArgumentError(f"steps must be at least 2, got {n_steps}")
     recipe = zoo.Recipe(steps=n_steps)
     trained = [zoo.train(name, source, recipe, progress=progress) for name in models]
-
-    import pandas as pd
-
-    table = pd.DataFrame(
-        [
-            {
-                "model": t.name,
-                "parameters": sum(p.numel() for p in t.model.parameters()),
-                "groups": len(t.run.groups),
-                "steps": recipe.steps,
-                "seconds": round(t.seconds, 1),
-                "final loss": t.final_loss,
-                "train accuracy": t.train_accuracy,
-                "test accuracy": t.test_accuracy,
-            }
-            for t in trained
-        ]
-    )
-    milestone = max(1, int(round(recipe.steps * recipe.lr_step_at)))
-    intro = [
-        Block("p", f"Data: {source!r}." + (f" {source.credit}." if source.credit else "")),
-        Block(
-            "p",
-            f"Recipe: torch.optim.SGD, lr {recipe.lr:g} (× {recipe.lr_gamma:g} at step {milestone}), momentum "
-            f"{recipe.momentum:g}, weight decay {recipe.weight_decay:g}, batch {recipe.batch_size}, {recipe.steps} steps, "
-            f"seed {recipe.seed}; every symmetry group tracked from the first step with `neural_mechanics.track`.",
-        ),
-        Block("h2", "Training"),
-        Block("table", table),
-    ]
-    return write_report({t.name: t.run for t in trained}, out, title="neural-mechanics demo", intro=intro)
+    data_line = f"Data: {source!r}." + (f" {source.credit}." if source.credit else "")
+    for order, t in enumerate(trained):
+        # What the report prints above the figures, saved with each run, so that
+        # `neural-mechanics report runs/*.nmrun` redraws the same page in the same order.
+        t.run.info.update(order=order, data=data_line)
+    return write_report({t.name: t.run for t in trained}, out, title="neural-mechanics demo")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from . import theory
 
 __all__ = [
     "has_equilibrium",
+    "relaxation_series",
     "grad_sq_unit",
     "last_phase",
     "equilibrium_series",
@@ -103,6 +104,40 @@ def equilibrium_series(run: Any, window: int | None = None) -> np.ndarray:
     return out
 
 
+def relaxation_series(run: Any) -> np.ndarray:
+    """Where the §5.4 model puts |θ_A|² at every row, (rows, groups), NaN but for scale groups.
+
+    The model of docs/theory.md §5.4 moves z = |θ_A|⁴ toward its equilibrium |θ*|⁴ at the rate
+    1/τ = 4ηλ(1−d)/(1−β) per step: z_{n+1} = z_n e^{−1/τ} + (1 − e^{−1/τ}) |θ*_n|⁴, with
+    |θ*_n|⁴ = η(1−d)|g̃_n|²/(2λ(1−β)) from the noise measured at step n (|g̃_n|² = |ĝ_n|²|θ_n|²)
+    and that step's hyperparameters; it starts from the measured |θ_0|² and is never corrected
+    by the measurement afterwards (open loop, like the theories of §5). A ratio measured /
+    predicted that stays flat says the norm relaxes as §5.4 predicts, however far from
+    equilibrium it still is. Only meaningful for torch.optim.SGD runs (NaN otherwise).
+    """
+    mask = _scale_mask(run)
+    rows = len(run.step_index)
+    out = np.full((rows, len(run.groups)), np.nan)
+    if not has_equilibrium(run) or rows == 0:
+        return out
+    hyper = {c: _ffill(run.array(c))[:, mask] for c in ("lr", "momentum", "dampening", "weight_decay")}
+    lr, beta, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+    damp = np.where(beta > 0, hyper["dampening"], 0.0)  # PyTorch ignores dampening without momentum
+    measured = run.array("measured")[:, mask]
+    unit = np.nan_to_num(grad_sq_unit(run)[:, mask], nan=0.0)
+    with np.errstate(all="ignore"):
+        rate = 4 * lr * wd * (1 - damp) / (1 - beta)
+        # rate·|θ*|⁴ = 2η²(1−d)²|g̃|²/(1−β)², finite also without weight decay
+        drive = 2 * lr**2 * (1 - damp) ** 2 * unit / (1 - beta) ** 2
+        gain = np.where(rate > 0, -np.expm1(-rate) / np.where(rate > 0, rate, 1.0), 1.0)
+    z = np.empty_like(measured)
+    z[0] = measured[0] ** 2
+    for n in range(rows - 1):
+        z[n + 1] = z[n] * np.exp(-rate[n]) + gain[n] * drive[n]
+    out[:, mask] = np.sqrt(z)
+    return out
+
+
 def last_phase(run: Any) -> tuple[int, int]:
     """(first row, last step row) of the last stretch of constant learning rate."""
     lr = run.array("lr")[:, 0]
@@ -121,13 +156,16 @@ def equilibrium_table(run: Any, window: float = 0.5) -> Any:
     E|g̃_A|² = mean of |ĝ_A|²·|θ_A|² over the last ``window`` fraction of that phase, hyperparameters
     its last step's. ``ratio`` = reached / predicted: 1 at equilibrium, > 1 a norm still decaying
     toward it, < 1 still growing. ``phase_steps`` against ``relaxation_steps`` says whether the
-    run was long enough to get there.
+    run was long enough to get there. ``relaxed_norm_sq``: where the §5.4 relaxation from the
+    start of the run puts the norm at the end (:func:`relaxation_series`); ``ratio_relaxed`` =
+    reached / that, near 1 when the norm follows the model however far from equilibrium.
     """
     import pandas as pd
 
     mask = _scale_mask(run)
     cols = ["layer", "group", "label", "initial_norm_sq", "final_norm_sq", "predicted_norm_sq", "ratio",
-            "relaxation_steps", "phase_steps", "angular_update", "effective_lr_final", "effective_lr_equilibrium"]
+            "relaxation_steps", "phase_steps", "relaxed_norm_sq", "ratio_relaxed", "angular_update", "effective_lr_final",
+            "effective_lr_equilibrium"]
     if not has_equilibrium(run):
         return pd.DataFrame(columns=cols)
     start, last = last_phase(run)
@@ -141,6 +179,7 @@ def equilibrium_table(run: Any, window: float = 0.5) -> Any:
     lr = _ffill(run.array("lr"))[last]
     idx = np.flatnonzero(mask)
     final, pred = measured[-1, idx], np.asarray(eq["norm_sq"])[0, idx]
+    relaxed = relaxation_series(run)[-1, idx]
     frame = pd.DataFrame(
         {
             "layer": run.groups.layer[idx].astype(str),
@@ -152,6 +191,8 @@ def equilibrium_table(run: Any, window: float = 0.5) -> Any:
             "ratio": final / pred,
             "relaxation_steps": np.asarray(eq["relaxation_steps"])[0, idx],
             "phase_steps": np.full(len(idx), last + 1 - start),
+            "relaxed_norm_sq": relaxed,
+            "ratio_relaxed": final / relaxed,
             "angular_update": np.asarray(eq["angular_update"])[0, idx],
             "effective_lr_final": lr[idx] / final,
             "effective_lr_equilibrium": np.asarray(eq["effective_lr"])[0, idx],
@@ -178,6 +219,7 @@ def equilibrium_summary(run: Any, window: float = 0.5) -> Any:
                 "reached / predicted (median)": float(np.median(s["ratio"])),
                 "relaxation steps": float(np.median(s["relaxation_steps"])),
                 "last phase steps": int(s["phase_steps"].iloc[0]),
+                "reached / §5.4 relaxation (median)": float(np.median(s["ratio_relaxed"])),
             }
         )
     return pd.DataFrame(rows)

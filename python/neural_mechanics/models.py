@@ -104,6 +104,20 @@ class Recipe:
     lr_gamma: float = 0.1
     seed: int = 0
 
+    @property
+    def milestone(self) -> int | None:
+        """The step from which the learning rate is multiplied by ``lr_gamma`` (None: no step)."""
+        return max(1, int(round(self.steps * self.lr_step_at))) if self.lr_step_at < 1 else None
+
+    def describe(self) -> str:
+        """The recipe in one sentence, as the report prints it."""
+        step = f" (× {self.lr_gamma:g} at step {self.milestone})" if self.milestone is not None else ""
+        return (
+            f"Recipe: torch.optim.SGD, lr {self.lr:g}{step}, momentum {self.momentum:g}, weight decay {self.weight_decay:g}, "
+            f"batch {self.batch_size}, {self.steps} steps, seed {self.seed}; every symmetry group tracked from the first "
+            "step with `neural_mechanics.track`."
+        )
+
 
 @dataclass
 class Trained:
@@ -117,6 +131,19 @@ class Trained:
     train_accuracy: float
     test_accuracy: float
     recipe: Recipe = field(default_factory=Recipe)
+
+    def table_row(self) -> dict[str, Any]:
+        """This model's row of the report's training table."""
+        return {
+            "model": self.name,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "groups": len(self.run.groups),
+            "steps": self.recipe.steps,
+            "seconds": round(self.seconds, 1),
+            "final loss": self.final_loss,
+            "train accuracy": self.train_accuracy,
+            "test accuracy": self.test_accuracy,
+        }
 
 
 def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: bool = True, position: int = 0) -> Trained:
@@ -137,7 +164,7 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
     model = build(name, **source.shape)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     # lr_step_at >= 1 means no step inside the run.
-    milestones = [max(1, int(round(recipe.steps * recipe.lr_step_at)))] if recipe.lr_step_at < 1 else []
+    milestones = [recipe.milestone] if recipe.milestone is not None else []
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=recipe.lr_gamma)
     data = batches(source.train, recipe.batch_size, seed=recipe.seed)
     start = time.perf_counter()
@@ -157,7 +184,7 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
         run = tracker.run  # its last row, the final charges, is measured when the block closes
     seconds = time.perf_counter() - start
     bar.close()
-    return Trained(
+    trained = Trained(
         name=name,
         run=run,
         model=model,
@@ -167,3 +194,7 @@ def train(name: str, source: Any, recipe: Recipe | None = None, *, progress: boo
         test_accuracy=evaluate(model, source.test),
         recipe=recipe,
     )
+    # Saved with the run, so that a report redrawn from the file shows the same training table.
+    run.info["training"] = list(map(list, trained.table_row().items()))  # pairs: a saved run's JSON keeps no key order
+    run.info["recipe"] = recipe.describe()
+    return trained

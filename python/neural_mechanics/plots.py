@@ -16,17 +16,27 @@ this module at call time. What it draws it takes from ``equilibrium`` (the §5.4
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import numpy as np
 
-from .equilibrium import equilibrium_series, equilibrium_table
+from .equilibrium import equilibrium_series, relaxation_series
 from .errors import InvalidArgumentError
 from .forecast import QUANTITIES, observed, panel_forecasts
+from .verdicts import exact_is_bookkeeping, layer_verdict
 
-# The x axis of charge and error plots: the model time of the closed forms, or the step.
-TIME_LABEL = "time t = Σ η(1−d)"
+# The x axis of every figure: the optimizer step (the default), or on request the model time of
+# the closed forms (x="time"), on which a learning-rate drop squeezes the rest of training.
 STEP_LABEL = "step"
+TIME_LABEL = "time t = Σ η(1−d)"
+DEFAULT_X = "step"
+# At most this many entries in a legend of layers; past it the least informative layers are
+# drawn thin and named together ("scale: 19 more layers").
+LEGEND_MAX = 10
+# Theory lines carry a marker about this many times along the run, so that a prediction lying
+# on the measured line stays visible.
+MARKERS_PER_LINE = 12
 
 SYMMETRY_TITLE = {
     "translation": "Translation",
@@ -39,8 +49,8 @@ CHARGE_LABEL = {
     "rescale": "Δ = |θ_in|² − |θ_out|²",
 }
 CHARGE_WHAT = {
-    "translation": "column sums of {layer} (before softmax)",
-    "scale": "squared channel norms of {layer} (before BatchNorm)",
+    "translation": "column sums of {layer}",
+    "scale": "squared channel norms of {layer}",
     "rescale": "incoming − outgoing squared norms around {layer}",
 }
 SYMMETRY_COLOR = {"translation": "tab:blue", "scale": "tab:orange", "rescale": "tab:green"}
@@ -67,11 +77,11 @@ def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.2, height: fl
 
 
 def _xaxis(run: Any, x: str) -> tuple[np.ndarray, str]:
-    if x == "time":
-        return run.time_index, TIME_LABEL
     if x == "step":
         return run.step_index.astype(float), STEP_LABEL
-    raise InvalidArgumentError(f"x must be 'time' or 'step', got {x!r}")
+    if x == "time":
+        return run.time_index, TIME_LABEL
+    raise InvalidArgumentError(f"x must be 'step' or 'time', got {x!r}")
 
 
 def layers_of(run: Any, symmetry: str) -> list[str]:
@@ -80,19 +90,53 @@ def layers_of(run: Any, symmetry: str) -> list[str]:
     return list(dict.fromkeys(g.layer[g.symmetry == symmetry]))
 
 
+def layer_name(run: Any, layer: str) -> str:
+    """How figures name a layer: "7 · Linear(32→10)" when the run knows its module."""
+    display = getattr(run.groups, "display", None)
+    return display(layer) if display is not None else str(layer)
+
+
+def classifier_layer(run: Any) -> str | None:
+    """The translation layer that feeds the loss, if the run shows one: the last layer of the
+    run (in the order the groups were found, which follows the data) when it carries
+    translation groups, e.g. a classifier's Linear before softmax/cross-entropy; None otherwise."""
+    g = run.groups
+    if not len(g):
+        return None
+    last = g.layer[-1]
+    return str(last) if ((g.layer == last) & (g.symmetry == "translation")).any() else None
+
+
 def default_layer(run: Any, symmetry: str) -> str:
-    """The layer the paper's figure shows: for translation the classifier (the layer whose groups
-    are whole columns, i.e. the largest groups; the last such), otherwise the first layer."""
+    """The layer a figure shows when none is named: for translation the classifier feeding the
+    loss (:func:`classifier_layer`), else the last translation layer; otherwise the first
+    layer with the symmetry."""
     layers = layers_of(run, symmetry)
     if not layers:
         present = sorted(set(run.groups.symmetry))
         raise InvalidArgumentError(f"the run has no {symmetry!r} groups (it has {present})")
     if symmetry != "translation":
         return layers[0]
+    return classifier_layer(run) or layers[-1]
+
+
+def charge_what(run: Any, symmetry: str, layer: str) -> tuple[str, str]:
+    """What a panel of ``layer`` shows, in words, and where the symmetry comes from (empty when
+    the run does not show it): ("column sums of 7 · Linear(32→10)", "before softmax")."""
+    what = CHARGE_WHAT[symmetry].format(layer=layer_name(run, layer))
     g = run.groups
-    mean_size = [float(np.mean(g.size[(g.symmetry == symmetry) & (g.layer == lay)])) for lay in layers]
-    best = max(mean_size)
-    return [lay for lay, s in zip(layers, mean_size) if s == best][-1]
+    mask = (g.symmetry == symmetry) & (g.layer == layer)
+    if symmetry == "translation":
+        if layer == classifier_layer(run):
+            return what, "before softmax"
+        labels = [str(x) for x in g.label[mask]]
+        if labels and all(lab.startswith("bias") for lab in labels):
+            return f"bias sums of {layer_name(run, layer)}", ""
+        return what, ""
+    if symmetry == "scale":
+        norms = [str(n) for n in getattr(g, "normalizer", np.full(len(g), ""))[mask] if n]
+        return what, (f"before {norms[0]}" if norms else "")
+    return what, ""
 
 
 def pick_groups(run: Any, symmetry: str, layer: str, groups: int | None = 8) -> np.ndarray:
@@ -135,17 +179,21 @@ def plot_charges(
     groups: int | None = 8,
     ax: Any = None,
     *,
-    x: str = "time",
+    x: str = DEFAULT_X,
     theories: tuple[str, ...] = ("paper", "exact"),
     title: str | None = None,
     legend: bool = True,
 ) -> Any:
-    """Measured charges (solid) against the paper's closed form (dashed, same colour) and the
-    exact ledger (black dotted) for one layer; a Figure.
+    """Measured charges (solid) against the paper's closed form (dashed with open circles, same
+    colour) and the exact ledger (black dotted with crosses) for one layer; a Figure.
 
-    ``layer``: default the paper's choice (:func:`default_layer`); ``groups``: the maximum
-    number of groups drawn (those that moved most), None for all; ``x``: "time" (t = Σ η(1−d))
-    or "step". Lines drawn: (1 + len(theories)) per group, plus one grey line per
+    ``layer``: default :func:`default_layer` (for translation, the classifier feeding the loss);
+    ``groups``: the maximum number of groups drawn (those that moved most), None for all; ``x``:
+    "step" or "time" (t = Σ η(1−d)). A theory that is NaN throughout (``paper`` for optimizers
+    other than SGD) is neither drawn nor in the legend; the legend gives each drawn theory's
+    largest error over the groups drawn, and the title the layer's verdict (module
+    ``verdicts``). The markers keep a theory visible where it lies on the measured line.
+    Lines drawn: 1 per group plus 1 per group and drawn theory, plus one grey line per
     learning-rate change.
     """
     if symmetry not in SYMMETRY_TITLE:
@@ -156,23 +204,40 @@ def plot_charges(
     xs, xlabel = _xaxis(run, x)
     measured = run.array("measured")[:, idx]
     cols = {t: run.array(t)[:, idx] for t in theories}
+    drawn = tuple(t for t in theories if np.isfinite(cols[t]).any())
     colors = _colors(len(idx))
+    every = max(1, len(xs) // MARKERS_PER_LINE)
     for j in range(len(idx)):
-        ax.plot(xs, measured[:, j], color=colors[j], lw=1.6)
-        if "paper" in cols:
-            ax.plot(xs, cols["paper"][:, j], color=colors[j], lw=1.2, ls=(0, (4, 2)), alpha=0.9)
-        if "exact" in cols:
-            ax.plot(xs, cols["exact"][:, j], color="k", lw=0.8, ls=(0, (1, 2)))
+        ax.plot(xs, measured[:, j], color=colors[j], lw=1.6, zorder=2)
+        if "paper" in drawn:
+            ax.plot(xs, cols["paper"][:, j], color=colors[j], lw=1.1, ls=(0, (4, 2)), marker="o", ms=3.5, mfc="none",
+                    markevery=(j % every, every), zorder=3)
+        if "exact" in drawn:
+            ax.plot(xs, cols["exact"][:, j], color="k", lw=0.8, ls=(0, (1, 2)), marker="x", ms=3,
+                    markevery=((j + every // 2) % every, every), zorder=4)
     _mark_lr_changes(ax, run, xs)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(CHARGE_LABEL[symmetry])
     n_all = int(((run.groups.symmetry == symmetry) & (run.groups.layer == layer)).sum())
     shown = f"{len(idx)} of {n_all} groups" if len(idx) < n_all else f"{n_all} groups"
-    ax.set_title(title or f"{SYMMETRY_TITLE[symmetry]}: {CHARGE_WHAT[symmetry].format(layer=layer)}\n({shown})", fontsize=10)
+    verdict = layer_verdict(run, symmetry, layer).verdict
+    what, where = charge_what(run, symmetry, layer)
+    ax.set_title(title or f"{SYMMETRY_TITLE[symmetry]}: {what}\n({'; '.join(x for x in (where, shown, verdict) if x)})", fontsize=10)
     if legend:
-        _style_legend(ax, theories)
+        errors = {t: _nan_max(np.abs(cols[t] - measured) / _magnitude(run, idx)) for t in drawn}
+        _style_legend(ax, drawn, errors, bookkeeping=exact_is_bookkeeping(run))
     ax.grid(alpha=0.25)
     return fig
+
+
+def _magnitude(run: Any, idx: np.ndarray) -> np.ndarray:
+    scale = np.nanmax(np.abs(run.array("magnitude")[:, idx]), axis=0)
+    return np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+
+
+def _nan_max(a: np.ndarray) -> float:
+    finite = a[np.isfinite(a)]
+    return float(finite.max()) if finite.size else float("nan")
 
 
 def _colors(n: int) -> list[Any]:
@@ -182,21 +247,34 @@ def _colors(n: int) -> list[Any]:
     return [cmap(0.9 * k / max(n - 1, 1)) for k in range(n)]
 
 
-def _style_legend(ax: Any, theories: tuple[str, ...]) -> None:
-    """One legend entry per line style (not per group): measured / paper / exact / lr step."""
+def _theory_name(theory: str, bookkeeping: bool) -> str:
+    if theory == "paper":
+        return "paper closed form"
+    return "exact: measured update re-added (bookkeeping)" if bookkeeping else "exact ledger"
+
+
+def _style_legend(ax: Any, theories: tuple[str, ...], errors: dict[str, float] | None = None, *, bookkeeping: bool = False) -> None:
+    """One legend entry per line style (not per group): measured / each drawn theory (with its
+    largest error) / lr step."""
     from matplotlib.lines import Line2D
+
+    errors = errors or {}
+
+    def name(t: str) -> str:
+        e = errors.get(t, float("nan"))
+        return _theory_name(t, bookkeeping) + (f" (error ≤ {e:.0e})" if np.isfinite(e) else "")
 
     handles = [Line2D([], [], color="0.3", lw=1.6, label="measured")]
     if "paper" in theories:
-        handles.append(Line2D([], [], color="0.3", lw=1.2, ls=(0, (4, 2)), label="paper closed form"))
+        handles.append(Line2D([], [], color="0.3", lw=1.1, ls=(0, (4, 2)), marker="o", ms=3.5, mfc="none", label=name("paper")))
     if "exact" in theories:
-        handles.append(Line2D([], [], color="k", lw=0.8, ls=(0, (1, 2)), label="exact ledger"))
+        handles.append(Line2D([], [], color="k", lw=0.8, ls=(0, (1, 2)), marker="x", ms=3, label=name("exact")))
     existing, labels = ax.get_legend_handles_labels()
     handles += [h for h, lab in zip(existing, labels) if lab.startswith("lr step")]
     ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
 
 
-def plot_exact_dynamics(panels: list[tuple[Any, str, str | None]], *, groups: int = 8, x: str = "time", suptitle: str | None = None) -> Any:
+def plot_exact_dynamics(panels: list[tuple[Any, str, str | None]], *, groups: int = 8, x: str = DEFAULT_X, suptitle: str | None = None) -> Any:
     """The paper's "exact dynamics" figure: one panel per ``(run, symmetry, layer)``, measured
     solid, theories dashed/dotted; a Figure."""
     if not panels:
@@ -205,85 +283,101 @@ def plot_exact_dynamics(panels: list[tuple[Any, str, str | None]], *, groups: in
     axes = np.atleast_1d(axes)
     for k, (ax, (run, symmetry, layer)) in enumerate(zip(axes, panels)):
         plot_charges(run, symmetry, layer, groups=groups, ax=ax, x=x, legend=(k == 0))
-        ax.set_title(f"({chr(97 + k)}) " + ax.get_title(), fontsize=9.5)
+        first, _, rest = ax.get_title().partition("\n")
+        ax.set_title("\n".join(textwrap.wrap(f"({chr(97 + k)}) {first}", 48)) + "\n" + rest, fontsize=9.5)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     return fig
 
 
-def plot_errors(run: Any, ax: Any = None, *, x: str = "time", title: str | None = None) -> Any:
-    """Error of the exact ledger (solid) and of the paper's closed form (dashed) over time, the
-    maximum over the groups of each symmetry, log scale; a Figure.
+def plot_errors(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str | None = None) -> Any:
+    """Error of the exact ledger (solid) and of the paper's closed form (dashed) over the steps,
+    the maximum over the groups of each symmetry, log scale; a Figure.
 
     Error = |prediction − measured| / (max over the run of the group's magnitude). Lines drawn:
-    two per symmetry present (one when a theory is NaN throughout), plus one grey line per
-    learning-rate change.
+    one per symmetry and theory that has a value (``paper`` is NaN for optimizers other than
+    SGD), plus one grey line per learning-rate change. For such optimizers ``exact`` only
+    re-adds the measured update: the figure then says it is a bookkeeping check, not a test of
+    a theory.
     """
     fig, ax = _new_axes(ax)
     xs, xlabel = _xaxis(run, x)
+    bookkeeping = exact_is_bookkeeping(run)
     # Row 0 is the common starting point (error 0 by construction): start at row 1 so the log
     # axis spans the errors that mean something.
     xs = xs[1:]
-    for which, ls, name in (("exact", "-", "exact ledger"), ("paper", (0, (4, 2)), "paper closed form")):
+    drawn = set()
+    for which, ls in (("exact", "-"), ("paper", (0, (4, 2)))):
         err = run.errors(which)[1:]
         for sym in SYMMETRY_TITLE:
             mask = run.groups.symmetry == sym
             if not mask.any() or not np.isfinite(err[:, mask]).any():
                 continue
+            drawn.add(which)
             worst = np.nanmax(np.where(np.isfinite(err[:, mask]), err[:, mask], np.nan), axis=1)
-            ax.plot(xs, np.maximum(worst, LOG_FLOOR), color=SYMMETRY_COLOR[sym], ls=ls, lw=1.4, label=f"{name}, {sym}")
+            ax.plot(xs, np.maximum(worst, LOG_FLOOR), color=SYMMETRY_COLOR[sym], ls=ls, lw=1.4, label=f"{_theory_name(which, bookkeeping)}, {sym}")
     _mark_lr_changes(ax, run, np.concatenate([[np.nan], xs]))
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("max relative error over groups")
-    ax.set_title(title or "Theory against measurement: worst group at each time", fontsize=10)
+    if title is None:
+        if bookkeeping and "paper" not in drawn:
+            title = (f"Bookkeeping check, not a theory test: {run.optimizer or 'this optimizer'}'s measured update\n"
+                     "re-added to the charges agrees to rounding, predicting nothing; worst group per step")
+        else:
+            title = "Theory against measurement: worst group at each step"
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.25, which="major")
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
     return fig
 
 
-# A group whose |ĝ_A|² is below this fraction of the step's median over all groups has no
-# gradient to speak of (a bias before BatchNorm: rounding noise only); its residual is 0/0.
-NO_GRADIENT = 1e-8
 # Residuals are noisy step to step: long runs are drawn as at most this many bins.
 RESIDUAL_BINS = 150
 
 
-def plot_residuals(run: Any, ax: Any = None, *, x: str = "step", title: str | None = None) -> Any:
+def plot_residuals(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str | None = None) -> Any:
     """Gradient-constraint residuals per layer (docs/theory.md §3): the median over the layer's groups
     (line) and the band between its 10th and 90th percentiles, log scale; a Figure.
 
     ~1e-7 is a symmetry holding to float32 precision; O(1) is no symmetry. Groups with no
-    gradient (a bias before BatchNorm; |ĝ_A|² below ``NO_GRADIENT`` × the step's median) prove
-    nothing and are left out; layers with nothing left are listed in the legend. Runs longer than
-    ``RESIDUAL_BINS`` steps are drawn in bins of consecutive steps. One line per
-    (symmetry, layer) with a gradient, plus the float32 reference line.
+    gradient (the rule of §3: NaN in the run's ``residual`` column, e.g. a bias before
+    BatchNorm) prove nothing and are left out; layers with nothing left are listed in the
+    legend. Runs longer than ``RESIDUAL_BINS`` steps are drawn in bins of consecutive steps.
+    One line per (symmetry, layer) with a gradient, plus the float32 reference line. Past
+    ``LEGEND_MAX`` layers, the layers with the largest residuals of each symmetry are named and
+    the others drawn thin in their symmetry's colour, named together.
     """
-    fig, ax = _new_axes(ax, figsize=(6.8, 4.2))
+    fig, ax = _new_axes(ax, figsize=(7.2, 4.2))
     xs, xlabel = _xaxis(run, x)
     # The last row is the final state, with no step and so no residual.
-    # |grad_sq|: for rescale groups it is the signed |ĝ_A1|² − |ĝ_A2|².
-    xs, res, g2 = xs[:-1], run.array("residual")[:-1], np.abs(run.array("grad_sq")[:-1])
-    with np.errstate(all="ignore"), _quiet_nan_warnings():
-        floor = NO_GRADIENT * np.nanmedian(np.where(g2 > 0, g2, np.nan), axis=1, keepdims=True)
-    res = np.where(np.isfinite(res) & (g2 > floor), res, np.nan)
+    xs, res = xs[:-1], run.array("residual")[:-1]
     bins = np.array_split(np.arange(len(xs)), min(len(xs), RESIDUAL_BINS)) if len(xs) else []
     bx = np.array([xs[b].mean() for b in bins])
     keys = list(dict.fromkeys(zip(run.groups.symmetry, run.groups.layer)))
     styles = {"translation": "-", "scale": "--", "rescale": "-."}
-    no_gradient = []
-    palette = _colors(len(keys))
-    for k, (sym, layer) in enumerate(keys):
+    no_gradient, curves = [], []
+    for sym, layer in keys:
         mask = (run.groups.symmetry == sym) & (run.groups.layer == layer)
         r = res[:, mask]
         if not np.isfinite(r).any():
-            no_gradient.append(f"{sym} {layer}")
+            no_gradient.append(f"{sym} {layer_name(run, layer)}")
             continue
         with np.errstate(all="ignore"), _quiet_nan_warnings():
             stats = np.array([np.nanpercentile(r[b], [10, 50, 90]) for b in bins])
-        lo, med, hi = (np.maximum(stats[:, i], LOG_FLOOR) for i in range(3))
-        ax.plot(bx, med, color=palette[k], ls=styles.get(sym, "-"), lw=1.4, label=f"{sym}: {layer}")
-        ax.fill_between(bx, lo, hi, color=palette[k], alpha=0.12, lw=0)
+            typical = float(np.nanmedian(r))
+        curves.append((sym, layer, typical, [np.maximum(stats[:, i], LOG_FLOOR) for i in range(3)]))
+    named = _named_curves(curves)
+    palette = _colors(len(named))
+    others: dict[str, int] = {}
+    for sym, layer, _, (lo, med, hi) in curves:
+        if (sym, layer) in named:
+            color = palette[named.index((sym, layer))]
+            ax.plot(bx, med, color=color, ls=styles.get(sym, "-"), lw=1.4, label=f"{sym}: {layer_name(run, layer)}")
+            ax.fill_between(bx, lo, hi, color=color, alpha=0.12, lw=0)
+        else:
+            others[sym] = others.get(sym, 0) + 1  # named together in the legend below
+            ax.plot(bx, med, color=SYMMETRY_COLOR[sym], ls=styles.get(sym, "-"), lw=0.7, alpha=0.45, label="_nolegend_")
     ax.axhline(1.2e-7, color="0.5", lw=0.8, ls=":", label="float32 ε")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -291,14 +385,35 @@ def plot_residuals(run: Any, ax: Any = None, *, x: str = "step", title: str | No
     binned = f", bins of {len(xs) // len(bins)} steps" if len(bins) and len(xs) > len(bins) else ""
     ax.set_title(title or f"Gradient constraint residuals per layer\n(median over groups, 10–90% band{binned})", fontsize=10)
     ax.grid(alpha=0.25)
-    handles, _ = ax.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles = [h for h, lab in zip(*ax.get_legend_handles_labels()) if not lab.startswith("_")]
+    for sym, count in others.items():
+        handles.insert(-1, Line2D([], [], color=SYMMETRY_COLOR[sym], ls=styles.get(sym, "-"), lw=0.7, alpha=0.6,
+                                  label=f"{sym}: {count} more layer{'s' if count > 1 else ''}"))
     if no_gradient:
         # Listed in the legend (not drawn): layers whose groups have no gradient prove nothing.
-        from matplotlib.lines import Line2D
-
-        handles.append(Line2D([], [], color="none", label="no gradient (e.g. bias\nbefore BatchNorm):\n" + "\n".join(no_gradient)))
+        listed = no_gradient if len(no_gradient) <= 4 else no_gradient[:3] + [f"and {len(no_gradient) - 3} more"]
+        handles.append(Line2D([], [], color="none", label="no gradient (e.g. bias\nbefore BatchNorm):\n" + "\n".join(listed)))
     ax.legend(handles=handles, fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5), framealpha=0.85)
     return fig
+
+
+def _named_curves(curves: list[tuple[str, str, float, Any]]) -> list[tuple[str, str]]:
+    """Which (symmetry, layer) curves get a legend entry of their own: all of them up to
+    ``LEGEND_MAX``; past it, per symmetry the layers with the largest typical residual, as many
+    as fit beside one "more layers" entry per symmetry, the float32 line and the no-gradient
+    note."""
+    if len(curves) <= LEGEND_MAX:
+        return [(sym, layer) for sym, layer, _, _ in curves]
+    symmetries = list(dict.fromkeys(sym for sym, _, _, _ in curves))
+    budget = max(len(symmetries), LEGEND_MAX - 2 - len(symmetries))
+    per_sym = max(1, budget // len(symmetries))
+    named: set[tuple[str, str]] = set()
+    for sym in symmetries:
+        ranked = sorted((c for c in curves if c[0] == sym), key=lambda c: -c[2])
+        named.update((c[0], c[1]) for c in ranked[:per_sym])
+    return [(sym, layer) for sym, layer, _, _ in curves if (sym, layer) in named]
 
 
 class _quiet_nan_warnings:
@@ -315,72 +430,118 @@ class _quiet_nan_warnings:
         self._ctx.__exit__(*exc)
 
 
-def plot_equilibrium(run: Any, layer: str | None = None, groups: int | None = 6, *, table: Any = None, window: float = 0.5, x: str = "step", ax: Any = None) -> Any:
-    """Scale groups against the §5.4 equilibrium; a Figure with two panels (or one, into ``ax``).
+def plot_equilibrium(run: Any, layer: str | None = None, groups: int | None = 6, *, table: Any = None, window: float = 0.5, x: str = DEFAULT_X, ax: Any = None) -> Any:
+    """Scale groups against the §5.4 model (docs/theory.md §5.4); a Figure with two panels (or
+    the left one alone, into ``ax``).
 
     Left: for ``groups`` channels of ``layer`` (default: the first scale layer), the measured
-    |θ_A|² (solid) and the equilibrium |θ*|² predicted from the recent gradient noise and the
-    step's hyperparameters (dashed). Right: for every scale group, the predicted |θ*|² of the
-    last learning-rate phase against the |θ_A|² reached at the end, with the line y = x; points
-    below it are still relaxing down, above it still growing. ``table``: the output of
-    ``equilibrium.equilibrium_table`` (computed when None). ``window``: see that function.
+    |θ_A|² (solid), where the §5.4 relaxation from the start of the run puts it
+    (``equilibrium.relaxation_series``, dashed) and the equilibrium |θ*|² it relaxes toward, from
+    the recent gradient noise (dotted). Right: per scale layer, the median over its groups of
+    measured / relaxation (solid: flat near 1 when the norm relaxes as predicted) and of
+    measured / equilibrium (dashed: 1 once at equilibrium), log scale; the title gives the
+    relaxation time of each learning-rate phase against the phase's length. ``table``: unused
+    (kept for callers of the earlier scatter); ``window``: see ``equilibrium_table``.
     """
     layer = default_layer(run, "scale") if layer is None else layer
-    if table is None:
-        table = equilibrium_table(run, window=window)
     if ax is None:
-        fig, (left, right) = new_figure(2, 1, width=5.0, height=4.0)
+        many = len(layers_of(run, "scale")) > LEGEND_MAX - 3  # the right legend then sits outside
+        fig, (left, right) = new_figure(2, 1, width=6.4 if many else 5.2, height=4.1)
     else:
         fig, left, right = ax.figure, ax, None
     idx = pick_groups(run, "scale", layer, groups)
     xs, xlabel = _xaxis(run, x)
-    measured = run.array("measured")[:, idx]
-    predicted = equilibrium_series(run)[:, idx]
+    measured = run.array("measured")
+    relaxed = relaxation_series(run)
+    target = equilibrium_series(run)
     colors = _colors(len(idx))
-    for j in range(len(idx)):
-        left.plot(xs, measured[:, j], color=colors[j], lw=1.6)
-        left.plot(xs, predicted[:, j], color=colors[j], lw=1.2, ls=(0, (4, 2)))
+    for j, g in enumerate(idx):
+        left.plot(xs, measured[:, g], color=colors[j], lw=1.6)
+        left.plot(xs, relaxed[:, g], color=colors[j], lw=1.2, ls=(0, (4, 2)))
+        left.plot(xs, target[:, g], color=colors[j], lw=0.8, ls=(0, (1, 2)), alpha=0.8)
     _mark_lr_changes(left, run, xs)
     left.set_yscale("log")
     left.set_xlabel(xlabel)
     left.set_ylabel("squared norm |θ_A|²")
-    left.set_title(f"Scale groups of {layer}: norm against equilibrium\n(solid measured, dashed |θ*|² from recent noise)", fontsize=9.5)
+    head = "\n".join(textwrap.wrap(f"Scale groups of {layer_name(run, layer)}", 52))
+    left.set_title(f"{head}\nsolid measured, dashed §5.4 relaxation, dotted |θ*|²", fontsize=9.5)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color="0.3", lw=1.6, label="measured |θ_A|²"), Line2D([], [], color="0.3", lw=1.2, ls=(0, (4, 2)), label="equilibrium |θ*|²")]
+    handles = [Line2D([], [], color="0.3", lw=1.6, label="measured |θ_A|²"),
+               Line2D([], [], color="0.3", lw=1.2, ls=(0, (4, 2)), label="§5.4 relaxation (measured noise)"),
+               Line2D([], [], color="0.3", lw=0.8, ls=(0, (1, 2)), label="equilibrium |θ*|² it heads to")]
     handles += [h for h, lab in zip(*left.get_legend_handles_labels()) if lab.startswith("lr step")]
-    left.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
+    left.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
     left.grid(alpha=0.25)
     if right is not None:
-        _equilibrium_scatter(right, table)
+        _equilibrium_ratios(right, run, xs, xlabel, measured, relaxed, target)
     return fig
 
 
-def _equilibrium_scatter(ax: Any, table: Any) -> None:
-    layers = list(dict.fromkeys(table["layer"]))
-    colors = _colors(len(layers))
-    for color, layer in zip(colors, layers):
-        t = table[table["layer"] == layer]
-        ax.scatter(t["predicted_norm_sq"], t["final_norm_sq"], s=14, color=color, alpha=0.8, label=layer)
-    both = np.concatenate([table["predicted_norm_sq"], table["final_norm_sq"]])
-    both = both[np.isfinite(both) & (both > 0)]
-    if both.size:
-        lo, hi = both.min() / 1.5, both.max() * 1.5
-        ax.plot([lo, hi], [lo, hi], color="k", lw=0.9, ls="--", label="y = x (at equilibrium)")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-    ax.set_xscale("log")
+def _equilibrium_ratios(ax: Any, run: Any, xs: np.ndarray, xlabel: str, measured: np.ndarray, relaxed: np.ndarray, target: np.ndarray) -> None:
+    g = run.groups
+    layers = layers_of(run, "scale")
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        ratios = {}
+        for layer in layers:
+            mask = (g.symmetry == "scale") & (g.layer == layer)
+            ratios[layer] = (np.nanmedian(measured[:, mask] / relaxed[:, mask], axis=1), np.nanmedian(measured[:, mask] / target[:, mask], axis=1))
+        # past LEGEND_MAX layers, name those that end farthest from the relaxation, draw the rest thin
+        if len(layers) > LEGEND_MAX - 3:
+            far = sorted(layers, key=lambda lay: -abs(np.log(np.nan_to_num(ratios[lay][0][-1], nan=1.0) or 1.0)))[: LEGEND_MAX - 4]
+        else:
+            far = layers
+    colors = _colors(len(far))
+    for layer in layers:
+        to_relaxed, to_target = ratios[layer]
+        if layer in far:
+            color = colors[far.index(layer)]
+            ax.plot(xs, to_relaxed, color=color, lw=1.5, label=layer_name(run, layer))
+            ax.plot(xs, to_target, color=color, lw=1.1, ls=(0, (4, 2)))
+        else:
+            ax.plot(xs, to_relaxed, color="0.55", lw=0.7, alpha=0.6, label="_nolegend_")
+            ax.plot(xs, to_target, color="0.55", lw=0.6, ls=(0, (4, 2)), alpha=0.5, label="_nolegend_")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    _mark_lr_changes(ax, run, xs)
     ax.set_yscale("log")
-    ax.set_xlabel("predicted equilibrium |θ*|² (last lr phase)")
-    ax.set_ylabel("|θ_A|² reached at the end")
-    relax = float(np.nanmedian(table["relaxation_steps"])) if len(table) else float("nan")
-    ran = float(np.nanmedian(table["phase_steps"])) if len(table) else float("nan")
-    ax.set_title(f"Equilibrium prediction vs norm reached\n(relaxation ≈ {relax:,.0f} steps; last phase ran {ran:,.0f})", fontsize=9.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("measured |θ_A|² / prediction (median per layer)")
+    phases = _phases(run)
+    said = "; ".join(f"{steps:,} steps, relaxation {tau:,.0f}" for steps, tau in phases)
+    ax.set_title(f"Measured / §5.4 relaxation (solid), / equilibrium (dashed)\nlr phases: {said}", fontsize=9)
+    from matplotlib.lines import Line2D
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles = [h for h in handles if not h.get_label().startswith("lr step")]
+    if len(far) < len(layers):
+        handles.append(Line2D([], [], color="0.55", lw=0.7, label=f"{len(layers) - len(far)} more layers"))
+    handles += [Line2D([], [], color="0.3", lw=1.5, label="/ relaxation"), Line2D([], [], color="0.3", lw=1.1, ls=(0, (4, 2)), label="/ equilibrium")]
+    if len(handles) > 6:
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
+    else:
+        ax.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.85)
     ax.grid(alpha=0.25, which="both")
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
 
 
-def plot_effective_lr(run: Any, layer: str | None = None, groups: int | None = 6, ax: Any = None, *, x: str = "step") -> Any:
+def _phases(run: Any) -> list[tuple[int, float]]:
+    """(steps, relaxation time (1−β)/(4ηλ(1−d))) of each stretch of constant hyperparameters."""
+    mask = run.groups.symmetry == "scale"
+    first = int(np.flatnonzero(mask)[0]) if mask.any() else 0
+    h = np.column_stack([run.array(c)[:-1, first] for c in ("lr", "momentum", "dampening", "weight_decay")])
+    out: list[tuple[int, float]] = []
+    start = 0
+    for n in range(1, len(h) + 1):
+        if n == len(h) or not np.array_equal(h[n], h[start], equal_nan=True):
+            lr, beta, damp, wd = h[start]
+            damp = damp if beta > 0 else 0.0
+            with np.errstate(all="ignore"):
+                tau = float((1 - beta) / (4 * lr * wd * (1 - damp))) if lr * wd > 0 else float("inf")
+            out.append((n - start, tau))
+            start = n
+    return out
+
+
+def plot_effective_lr(run: Any, layer: str | None = None, groups: int | None = 6, ax: Any = None, *, x: str = DEFAULT_X) -> Any:
     """The effective angular learning rate η/|θ_A|² of scale groups over time (log scale), with
     its equilibrium value (dashed); a Figure."""
     layer = default_layer(run, "scale") if layer is None else layer
@@ -403,7 +564,7 @@ def plot_effective_lr(run: Any, layer: str | None = None, groups: int | None = 6
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("effective learning rate η / |θ_A|²")
-    ax.set_title(f"Effective angular learning rate of {layer} (scale-invariant channels)", fontsize=10)
+    ax.set_title(f"Effective angular learning rate of {layer_name(run, layer)} (scale-invariant channels)", fontsize=10)
     ax.grid(alpha=0.25)
     return fig
 

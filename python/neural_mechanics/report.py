@@ -39,6 +39,7 @@ from . import plots
 from .equilibrium import equilibrium_series, equilibrium_summary, equilibrium_table, grad_sq_unit, has_equilibrium, last_phase
 from .forecast import panel_forecasts
 from .run import load_run
+from .verdicts import EPS_MAX, HOLDS, NO_GRADIENT_REL, ROUNDING, coverage_line, uncovered_table
 
 __all__ = [
     "SYMMETRIES",
@@ -47,6 +48,9 @@ __all__ = [
     "load_runs",
     "summary_table",
     "summary_blocks",
+    "training_table",
+    "uncovered_summary",
+    "ordered",
     "run_figures",
     "run_blocks",
     "exact_dynamics_panels",
@@ -66,6 +70,12 @@ SYMMETRIES = ("translation", "scale", "rescale")
 
 
 # -- tables --------------------------------------------------------------------------------------
+# The report's headline table: Run.summary() without its long "reason" sentences (the verdict
+# rules are stated above the table; the reasons are in Run.summary()) and without the "not
+# covered" rows, which the table of uncovered parameters lists with their reasons.
+HEADLINE_DROP = ("reason",)
+
+
 def summary_table(runs: dict[str, Any]) -> Any:
     """``Run.summary()`` of every run, a ``model`` column first."""
     import pandas as pd
@@ -76,6 +86,44 @@ def summary_table(runs: dict[str, Any]) -> Any:
         s.insert(0, "model", name)
         frames.append(s)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def ordered(runs: dict[str, Any]) -> dict[str, Any]:
+    """``runs`` in the order they were made (``run.info["order"]``, which the demo sets), the
+    others after them as given: a report redrawn from ``runs/*.nmrun`` lists the models, and
+    picks the exact-dynamics panels, as the demo did."""
+    order = {name: (0, run.info["order"]) if isinstance(getattr(run, "info", {}).get("order"), int) else (1, k)
+             for k, (name, run) in enumerate(runs.items())}
+    return {name: runs[name] for name in sorted(runs, key=lambda n: order[n])}
+
+
+def training_table(runs: dict[str, Any]) -> Any:
+    """One row per run that recorded how it was trained (``run.info["training"]``, (column,
+    value) pairs that ``models.train`` writes), in the runs' order; an empty DataFrame if none
+    did."""
+    import pandas as pd
+
+    rows = [dict(map(tuple, run.info["training"])) for run in runs.values() if getattr(run, "info", {}).get("training")]
+    return pd.DataFrame(rows)
+
+
+def uncovered_summary(run: Any) -> Any:
+    """The trainable parameters of ``run`` that no group covers, one row per reason: how many,
+    their share of the weights, which (the first few) and the reason as a sentence."""
+    import pandas as pd
+
+    table = uncovered_table(getattr(run, "coverage", None), run.skipped)
+    rows = []
+    for reason, part in table.groupby("reason", sort=False):
+        names = list(part["parameter"])
+        rows.append({
+            "reason": part["category"].iloc[0],
+            "parameters": len(names),
+            "% of weights": float(part["% of weights"].sum()) if part["% of weights"].notna().all() else float("nan"),
+            "which": ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else ""),
+            "why": reason,
+        })
+    return pd.DataFrame(rows, columns=["reason", "parameters", "% of weights", "which", "why"])
 
 
 def _fmt(v: Any) -> str:
@@ -162,6 +210,7 @@ def _inline_html(text: str) -> str:
 
     out = html.escape(text, quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
     return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', out)
 
 
@@ -211,9 +260,18 @@ def run_figures(run: Any, folder: Path, *, groups: int = 8) -> dict[str, Path]:
 
 
 def run_blocks(name: str, run: Any, figures: dict[str, Path], base: Path) -> list[Block]:
-    """A model's section: its summary, equilibrium table and figures (paths relative to ``base``)."""
-    blocks = [Block("h2", f"Model {name}"), Block("p", f"{run!r}. Optimizer: {run.optimizer or 'unknown'}.")]
+    """A model's section: its summary, what it does not cover, its equilibrium table and figures
+    (paths relative to ``base``)."""
+    g = run.groups
+    covered = coverage_line(len(g), len(set(g.layer)), getattr(run, "coverage", None))
+    describe = getattr(run, "describe_optimizer", None)
+    optimizer = describe() if describe is not None else (run.optimizer or "unknown")
+    blocks = [Block("h2", f"Model {name}"), Block("p", f"{run!r}. Optimizer: {optimizer}. Tracked: {covered}.")]
     blocks.append(Block("table", _rounded_summary(run.summary())))
+    uncovered = uncovered_summary(run)
+    if len(uncovered):
+        blocks.append(Block("h3", f"{name}: parameters no group covers"))
+        blocks.append(Block("table", uncovered))
     eq = equilibrium_summary(run)
     if len(eq):
         blocks.append(Block("h3", f"{name}: equilibrium of the scale groups (docs/theory.md §5.4)"))
@@ -227,8 +285,13 @@ def run_blocks(name: str, run: Any, figures: dict[str, Path], base: Path) -> lis
 
 
 def _rounded_summary(s: Any) -> Any:
-    s = s.copy()
+    # the "not covered" rows are listed with their reasons in their own table (uncovered_summary)
+    if "verdict" in s.columns:
+        s = s[s["verdict"] != "not covered"]
+    s = s.drop(columns=[c for c in HEADLINE_DROP if c in s.columns])
     s["note"] = s["note"].replace("", "—")
+    if "module" in s.columns:
+        s["module"] = s["module"].replace("", "—")
     return s
 
 
@@ -244,14 +307,17 @@ def write_report(
 ) -> Path:
     """Write the report folder for ``runs`` (name → Run) into ``out``; returns index.html's path.
 
-    ``intro``: blocks placed before the figures (the demo puts its data, recipe and training
-    table there). ``save_runs``: also write runs/<name>.nmrun.
+    ``intro``: blocks placed first. Then what the runs recorded of their training
+    (``run.info``: data, recipe, the training table; ``models.train`` and the demo record it),
+    so that a report redrawn from saved runs shows what the demo showed. Runs are taken in the
+    order they were made (:func:`ordered`). ``save_runs``: also write runs/<name>.nmrun.
     """
     from . import plots
 
+    runs = ordered(runs)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    blocks: list[Block] = [Block("h1", title), *intro]
+    blocks: list[Block] = [Block("h1", title), *intro, *training_blocks(runs)]
     if save_runs:
         (root / "runs").mkdir(exist_ok=True)
         paths = [run.save(root / "runs" / f"{name}.nmrun") for name, run in runs.items()]
@@ -260,27 +326,41 @@ def write_report(
     panels = exact_dynamics_panels(runs)
     if panels:
         names = {id(r): n for n, r in runs.items()}
-        fig = plots.plot_exact_dynamics(panels, groups=groups, suptitle="Exact dynamics: measured charges (solid) against theory (dashed: paper, dotted: exact ledger)")
+        with_paper = any(np.isfinite(r.array("paper")).any() for r, _, _ in panels)
+        theories = "dashed with circles: paper, dotted with crosses: exact ledger" if with_paper else "dotted with crosses: exact"
+        fig = plots.plot_exact_dynamics(panels, groups=groups, suptitle=f"Exact dynamics: measured charges (solid) against theory ({theories})")
         _save(fig, root / "exact_dynamics.png")
         blocks.append(Block("h2", "Exact dynamics"))
         blocks.append(Block("p", "Panels: " + "; ".join(f"({chr(97 + k)}) {sym} from model {names[id(r)]}" for k, (r, sym, _) in enumerate(panels)) + "."))
         blocks.append(Block("img", "exact_dynamics.png", alt="exact dynamics"))
+    blocks.append(Block("p", _VERDICT_HELP))
 
     for name, run in runs.items():
         figures = run_figures(run, root / name, groups=groups)
         blocks += run_blocks(name, run, figures, root)
-        _write_doc(root / name, "summary", [Block("h1", f"Summary: {name}"), Block("p", _SUMMARY_HELP), *[b for b in run_blocks(name, run, figures, root / name)]], f"{name} summary")
+        _write_doc(root / name, "summary", [Block("h1", f"Summary: {name}"), Block("p", _SUMMARY_HELP), Block("p", _VERDICT_HELP), *run_blocks(name, run, figures, root / name)], f"{name} summary")
     blocks.append(Block("p", "All tables on one page: [summary.md](summary.md) / [summary.html](summary.html)."))
     _write_doc(root, "summary", summary_blocks(runs), "summary")
     _, index = _write_doc(root, "index", blocks, title)
     return index
 
 
+def training_blocks(runs: dict[str, Any]) -> list[Block]:
+    """Data, recipe and training table, from what the runs recorded (``run.info``): the demo and a
+    report redrawn from its saved runs write the same blocks."""
+    infos = [getattr(run, "info", {}) for run in runs.values()]
+    blocks = [Block("p", text) for text in dict.fromkeys(str(i[k]) for i in infos for k in ("data", "recipe") if i.get(k))]
+    table = training_table(runs)
+    if len(table):
+        blocks += [Block("h2", "Training"), Block("table", table)]
+    return blocks
+
+
 def summary_blocks(runs: dict[str, Any]) -> list[Block]:
     """summary.md: one table of every model's layers, then one of every scale layer's equilibrium."""
     import pandas as pd
 
-    blocks = [Block("h1", "Summary"), Block("p", _SUMMARY_HELP), Block("table", _rounded_summary(summary_table(runs)))]
+    blocks = [Block("h1", "Summary"), Block("p", _SUMMARY_HELP), Block("p", _VERDICT_HELP), Block("table", _rounded_summary(summary_table(runs)))]
     eq = []
     for name, run in runs.items():
         t = equilibrium_summary(run)
@@ -296,14 +376,26 @@ def summary_blocks(runs: dict[str, Any]) -> list[Block]:
 _EQUILIBRIUM_HELP = (
     "Predicted |θ*|² = √(η(1−d)E|g̃|²/(2λ(1−β))) with E|g̃|² = |ĝ|²·|θ|² averaged over the second half of the last "
     "learning-rate phase, against |θ|² at the end. A ratio above 1 is a norm still relaxing down toward equilibrium, "
-    "below 1 one still growing; compare the phase length with the relaxation time."
+    "below 1 one still growing; compare the phase length with the relaxation time. The last column compares the norm "
+    "reached with where the §5.4 relaxation, run from the first step on the measured noise, puts it: near 1 when the "
+    "norms relax as predicted, however far from equilibrium they still are."
 )
 
 _SUMMARY_HELP = (
     "Per layer: errors are |prediction − measured| / (max over the run of the group's magnitude), median and max "
-    "over groups and steps; `exact` is the discrete ledger (docs/theory.md §5.3), `paper` the closed form with momentum "
-    "(§5.2); `residual_max` the largest gradient-constraint residual (§3; ~1e-7 is exact in float32, NaN a group "
-    "with no gradient)."
+    "over groups and steps; `exact` is the discrete ledger (docs/theory.md §5.3; for optimizers other than SGD the "
+    "measured update re-added, bookkeeping), `paper` the closed form with momentum (§5.2); `residual_median` and "
+    "`residual_max` the gradient-constraint residual over the groups and steps that had a gradient (§3; ~1e-7 is "
+    "exact in float32)."
+)
+
+_VERDICT_HELP = (
+    f"Verdicts (from the median residual r; `Run.summary()` gives each layer's reason): **ok** r ≤ {HOLDS['scale']:g} "
+    f"(translation {HOLDS['translation']:g}: its residual divides by a gradient that shrinks with the loss); "
+    f"**broken by BatchNorm ε** (or another normaliser's) a scale layer with {ROUNDING:g} < r ≤ {EPS_MAX:g}; **violated** "
+    f"above; **no gradient** no group's |ĝ_A| exceeded {NO_GRADIENT_REL:g}·|ĝ| of its layer at any step (nothing to "
+    "test); **bookkeeping only** the constraint holds but no theory is tested (the optimizer's `exact` re-adds the "
+    "measured update); **not covered** trainable parameters in no group."
 )
 
 

@@ -37,6 +37,9 @@ FILE_KIND = "neural-mechanics run"
 # the optimizer's hyperparameters of step n for each group (its first part's param_group), then
 # the per-step values, one float64 per group.
 COLUMNS: tuple[str, ...] = tuple(_native.ROW_FIELDS)
+# The columns of ``Run.summary()``, in order.
+SUMMARY_COLUMNS = ("symmetry", "layer", "module", "groups", "verdict", "exact_median", "exact_max", "paper_median", "paper_max",
+                   "residual_median", "residual_max", "regime", "note", "reason")
 HYPER_COLUMNS = COLUMNS[:4]
 STEP_COLUMNS = COLUMNS[4:]
 assert HYPER_COLUMNS == ("lr", "momentum", "dampening", "weight_decay")
@@ -51,20 +54,46 @@ class GroupInfo:
     index: np.ndarray  # (groups,) int
     label: np.ndarray  # (groups,) str
     size: np.ndarray  # (groups,) int, entries |A|
+    # The layer's module in a few words ("Linear(32→10)"), "" where the layer is no module (a
+    # declared name); figures read "7 · Linear(32→10)". Runs saved before it existed load with "".
+    layer_label: np.ndarray | None = None  # (groups,) str
+    # The normaliser that makes a scale group ("BatchNorm", "LayerNorm", ...), "" otherwise.
+    normalizer: np.ndarray | None = None  # (groups,) str
+
+    def __post_init__(self) -> None:
+        n = len(self.symmetry)
+        if self.layer_label is None:
+            self.layer_label = np.full(n, "", dtype=object)
+        if self.normalizer is None:
+            self.normalizer = np.full(n, "", dtype=object)
 
     def __len__(self) -> int:
         return len(self.symmetry)
 
     @classmethod
-    def from_groups(cls, groups: Any, sizes: np.ndarray) -> GroupInfo:
+    def from_groups(cls, groups: Any, sizes: np.ndarray, layer_labels: dict[str, str] | None = None) -> GroupInfo:
+        """From SymmetryGroup objects; ``layer_labels``: layer name → its module in a few words."""
         gs = list(groups)
+        labels = layer_labels or {}
         return cls(
             symmetry=np.array([g.symmetry for g in gs], dtype=object),
             layer=np.array([g.layer for g in gs], dtype=object),
             index=np.array([int(g.index) for g in gs], dtype=np.int64),
             label=np.array([str(getattr(g, "label", g.index)) for g in gs], dtype=object),
             size=np.asarray(sizes, dtype=np.int64),
+            layer_label=np.array([labels.get(str(g.layer), "") for g in gs], dtype=object),
+            normalizer=np.array([next((str(n[1]) for n in getattr(g, "normalizers", ()) if n[1]), "") for g in gs], dtype=object),
         )
+
+    def module_of(self, layer: str) -> str:
+        """``layer``'s module in a few words ("Linear(32→10)"), "" if unknown."""
+        found = self.layer_label[self.layer == layer] if self.layer_label is not None else []
+        return next((str(x) for x in found if x), "")
+
+    def display(self, layer: str) -> str:
+        """How figures name ``layer``: "7 · Linear(32→10)", or the name alone."""
+        label = self.module_of(layer)
+        return f"{layer} · {label}" if label else str(layer)
 
 
 class _Rows:
@@ -134,6 +163,17 @@ class Run:
     regimes: dict[str, list[str]] = field(default_factory=dict)  # symmetry -> regimes seen, in order
     skipped: dict[str, str] = field(default_factory=dict)  # parameter or group -> reason
     notes: list[str] = field(default_factory=list)
+    # What the groups cover, measured at set-up: {"parameters": trainable parameters, "entries":
+    # their entries, "uncovered": {parameter: [entries, reason]}}; None for runs saved before it.
+    coverage: dict[str, Any] | None = None
+    # The optimizer's hyperparameters that the row's columns do not carry, per param_group, as
+    # read at set-up (Adam's betas and eps, ...); also says which of momentum/dampening exist.
+    hyperparameters: list[dict[str, Any]] = field(default_factory=list)
+    # "ledger" (torch.optim.SGD: the exact discrete ledger, docs/theory.md §5.3) or "bookkeeping"
+    # (any other optimizer: the measured update re-added); "" for runs saved before it existed.
+    exact_kind: str = ""
+    # Free-form facts about the run for reports (the demo's training table and recipe).
+    info: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] | None = None  # the row n = N, refreshed by the tracker
     # Bounded memory: at most `max_rows_in_memory` rows live in memory; older rows move to chunk
     # files (the saved-run format) in `spill_dir` (a temporary folder if None).
@@ -205,7 +245,30 @@ class Run:
             final.update(steps=np.array([self.final["step"]]), time=np.array([self.final["time"]]))
             blocks.append(final)
         cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("steps", "time", *COLUMNS)}
+        for c in self.absent_hyperparameters():
+            cat[c] = np.full_like(cat[c], np.nan)  # Adam has no momentum: NaN, not 0.0
         return cat["steps"], cat["time"], {c: cat[c] for c in COLUMNS}
+
+    def absent_hyperparameters(self) -> tuple[str, ...]:
+        """The hyperparameter columns the optimizer does not have (Adam: momentum, dampening):
+        they read NaN; its own hyperparameters (betas, ...) are in ``hyperparameters``."""
+        if not self.hyperparameters:
+            return ()
+        return tuple(c for c in HYPER_COLUMNS if c != "lr" and c not in self.hyperparameters[0])
+
+    def describe_optimizer(self) -> str:
+        """"Adam (betas (0.9, 0.999), eps 1e-08, weight_decay 0)": the optimizer and the
+        hyperparameters of its first param_group other than the learning rate."""
+        name = self.optimizer or "optimizer"
+        if not self.hyperparameters:
+            return name
+        shown = []
+        for k, v in sorted(self.hyperparameters[0].items()):  # sorted: a saved run's JSON keeps no order
+            if k == "lr" or v is None or isinstance(v, bool) and not v:
+                continue
+            text = f"({', '.join(f'{x:g}' for x in v)})" if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(v, float) else str(v)
+            shown.append(f"{k} {text}")
+        return f"{name} ({', '.join(shown)})" if shown else name
 
     def _last_step(self) -> int | None:
         if self._mem.n:
@@ -237,7 +300,13 @@ class Run:
         return np.abs(c[which] - c["measured"]) / scale
 
     def to_pandas(self) -> Any:
-        """The long table: one row per (step, group)."""
+        """The long table: one row per (step, group) (docs/tracking.md, "What each row means").
+
+        ``grad_sq``, ``update_sq`` and ``flux`` of a rescale group are differences, incoming side
+        minus outgoing side (|u_A1|² − |u_A2|² for ``update_sq``): they can be negative. Columns of
+        hyperparameters the optimizer does not have (Adam's momentum) are NaN; its own are in
+        ``run.hyperparameters``.
+        """
         import pandas as pd
 
         steps, time, c = self._rows()
@@ -327,33 +396,45 @@ class Run:
         return target
 
     def summary(self) -> Any:
-        """Per layer: groups, median and max error of paper and exact, max constraint residual,
-        the momentum regime, and why a theory is NaN where it is."""
+        """Per (symmetry, layer): the layer's module, groups, a verdict and its reason (module
+        ``verdicts``: thresholds stated there and in the reason), median and max error of
+        ``exact`` and ``paper``, median and max constraint residual, the momentum regime and why a
+        theory is NaN where it is. Then one row per module whose trainable parameters no group
+        covers (verdict "not covered", the reason per parameter)."""
         import pandas as pd
 
-        exact = self.errors("exact")
-        paper = self.errors("paper")
-        residual = self.array("residual")
+        from .verdicts import layer_verdict, uncovered_by_module, uncovered_table
+
+        exact, paper = self.errors("exact"), self.errors("paper")
+        residual, paper_col = self.array("residual"), self.array("paper")
+        g = self.groups
         rows = []
-        keys = list(dict.fromkeys(zip(self.groups.symmetry, self.groups.layer)))
-        for sym, layer in keys:
-            mask = (self.groups.symmetry == sym) & (self.groups.layer == layer)
-            e, p, r = exact[:, mask], paper[:, mask], residual[:, mask]
+        for sym, layer in dict.fromkeys(zip(g.symmetry, g.layer)):
+            mask = (g.symmetry == sym) & (g.layer == layer)
+            v = layer_verdict(self, sym, layer, residual=residual, paper=paper_col)
+            has_paper = bool(np.isfinite(paper_col[:, mask]).any())
             rows.append(
                 {
                     "symmetry": sym,
                     "layer": layer,
+                    "module": g.module_of(layer),
                     "groups": int(mask.sum()),
-                    "exact_median": _nan_stat(np.nanmedian, e),
-                    "exact_max": _nan_stat(np.nanmax, e),
-                    "paper_median": _nan_stat(np.nanmedian, p),
-                    "paper_max": _nan_stat(np.nanmax, p),
-                    "residual_max": _nan_stat(np.nanmax, r),
-                    "regime": " -> ".join(self.regimes.get(sym, [])) or "n/a",
+                    "verdict": v.verdict,
+                    "exact_median": _nan_stat(np.nanmedian, exact[:, mask]),
+                    "exact_max": _nan_stat(np.nanmax, exact[:, mask]),
+                    "paper_median": _nan_stat(np.nanmedian, paper[:, mask]),
+                    "paper_max": _nan_stat(np.nanmax, paper[:, mask]),
+                    "residual_median": v.residual_median,
+                    "residual_max": _nan_stat(np.nanmax, residual[:, mask]),
+                    "regime": (" -> ".join(self.regimes.get(sym, [])) or "n/a") if has_paper else "n/a",
                     "note": self.paper_notes.get((sym, layer), self.exact_note),
+                    "reason": v.reason,
                 }
             )
-        return pd.DataFrame(rows)
+        for module, reason in uncovered_by_module(uncovered_table(self.coverage, self.skipped)):
+            rows.append({"symmetry": "—", "layer": module, "module": "", "groups": 0, "verdict": "not covered",
+                         "regime": "n/a", "note": "", "reason": reason})
+        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
     # -- figures (neural_mechanics.plots, imported at call time: matplotlib only when drawing) ---
     def plot(self, symmetry: str, layer: str | None = None, **kwargs: Any) -> Any:
@@ -405,12 +486,18 @@ class Run:
                 "index": [int(i) for i in g.index],
                 "label": list(map(str, g.label)),
                 "size": [int(i) for i in g.size],
+                "layer_label": list(map(str, g.layer_label if g.layer_label is not None else [""] * len(g))),
+                "normalizer": list(map(str, g.normalizer if g.normalizer is not None else [""] * len(g))),
             },
             "paper_notes": [[k[0], k[1], v] for k, v in self.paper_notes.items()],
             "exact_note": self.exact_note,
             "regimes": self.regimes,
             "skipped": self.skipped,
             "notes": self.notes,
+            "coverage": _json_safe(self.coverage),
+            "hyperparameters": _json_safe(self.hyperparameters),
+            "exact_kind": self.exact_kind,
+            "info": _json_safe(self.info),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -439,6 +526,20 @@ class Run:
         )
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged loss, an infinite tolerance) as None and
+    numpy scalars as Python ones: the saved run's metadata is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _nan_stat(fn: Any, a: np.ndarray) -> float:
     finite = a[np.isfinite(a)]
     return float(fn(finite)) if finite.size else float("nan")
@@ -465,6 +566,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         index=np.array(g["index"], dtype=np.int64),
         label=np.array(g["label"], dtype=object),
         size=np.array(g["size"], dtype=np.int64),
+        layer_label=np.array(g["layer_label"], dtype=object) if "layer_label" in g else None,
+        normalizer=np.array(g["normalizer"], dtype=object) if "normalizer" in g else None,
     )
     run = Run(
         groups=groups,
@@ -474,6 +577,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         regimes=meta.get("regimes", {}),
         skipped=meta.get("skipped", {}),
         notes=meta.get("notes", []),
+        coverage=meta.get("coverage"),
+        hyperparameters=meta.get("hyperparameters", []),
+        exact_kind=meta.get("exact_kind", ""),
+        info=meta.get("info", {}),
     )
     mem = _Rows(len(groups), max(1, len(data["steps"])))
     mem.n = len(data["steps"])

@@ -16,9 +16,12 @@ import torch
 
 from .errors import InvalidArgumentError
 from .symmetries import Symmetries, SymmetryGroup, find_symmetries
-from .symmetries.discover import module_name
+from .tracking.plan import gradient_layer
 
-NO_GRADIENT_REL = 1e-5  # |g_A| below this fraction of its layer's gradient counts as zero
+# "No gradient" (docs/theory.md §3): |ĝ_A| ≤ NO_GRADIENT_REL·|ĝ_L|, where |ĝ_L|² is the |ĝ|² of
+# every group of the same layer (tracking.plan.gradient_layer: its first part's module) added up.
+# The tracker's residual column applies the same rule, squared (src/tracking/mod.rs, NO_GRADIENT).
+NO_GRADIENT_REL = 1e-5
 
 
 def _as_args(inputs: Any) -> tuple:
@@ -99,10 +102,14 @@ def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None 
                 if mod_name in captured and (mod_name, kind) not in preds:
                     preds[(mod_name, kind)] = _eps_prediction(kind, modules[mod_name], captured[mod_name], eps)
         sums = _Sums(params, grads)
-        layer_norms = _layer_grad_norms(sums, {p[0] for g in groups for p in g.parts}, names)
+        partial = [_gradient_sums(g, sums) for g in groups]
+        layers = [gradient_layer(g) for g in groups]
+        layer_sq: dict[str, float] = {}
+        for layer, (_, _, gsq, _) in zip(layers, partial):
+            layer_sq[layer] = layer_sq.get(layer, 0.0) + gsq
         rows = []
-        for g in groups:
-            row = _gradient_row(g, sums, layer_norms, preds, tol)
+        for g, layer, part in zip(groups, layers, partial):
+            row = _gradient_row(g, part, layer_sq[layer], preds, tol)
             if hessian:
                 row["hessian_residual"] = _hessian_residual(g, names, plist, params, grads_t, grads) \
                     if row["status"] != "no gradient" else math.nan
@@ -117,18 +124,6 @@ def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None 
     cols = ["layer", "symmetry", "index", "label", "residual", "status", "predicted", "hessian_residual",
             "grad_norm"]
     return pd.DataFrame(rows, columns=cols)
-
-
-def _layer_grad_norms(sums: _Sums, used: set[str], names: list[str]) -> dict[str, float]:
-    """Squared gradient norm per parameter and per module (the no-gradient reference)."""
-    layers = {module_name(n) for n in used}
-    sq: dict[str, float] = {}
-    for n in names:
-        if n in used or module_name(n) in layers:
-            v = sums.total_gg(n)
-            sq[module_name(n)] = sq.get(module_name(n), 0.0) + v
-            sq[n] = v
-    return sq
 
 
 class _Sums:
@@ -165,10 +160,6 @@ class _Sums:
         self.cols[name] = {k: v.reshape(v.shape[0], v.shape[1], -1).sum((0, 2), dtype=d).cpu().numpy()
                            for k, v in f.items()} if f["g"].dim() > 1 else {}
 
-    def total_gg(self, name: str) -> float:
-        self._ensure(name)
-        return float(self.rows[name]["gg"].sum())
-
     def part(self, name: str, idx: tuple) -> tuple[dict[str, float], int]:
         self._ensure(name)
         shape = self.params[name].shape
@@ -186,22 +177,24 @@ class _Sums:
         return {k: float(v.sum(dtype=torch.float64)) for k, v in f.items()}, f["g"].numel()
 
 
-def _gradient_row(g: SymmetryGroup, sums: _Sums, layer_sq, preds, tol) -> dict[str, Any]:
-    num = 0.0
-    den = 0.0
-    gsq = 0.0
+def _gradient_sums(g: SymmetryGroup, sums: _Sums) -> tuple[float, float, float, int]:
+    """(numerator, denominator, |ĝ_A|², |A|) of a group's gradient residual (docs/theory.md §3)."""
+    num = den = gsq = 0.0
     count = 0
-    ref_sq = layer_sq.get(g.layer, 0.0)
     for name, idx, sign in g.parts:
         s, n = sums.part(name, idx)
         gsq += s["gg"]
         count += n
-        ref_sq = max(ref_sq, layer_sq[module_name(name)], layer_sq[name])
         if g.symmetry == "translation":
             num += s["g"]
         else:
             num += sign * s["gt"]
             den += math.sqrt(s["gg"] * s["tt"])
+    return num, den, gsq, count
+
+
+def _gradient_row(g: SymmetryGroup, partial: tuple[float, float, float, int], layer_sq: float, preds, tol) -> dict[str, Any]:
+    num, den, gsq, count = partial
     gnorm = math.sqrt(gsq)
     row = {"layer": g.layer, "symmetry": g.symmetry, "index": g.index, "label": g.label,
            "residual": math.nan, "status": "no gradient", "predicted": math.nan,
@@ -211,7 +204,7 @@ def _gradient_row(g: SymmetryGroup, sums: _Sums, layer_sq, preds, tol) -> dict[s
     kinds = [k for m, k, _, _ in g.normalizers if (m, k) in preds]
     if pred:
         row["predicted"] = max(pred)
-    if gnorm == 0.0 or gnorm <= NO_GRADIENT_REL * math.sqrt(ref_sq):
+    if gnorm == 0.0 or gnorm <= NO_GRADIENT_REL * math.sqrt(layer_sq):
         return row
     if g.symmetry == "translation":
         res = abs(num) / (math.sqrt(count) * gnorm)

@@ -48,6 +48,9 @@ struct PyPlan<'py> {
     group_kind: PyReadonlyArray1<'py, i64>,
     #[pyo3(item)]
     group_size: PyReadonlyArray1<'py, f64>,
+    /// Optional (older callers): without it every group is judged against the whole plan.
+    #[pyo3(item, default)]
+    group_layer: Option<PyReadonlyArray1<'py, i64>>,
     #[pyo3(item)]
     extra_rows: PyReadonlyArray1<'py, i64>,
     #[pyo3(item)]
@@ -70,6 +73,7 @@ impl PyPlan<'_> {
             column_param_group: vec1(&self.column_param_group),
             group_kind: vec1(&self.group_kind),
             group_size: vec1(&self.group_size),
+            group_layer: self.group_layer.as_ref().map(vec1).unwrap_or_default(),
             extra_rows: vec1(&self.extra_rows),
             rows: self.rows,
         }

@@ -42,6 +42,7 @@ pub const ROW_FIELDS: [&str; 13] = [
     "residual",
 ];
 
-/// A group whose summed squared gradient is below this fraction of its share of the model's
-/// (mean squared gradient entry × its size) has "no gradient": its residual proves nothing.
-pub const NO_GRADIENT: f64 = 1e-8;
+/// A group whose |ĝ_A|² is at most this fraction of its layer's |ĝ_L|² (the |ĝ|² of the layer's
+/// groups added up) has "no gradient": its residual proves nothing (docs/theory.md §3). The same
+/// rule as `neural_mechanics.verify`'s |ĝ_A| ≤ 1e-5·|ĝ_L|, squared.
+pub const NO_GRADIENT: f64 = 1e-10;

@@ -47,11 +47,16 @@ pub struct PlanArrays {
     pub part_rows: Vec<i64>,
     pub part_sign: Vec<f64>,
     pub part_column: Vec<i64>,
+    /// Entries per part (checked for length; the plan itself does not need them).
     pub part_size: Vec<f64>,
     pub column_group: Vec<i64>,
     pub column_param_group: Vec<i64>,
     pub group_kind: Vec<i64>,
     pub group_size: Vec<f64>,
+    /// Each group's layer (an index shared by the groups named after one layer, any symmetry):
+    /// the "no gradient" rule compares a group's gradient with its layer's ([`Plan::residual`]).
+    /// Empty: every group in one layer.
+    pub group_layer: Vec<i64>,
     /// The rows whose plain sums of a third array (the momentum buffer, or the measured update)
     /// come in a separate block, in that block's order (the translation reductions' rows).
     pub extra_rows: Vec<i64>,
@@ -66,11 +71,12 @@ pub struct Plan {
     part_rows: Vec<usize>,
     part_sign: Vec<f64>,
     part_column: Vec<usize>,
-    part_size: Vec<f64>,
     pub(crate) column_group: Vec<usize>,
     pub(crate) column_param_group: Vec<usize>,
     pub(crate) group_kind: Vec<Kind>,
     group_size: Vec<f64>,
+    group_layer: Vec<usize>,
+    layers: usize,
     extra_rows: Vec<usize>,
     rows: usize,
     /// Each group's first column (columns are runs of one group): its param_group gives the
@@ -80,23 +86,23 @@ pub struct Plan {
     group_columns: Vec<usize>,
 }
 
-/// Per group, sums over its parts without signs: |θ|², |ĝ|² and Σ|ĝ||θ| (magnitudes, residuals).
+/// Per group, sums over its parts without signs: |θ|², |ĝ|² and Σ|ĝ||θ| (magnitudes, residuals),
+/// and |ĝ_L|², the |ĝ|² of every group of its layer added up (the "no gradient" reference).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Unsigned {
     pub x: f64,
     pub gg: f64,
     pub norm_prod: f64,
+    pub layer_gg: f64,
 }
 
 /// One step summed: per column and per group the signed sums of the part values, per group the
-/// unsigned sums, and the model's total |ĝ|² and entries (the "no gradient" threshold).
+/// unsigned sums.
 #[derive(Clone, Debug)]
 pub struct Summed {
     pub columns: Vec<[f64; FIELDS]>,
     pub groups: Vec<[f64; FIELDS]>,
     pub unsigned: Vec<Unsigned>,
-    pub total_grad_sq: f64,
-    pub total_size: f64,
 }
 
 fn indices(values: &[i64], name: &str, bound: usize, bound_name: &str) -> Result<Vec<usize>> {
@@ -134,6 +140,14 @@ impl Plan {
         let column_group = indices(&a.column_group, "column_group", groups, "groups")?;
         let column_param_group = indices(&a.column_param_group, "column_param_group", usize::MAX, "param_groups")?;
         let extra_rows = indices(&a.extra_rows, "extra_rows", rows, "the reductions' rows")?;
+        let group_layer = if a.group_layer.is_empty() {
+            vec![0; groups]
+        } else if a.group_layer.len() != groups {
+            return bad(format!("group_layer has {} entries for {groups} groups", a.group_layer.len()));
+        } else {
+            indices(&a.group_layer, "group_layer", groups, "groups")?
+        };
+        let layers = group_layer.iter().max().map_or(0, |&l| l + 1);
         let group_kind = a
             .group_kind
             .iter()
@@ -158,11 +172,12 @@ impl Plan {
             part_rows,
             part_sign: a.part_sign,
             part_column,
-            part_size: a.part_size,
             column_group,
             column_param_group,
             group_kind,
             group_size: a.group_size,
+            group_layer,
+            layers,
             extra_rows,
             rows,
             group_first_column,
@@ -239,7 +254,6 @@ impl Plan {
         }
         let mut columns = vec![[0.0; FIELDS]; self.columns()];
         let mut unsigned = vec![Unsigned::default(); self.groups()];
-        let (mut total_grad_sq, mut total_size) = (0.0, 0.0);
         for part in 0..self.parts() {
             let mut s: PartSums = [0.0; 8];
             let mut extra_sum = 0.0;
@@ -262,8 +276,13 @@ impl Plan {
             u.x += s[1];
             u.gg += s[3];
             u.norm_prod += (s[3] * s[1]).sqrt();
-            total_grad_sq += s[3];
-            total_size += self.part_size[part];
+        }
+        let mut layer_gg = vec![0.0; self.layers];
+        for (u, &l) in unsigned.iter().zip(&self.group_layer) {
+            layer_gg[l] += u.gg;
+        }
+        for (u, &l) in unsigned.iter_mut().zip(&self.group_layer) {
+            u.layer_gg = layer_gg[l];
         }
         let mut groups = vec![[0.0; FIELDS]; self.groups()];
         for (column, &g) in columns.iter().zip(&self.column_group) {
@@ -271,7 +290,7 @@ impl Plan {
                 *acc += v;
             }
         }
-        Ok(Summed { columns, groups, unsigned, total_grad_sq, total_size })
+        Ok(Summed { columns, groups, unsigned })
     }
 
     /// A group's magnitude: √(|A|·Σθ²) for translation, Σ|θ|² over its parts otherwise (the
@@ -284,13 +303,13 @@ impl Plan {
         }
     }
 
-    /// A group's normalised constraint residual (docs/theory.md §3), NaN when its gradient is at
-    /// rounding level ("no gradient": it proves nothing).
-    pub fn residual(&self, g: usize, flux: f64, u: &Unsigned, total_grad_sq: f64, total_size: f64) -> f64 {
+    /// A group's normalised constraint residual (docs/theory.md §3), NaN when the group has "no
+    /// gradient" (it proves nothing): |ĝ_A|² ≤ `NO_GRADIENT` × |ĝ_L|², the |ĝ|² of its layer's
+    /// groups added up (`Unsigned::layer_gg`), the rule `neural_mechanics.verify` applies too.
+    pub fn residual(&self, g: usize, flux: f64, u: &Unsigned) -> f64 {
         let size = self.group_size[g];
         let denom = if self.group_kind[g] == Kind::Translation { (size * u.gg).sqrt() } else { u.norm_prod };
-        let mean_sq = total_grad_sq / total_size.max(1.0);
-        if denom > 0.0 && u.gg > crate::tracking::NO_GRADIENT * mean_sq * size {
+        if denom > 0.0 && u.gg > crate::tracking::NO_GRADIENT * u.layer_gg {
             flux.abs() / denom
         } else {
             f64::NAN
@@ -315,6 +334,7 @@ mod tests {
             column_param_group: vec![0, 1, 0],
             group_kind: vec![1, 0],
             group_size: vec![6.0, 6.0],
+            group_layer: vec![],
             extra_rows: vec![4],
             rows: 5,
         })
@@ -335,6 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn no_gradient_is_judged_against_the_layer() {
+        // Groups 0 and 1 share layer 0, group 2 is alone in layer 1; each is one scale part.
+        let plan = Plan::new(PlanArrays {
+            part_row_starts: vec![0, 1, 2, 3],
+            part_rows: vec![0, 1, 2],
+            part_sign: vec![1.0; 3],
+            part_column: vec![0, 1, 2],
+            part_size: vec![1.0; 3],
+            column_group: vec![0, 1, 2],
+            column_param_group: vec![0; 3],
+            group_kind: vec![1, 1, 1],
+            group_size: vec![1.0; 3],
+            group_layer: vec![0, 0, 1],
+            extra_rows: vec![],
+            rows: 3,
+        })
+        .unwrap();
+        // |ĝ|² of the three groups: 1, 1e-12 (rounding next to group 0), 1e-12 (alone).
+        let gg: [f64; 3] = [1.0, 1e-12, 1e-12];
+        let rows: Vec<f64> = gg.iter().flat_map(|&g| [0.0, 1.0, 0.0, g, 1e-3 * g.sqrt()]).collect();
+        let s = plan.sum(&rows, 5, None, |_, _, s, _| [s[0], s[4], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).unwrap();
+        assert_eq!(s.unsigned[0].layer_gg, 1.0 + 1e-12);
+        let residual: Vec<f64> = (0..3).map(|g| plan.residual(g, s.groups[g][1], &s.unsigned[g])).collect();
+        assert!((residual[0] - 1e-3).abs() < 1e-12 && (residual[2] - 1e-3).abs() < 1e-12, "{residual:?}");
+        assert!(residual[1].is_nan(), "1e-12 of its layer's |ĝ|² is no gradient");
+    }
+
+    #[test]
     fn bad_maps_and_bad_rows_are_errors() {
         let plan = small();
         assert!(matches!(plan.sum(&[0.0; 9], 2, None, |_, _, _, _| [0.0; FIELDS]), Err(Error::Shape(_))));
@@ -350,6 +398,7 @@ mod tests {
             column_param_group: vec![0],
             group_kind: vec![1],
             group_size: vec![1.0],
+            group_layer: vec![0],
             extra_rows: vec![],
             rows: 1,
         };
@@ -362,6 +411,8 @@ mod tests {
             |a| a.part_row_starts = vec![1, 1],
             |a| a.column_group = vec![2],
             |a| a.extra_rows = vec![1],
+            |a| a.group_layer = vec![1],
+            |a| a.group_layer = vec![0, 0],
             |a| {
                 a.group_kind = vec![1, 1];
                 a.group_size = vec![1.0, 1.0]

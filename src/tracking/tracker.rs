@@ -335,7 +335,7 @@ impl Tracker {
             flux[g] = values[field::FLUX];
             update_sum[g] = if plan.group_kind[g] == Kind::Translation { values[field::UPDATE_SUM] } else { f64::NAN };
             magnitude[g] = plan.magnitude(g, u);
-            residual[g] = plan.residual(g, values[field::FLUX], u, summed.total_grad_sq, summed.total_size);
+            residual[g] = plan.residual(g, values[field::FLUX], u);
         }
         report
     }
@@ -402,6 +402,7 @@ mod tests {
             column_param_group: vec![0, 0],
             group_kind: vec![1, 0],
             group_size: vec![4.0, 3.0],
+            group_layer: vec![],
             extra_rows: vec![2],
             rows: 3,
         })

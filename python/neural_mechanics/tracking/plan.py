@@ -110,6 +110,12 @@ class Plan:
     def columns_per_group(self) -> np.ndarray:
         return np.bincount(self.column_group, minlength=self.n_groups)
 
+    def group_layer(self) -> np.ndarray:
+        """Each group's layer (:func:`gradient_layer`) as an index: the "no gradient" rule compares
+        a group's gradient with its layer's (docs/theory.md §3)."""
+        index: dict[str, int] = {}
+        return np.array([index.setdefault(gradient_layer(g), len(index)) for g in self.groups], dtype=np.int64)
+
     def native_arrays(self) -> dict[str, Any]:
         """The maps as _native.TrackerCore takes them."""
         return {
@@ -122,12 +128,23 @@ class Plan:
             "column_param_group": self.column_param_group,
             "group_kind": self.group_kind,
             "group_size": self.group_size.astype(np.float64),
+            "group_layer": self.group_layer(),
             "extra_rows": self.extra_rows,
             "rows": int(self.reduction_offsets[-1]),
         }
 
 
 KIND_CODE = {"translation": 0, "scale": 1, "rescale": 2}
+
+
+def gradient_layer(group: Any) -> str:
+    """The layer a group's gradient is compared with by the "no gradient" rule (docs/theory.md §3):
+    the module of its first part's parameter ("conv1.bias" → "conv1"; a weight_norm leaf
+    "0.parametrizations.weight.original1" → "0"), i.e. its incoming side. ``verify`` and the
+    tracker both use it, so a bias before BatchNorm is judged against its conv's weight."""
+    from ..symmetries.discover import module_name
+
+    return module_name(group.parts[0][0])
 
 
 def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_of: dict[str, int]) -> Plan:

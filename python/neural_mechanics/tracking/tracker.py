@@ -7,15 +7,19 @@ set-up (plan, reducer, native core, run) and close(). How a step is measured liv
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .. import _native
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
+from ..verdicts import coverage_line
 from .distributed import RunOnRankZero, attach
 from .paths import SgdPath, UpdatePath, read_hyper
 from .plan import Plan, build_plan
 from .reducers import Reads, choose
+
+log = logging.getLogger("neural_mechanics")
 
 
 class Tracker:
@@ -109,14 +113,19 @@ class Tracker:
         reads = Reads(plan.reductions, plan.names, plan.params, plan.translation_reductions, view)
         reducer = choose([plan.params[n] for n in plan.names], self._reducer_kind)
         core = _native.TrackerCore(plan.native_arrays(), sgd=self._sgd, every=self.every)
-        info = GroupInfo.from_groups(kept, plan.group_size)
+        info = GroupInfo.from_groups(kept, plan.group_size, _layer_labels(self.model, {str(g.layer) for g in kept}))
         run = self._run = Run(
             groups=info,
             optimizer=type(self.optimizer).__name__,
             skipped=skipped,
             max_rows_in_memory=None if self._memory_limit is None else Run.rows_for_memory(len(info), self._memory_limit),
             spill_dir=self._spill_dir,
+            coverage=_coverage(named, kept, skipped),
+            hyperparameters=[_plain_hyper(g) for g in self.optimizer.param_groups],
+            exact_kind="ledger" if self._sgd else "bookkeeping",
         )
+        self._coverage_line = coverage_line(len(info), len(set(info.layer)), run.coverage)
+        log.info("neural_mechanics.track: %s", self._coverage_line)
         self._note_where_theories_apply(run, plan)
         path = SgdPath if self._sgd else UpdatePath
         self._path = path(plan, reads, reducer, core, run, self.optimizer, self.every, self.record_every)
@@ -252,8 +261,74 @@ class Tracker:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "attached"
-        groups = self._plan.n_groups if self._plan is not None else "? (discovered at the first forward)"
-        return f"Tracker({state}, {groups} groups, step {self._step}, every={self.every})"
+        what = getattr(self, "_coverage_line", None) or "? groups (discovered at the first forward)"
+        return f"Tracker({state}, {what}, step {self._step}, every={self.every})"
+
+
+def _module_label(module: Any) -> str:
+    """A module in a few words: "Linear(32→10)", "Conv2d(1→16, 3×3)", "BatchNorm2d(16)"."""
+    name = type(module).__name__
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return f"{name}({module.in_features}→{module.out_features})"
+    if hasattr(module, "in_channels") and hasattr(module, "out_channels"):
+        k = getattr(module, "kernel_size", None)
+        kernel = "×".join(map(str, k)) if isinstance(k, tuple) else str(k) if k is not None else ""
+        return f"{name}({module.in_channels}→{module.out_channels}" + (f", {kernel})" if kernel else ")")
+    if hasattr(module, "num_features"):
+        return f"{name}({module.num_features})"
+    if hasattr(module, "normalized_shape"):
+        return f"{name}({', '.join(map(str, module.normalized_shape))})"
+    if hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
+        return f"{name}({module.num_embeddings}, {module.embedding_dim})"
+    if hasattr(module, "embed_dim") and hasattr(module, "num_heads"):
+        return f"{name}({module.embed_dim}, {module.num_heads} heads)"
+    return name
+
+
+def _layer_labels(model: Any, layers: set[str]) -> dict[str, str]:
+    """Layer name → its module in a few words, for the layers that name a module (a layer named
+    after a parametrised leaf, "0.parametrizations.weight.original1", names module "0")."""
+    from ..symmetries.discover import module_name
+
+    modules = dict(model.named_modules())
+    out = {}
+    for layer in layers:
+        module = modules.get(layer) if layer in modules else modules.get(module_name(layer))
+        if module is not None and layer != "":
+            out[layer] = _module_label(module)
+    return out
+
+
+def _coverage(named: dict[str, Any], kept: list[Any], skipped: dict[str, str]) -> dict[str, Any]:
+    """What the tracked groups cover: trainable parameters and entries, and per trainable
+    parameter in no tracked group its entries and the reason (docs/tracking.md, "Coverage")."""
+    trainable = {n: p for n, p in named.items() if getattr(p, "requires_grad", False)}
+    covered = {n for g in kept for n, _, _ in g.parts}
+    dropped: dict[str, str] = {}  # parameter -> why a group containing it was not tracked
+    for key, why in skipped.items():
+        if key not in named and "parameter " in why:
+            dropped.setdefault(why.split("parameter ", 1)[1].split(" ", 1)[0], f"its groups were dropped: {why}")
+    uncovered = {}
+    for n, p in trainable.items():
+        if n not in covered:
+            reason = skipped.get(n) or dropped.get(n) or "no tracked symmetry group contains it"
+            uncovered[n] = [int(p.numel()), reason]
+    return {"parameters": len(trainable), "entries": int(sum(int(p.numel()) for p in trainable.values())), "uncovered": uncovered}
+
+
+def _plain_hyper(param_group: dict[str, Any]) -> dict[str, Any]:
+    """A param_group's hyperparameters as plain JSON values (no params, no tensors)."""
+    out: dict[str, Any] = {}
+    for k, v in param_group.items():
+        if k in ("params", "initial_lr") or k.startswith("_"):
+            continue
+        if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+            v = v.item()
+        if isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+            out[k] = [float(x) for x in v]
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+    return out
 
 
 def track(
