@@ -112,6 +112,25 @@ def _column(run: Any, name: str) -> np.ndarray:
         raise UnknownColumnError(f"the forecast needs the run's {name!r} column, which this run does not record ({exc})") from None
 
 
+def _hyper_column(run: Any, name: str) -> np.ndarray:
+    """A hyperparameter column; one the optimizer does not have (Adam's momentum and dampening,
+    NaN in the run) reads 0: the adaptive model never uses it."""
+    col = _column(run, name)
+    absent = run.absent_hyperparameters() if hasattr(run, "absent_hyperparameters") else ()
+    return np.zeros_like(col) if name in absent else col
+
+
+def _beta1(run: Any, beta1: float | None) -> float:
+    """Adam's β1: as given, else the run's own (``run.hyperparameters``), else DEFAULT_BETA1."""
+    if beta1 is None:
+        groups = getattr(run, "hyperparameters", None) or [{}]
+        betas = groups[0].get("betas") if isinstance(groups[0], dict) else None
+        beta1 = float(betas[0]) if betas else DEFAULT_BETA1
+    if isinstance(beta1, bool) or not isinstance(beta1, (int, float, np.floating)) or not 0 <= float(beta1) < 1:
+        raise InvalidArgumentError(f"beta1 must be in [0, 1), got {beta1!r}")
+    return float(beta1)
+
+
 def _ffill(a: np.ndarray) -> np.ndarray:
     out = a.copy()
     for i in range(1, len(out)):
@@ -202,11 +221,12 @@ class Drive:
     diffusion: np.ndarray
 
 
-def estimate_drive(run: Any, at: int | None = None, window: int = 50, beta1: float = DEFAULT_BETA1) -> Drive:
+def estimate_drive(run: Any, at: int | None = None, window: int = 50, beta1: float | None = None) -> Drive:
     """The drive of every group over the ``window`` recorded steps before step ``at`` (default
     the last recorded), using only rows up to ``at``; see :class:`Drive`."""
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise InvalidArgumentError(f"window must be a positive int, got {window!r}")
+    beta1 = _beta1(run, beta1)
     i_at, at_step = _row_of(run, at)
     steps = np.asarray(run.step_index)
     rows = np.flatnonzero((steps < at_step) & (steps >= at_step - int(window)))
@@ -216,7 +236,7 @@ def estimate_drive(run: Any, at: int | None = None, window: int = 50, beta1: flo
     adaptive = _adaptive(run)
     cols = {c: _column(run, c)[: i_at + 1] for c in _NEEDED}
     for c in ("lr", "momentum", "dampening", "weight_decay"):
-        cols[c] = _ffill(cols[c])
+        cols[c] = _ffill(_hyper_column(run, c)[: i_at + 1])
     x, u2 = cols["measured"], cols["update_sq"]
     if not np.isfinite(u2[rows]).any():
         raise InvalidArgumentError(f"the run records no update_sq in the window before step {at_step}: nothing to estimate the drive from")
@@ -382,7 +402,7 @@ def forecast(
     at: int | None = None,
     lr: Callable[[int], float] | Any = None,
     window: int = 50,
-    beta1: float = DEFAULT_BETA1,
+    beta1: float | None = None,
 ) -> Any:
     """Every group's charge (and, for scale groups, norm, effective lr and angular update) for
     the ``steps`` steps after step ``at``, from what the run held at ``at`` (docs/theory.md §5.7).
@@ -392,7 +412,8 @@ def forecast(
     None to hold the rate of step ``at``; param_groups whose rate differs from the first group's
     keep their ratio to it. Momentum, dampening and weight decay stay at their values at ``at``.
     ``window``: recorded steps before ``at`` the drive and its band are estimated from.
-    ``beta1``: Adam's first-moment coefficient (runs do not record it), unused for SGD.
+    ``beta1``: Adam's first-moment coefficient (default: the run's own, from
+    ``run.hyperparameters``, else 0.9), unused for SGD.
 
     Returns a long pandas DataFrame with columns step (at … at+steps; the row at ``at`` is the
     measured starting point), symmetry, layer, group, quantity (``QUANTITIES``; only "charge"
@@ -405,13 +426,12 @@ def forecast(
 
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InvalidArgumentError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(beta1, bool) or not isinstance(beta1, (int, float, np.floating)) or not 0 <= float(beta1) < 1:
-        raise InvalidArgumentError(f"beta1 must be in [0, 1), got {beta1!r}")
+    beta1 = _beta1(run, beta1)
     steps = int(steps)
     i_at, at_step = _row_of(run, at)
     drive = estimate_drive(run, at_step, window, float(beta1))
     adaptive = drive.adaptive
-    hyper = {c: _ffill(_column(run, c)[: i_at + 1])[-1] for c in ("lr", "momentum", "dampening", "weight_decay")}
+    hyper = {c: _ffill(_hyper_column(run, c)[: i_at + 1])[-1] for c in ("lr", "momentum", "dampening", "weight_decay")}
     if not np.isfinite(np.stack(list(hyper.values()))).all():
         raise NonFiniteError(f"the run holds no hyperparameters at or before step {at_step}")
     if not adaptive and ((hyper["momentum"] < 0) | (hyper["momentum"] >= 1)).any():
@@ -508,7 +528,7 @@ def baselines(run: Any, steps: int, *, at: int, window: int = 50) -> dict[str, n
     return {"hold": x[i_at].copy(), "linear": x[i_at] + slope * int(steps)}
 
 
-def forecast_errors(run: Any, *, at: int, steps: int | None = None, lr: Any = None, window: int = 50, beta1: float = DEFAULT_BETA1) -> Any:
+def forecast_errors(run: Any, *, at: int, steps: int | None = None, lr: Any = None, window: int = 50, beta1: float | None = None) -> Any:
     """Forecast the charges from step ``at`` to ``at + steps`` (default: the run's last recorded
     step) and compare with what the run measured there: per symmetry, the median and 90th
     percentile over groups of |prediction − measured| / (max over the run of the group's
