@@ -237,6 +237,8 @@ class _Analysis:
                     inc = [lambda i, w=w: (w, (i,))]
                     whole = [(w, (slice(None),))]
                 layer = module_name(w)
+                if self.uses(w) > 1 and bias is not None:  # a tied head: name it after its own bias
+                    layer = module_name(bias[1])
                 scale_ok = True
             elif wk[0] == "rows" and op == "linear":
                 w, r0 = wk[1], wk[2]
@@ -768,8 +770,9 @@ class _Analysis:
             if oc.broken and not any(u not in oc.broken for u in range(seed.n)):
                 self._why([w], f"no column translation: {next(iter(oc.broken.values()))}")
 
-    def _table_starts(self, w: str, uses: list[Call], what: str) -> list[tuple[int, Lab]] | None:
-        """Shift labels of every use of table ``w`` [V, E] when its rows (or columns) move."""
+    def _table_starts(self, w: str, uses: list[Call], what: str, base: int = 0) -> list[tuple[int, Lab]] | None:
+        """Shift labels of every use of table ``w`` [V, E] when its rows (or columns) move (unit
+        ids from ``base``)."""
         V, E = self.params[w].shape[:2]
         starts = []
         for c in uses:
@@ -782,14 +785,15 @@ class _Analysis:
                     L = torch.full((1,) * nd, MIX if self.uses(w) > 1 else 0, dtype=torch.int64)
                     starts.append((out, Lab(L, positions(shape, list(range(nd - 1))), mix if self.uses(w) > 1 else frozenset())))
                 else:
-                    starts.append((out, Lab(torch.arange(E).reshape((1,) * (nd - 1) + (E,)), torch.zeros((1,) * nd, dtype=torch.int64))))
+                    starts.append((out, Lab(torch.arange(base, base + E).reshape((1,) * (nd - 1) + (E,)),
+                                            torch.zeros((1,) * nd, dtype=torch.int64))))
             elif c.op == "linear" and c.roles.get("weight") == self.g.leaf_of.get(w):
                 if what == "rows":
                     starts.append((out, Lab(torch.arange(V).reshape((1,) * (nd - 1) + (V,)),
                                             positions(shape, list(range(nd - 1))))))
                 else:
                     starts.append((out, Lab(torch.full((1,) * nd, MIX, dtype=torch.int64),
-                                            positions(shape, list(range(nd - 1))), frozenset(range(E)))))
+                                            positions(shape, list(range(nd - 1))), frozenset(range(base, base + E)))))
             else:
                 return None
         return starts
@@ -809,9 +813,17 @@ class _Analysis:
         (sa, va), (sb, vb) = found
         if sa.key == sb.key or sa.n != sb.n:
             return
-        nda, ndb = (len(self.g.values[s.vid].shape) for s in (sa, sb))
-        za, zb = (torch.zeros((1,) * n, dtype=torch.int64) for n in (nda, ndb))
-        starts = [(sa.vid, Lab(sa.label(0, nda), za)), (sb.vid, Lab(sb.label(sa.n, ndb), zb))]
+        starts: list[tuple[int, Lab]] = []
+        for s_, base in ((sa, 0), (sb, sa.n)):
+            nd = len(self.g.values[s_.vid].shape)
+            if s_.extra.get("op") == "embedding" and self.uses(s_.names[0]) > 1:
+                more = self._table_starts(s_.names[0], [self.g.calls[c] for c in self.g.param_uses[s_.names[0]]],
+                                          "columns", base)
+                if more is None:
+                    return
+                starts += more
+            else:
+                starts.append((s_.vid, Lab(s_.label(base, nd), torch.zeros((1,) * nd, dtype=torch.int64))))
         oc = self._shift_run(starts, cancel=frozenset({call.id}))
         for block in _components(oc, list(range(sa.n + sb.n))):
             if any(u in oc.broken for u in block) or not (any(u < sa.n for u in block) and any(u >= sa.n for u in block)):
@@ -838,7 +850,8 @@ class _Analysis:
                 if seed is not None:
                     if seed.extra.get("op") == "embedding":
                         w = seed.names[0]
-                        return (seed, w) if self.uses(w) == 1 else None
+                        tied_ok = all(self.g.calls[c].op in ("embedding", "linear") for c in self.g.param_uses[w])
+                        return (seed, w) if tied_ok else None
                     b = seed.extra.get("bias")
                     if b and b[0] == "plain" and self.uses(b[1]) == 1:
                         return seed, b[1]
@@ -857,7 +870,7 @@ class _Analysis:
             if name not in self.params or len(uses) != 1:
                 continue
             c = self.g.calls[uses[0]]
-            if c.op not in ("add", "sub", "cat", "concat", "stack") or name in {p[0] for g in self.groups for p in g.parts}:
+            if c.op not in ("add", "sub", "cat", "concat", "stack", "expand", "expand_as", "repeat", "reshape", "view"):
                 continue
             vid = self.g.leaf_of[name]
             shape = self.params[name].shape

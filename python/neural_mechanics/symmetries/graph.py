@@ -62,7 +62,7 @@ class Graph:
 
     def producer(self, vid: int) -> Call | None:
         p = self.values[vid].producer
-        return None if p is None else self.calls[p]
+        return None if p is None else self.calls.get(p)
 
     def param_ancestors(self, vid: int, _memo: dict[int, frozenset[str]] | None = None) -> frozenset[str]:
         """Names of the parameters a value is computed from (itself, if it is one)."""

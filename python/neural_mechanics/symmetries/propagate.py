@@ -261,6 +261,8 @@ class Propagator:
                 raise Broken(f"{what} also normalises entries that come from other layers")
             if bool((rows == MIX).any()) and rows.shape[1] > 1 and bool((rows != rows[:, :1]).any()):
                 raise Broken(f"{what} mixes shifts of several units")
+            if self.mode == "shift" and lab.P is not None and lab.P.numel() > 1 and bool((rows != rows[:, :1]).any()):
+                raise Broken(f"{what} mixes input-dependent shifts of several units")
             pairs = torch.stack([rows[:, :1].expand_as(rows), rows], -1).reshape(-1, 2)
             pairs = pairs[(pairs >= 0).all(1)]
             self._link(pairs, 0, f"{what} merges units that are linked otherwise")
