@@ -389,7 +389,8 @@ class _Analysis:
 
     # -- scale / rescale ---------------------------------------------------------------------------
     def _scale_run(self, first: list[Seed], *, uf: UnionFind | None = None, passthrough: bool = False,
-                   extend_adds: bool = True) -> tuple[Outcome, list[Seed], list[int], set[int]]:
+                   extend_adds: bool = True, scaled: dict[int, int] | None = None
+                   ) -> tuple[Outcome, list[Seed], list[int], set[int]]:
         """Follow a scale of ``first``'s units, bringing in the layers it needs; returns the outcome,
         every seed used, their first unit ids and the calls where an add brought layers in."""
         seeds = list(first)
@@ -400,7 +401,7 @@ class _Analysis:
             bases = _bases(seeds)
             starts = [(s.vid, Lab(s.label(b, len(self.g.values[s.vid].shape)))) for s, b in zip(seeds, bases)]
             oc = self.prop.run(starts, "scale", uf=uf, refuse=frozenset(refuse), passthrough=passthrough,
-                               fresh=bases[-1] + seeds[-1].n + (1 << 20), extend_adds=extend_adds)
+                               fresh=bases[-1] + seeds[-1].n + (1 << 20), extend_adds=extend_adds, scaled=scaled)
             if not oc.need:
                 break
             have = {s.key for s in seeds}
@@ -420,11 +421,11 @@ class _Analysis:
         bases = _bases(seeds)
         return oc, seeds, bases, add_calls
 
-    def _units(self, seed: Seed) -> None:
-        oc, seeds, bases, add_calls = self._scale_run([seed])
+    def _units(self, seed: Seed, scaled: dict[int, int] | None = None) -> None:
+        oc, seeds, bases, add_calls = self._scale_run([seed], scaled=scaled)
         if add_calls and not self._whole(oc, seeds, bases):
             # a residual stream is claimed only when a normaliser merges all of it (docs/theory.md §2b)
-            oc, seeds, bases, add_calls = self._scale_run([seed], extend_adds=False)
+            oc, seeds, bases, add_calls = self._scale_run([seed], extend_adds=False, scaled=scaled)
         made = self._emit_scale(oc, seeds, bases, seed)
         if made is None:
             return
@@ -631,6 +632,8 @@ class _Analysis:
         if seed is not None:
             if any(self.uses(n) > 1 for n in seed.names):
                 return None
+            if call.op == "embedding" and call.attrs.get("padding_idx") is not None:
+                return None  # the padding row gets no gradient: training does not conserve the group
             return [seed]
         op = call.op
         ts = [i for i in call.inputs if self.g.values[i].floating]
@@ -743,8 +746,20 @@ class _Analysis:
         (a tied LM head) is followed through every use at once."""
         w = seed.names[0]
         uses = [self.g.calls[c] for c in self.g.param_uses.get(w, [])]
-        if self.uses(w) > 1:
-            self._why([w], f"{w} is read by {self.uses(w)} ops (a shared parameter): no scale/rescale")
+        pad = call.attrs.get("padding_idx")
+        if pad is not None:
+            # the padding row gets no gradient, so no group that moves it is conserved by training
+            self._why([w], f"padding_idx={pad}: the padding row never receives a gradient, so only the other "
+                      "rows' translations are claimed")
+        elif self.uses(w) > 1:
+            if all(c.op == "embedding" or (c.op == "linear" and c.roles.get("weight") == self.g.leaf_of.get(w))
+                   for c in uses) and sum(c.op == "embedding" for c in uses) == 1:
+                # a table tied to an LM head: scaled as a whole, the head's input must move inversely
+                whole = Seed(("tied", w), seed.vid, 1, None, lambda i, w=w: [(w, (slice(None),))],
+                             [(w, (slice(None),))], seed.layer, "all", seed.order, (w,), True, {"op": "tied"})
+                self._units(whole, scaled={self.g.leaf_of[w]: 0})
+            else:
+                self._why([w], f"{w} is read by {self.uses(w)} ops (a shared parameter): no scale/rescale")
         else:
             self._units(seed)
         V = self.params[w].shape[0]
@@ -754,10 +769,11 @@ class _Analysis:
             oc = self._shift_run(starts)
             if not oc.broken and oc.absorbed:
                 for t in range(V):
-                    self._add("translation", seed.layer, t, f"row {t}", [(w, (t,), 1)])
+                    if t != pad:
+                        self._add("translation", seed.layer, t, f"row {t}", [(w, (t,), 1)])
             elif oc.broken:
                 self._why([w], f"no row translation: {next(iter(oc.broken.values()))}")
-        starts = self._table_starts(w, uses, "columns")
+        starts = self._table_starts(w, uses, "columns") if pad is None else None
         if starts is not None:
             oc = self._shift_run(starts)
             for block in _components(oc, list(range(seed.n))):
@@ -825,18 +841,29 @@ class _Analysis:
             else:
                 starts.append((s_.vid, Lab(s_.label(base, nd), torch.zeros((1,) * nd, dtype=torch.int64))))
         oc = self._shift_run(starts, cancel=frozenset({call.id}))
+        claimed = {frozenset((n, repr(i)) for n, i, _ in g.parts) for g in self.groups if g.symmetry == "translation"}
         for block in _components(oc, list(range(sa.n + sb.n))):
             if any(u in oc.broken for u in block) or not (any(u < sa.n for u in block) and any(u >= sa.n for u in block)):
                 continue
             p0 = oc.uf.find(block[0])[1]
             parts = []
-            for u in block:
-                s, i = (sa, u) if u < sa.n else (sb, u - sa.n)
-                sign = 1 if oc.uf.find(u)[1] == p0 else -1
-                parts += [(n, idx, sign) for n, idx in _shift_parts(s, i)]
+            sides = []
+            for s_, lo in ((sa, 0), (sb, sa.n)):
+                units = [u for u in block if lo <= u < lo + s_.n]
+                signs = {1 if oc.uf.find(u)[1] == p0 else -1 for u in units}
+                side = [(n, idx) for u in units for n, idx in _shift_parts(s_, u - lo)]
+                if len(units) == s_.n and s_.n > 1 and len(signs) == 1:
+                    name = side[0][0]
+                    side = [(name, (slice(None),))]
+                sides.append(side)
+                parts += [(n, idx, 1 if oc.uf.find(u)[1] == p0 else -1) for u in units for n, idx in _shift_parts(s_, u - lo)] \
+                    if len(side) > 1 or side[0][1] != (slice(None),) else [(side[0][0], (slice(None),), signs.pop())]
+            if all(frozenset((n, repr(i)) for n, i in side) in claimed for side in sides):
+                continue  # each side is a translation on its own: the pair adds nothing
             i0 = block[0]
             base = self.params[va].shape[0] + 2 * sa.n if sa.extra.get("op") == "embedding" else 2 * sa.n
-            self._add("translation", sa.layer, base + i0, f"column {i0} against {sb.layer}", parts, bump=True)
+            self._add("translation", sa.layer, base + i0, f"column {i0} against {sb.layer}" if len(block) == 2
+                      else f"all against {sb.layer}", parts, bump=True)
 
     def _shift_source(self, vid: int) -> tuple[Seed, str] | None:
         """The layer whose units carry a constant shift into ``vid`` (an embedding's columns, a bias)
@@ -850,6 +877,8 @@ class _Analysis:
                 if seed is not None:
                     if seed.extra.get("op") == "embedding":
                         w = seed.names[0]
+                        if call.attrs.get("padding_idx") is not None:
+                            return None
                         tied_ok = all(self.g.calls[c].op in ("embedding", "linear") for c in self.g.param_uses[w])
                         return (seed, w) if tied_ok else None
                     b = seed.extra.get("bias")
@@ -860,6 +889,12 @@ class _Analysis:
                     call.op in _DROPOUTS and not (call.attrs.get("training", True) and call.attrs.get("p", 0.5) > 0)):
                 vid = call.inputs[0]
                 continue
+            if call.op == "add" and len(call.inputs) == 2:
+                # a sum (a residual stream): the most recent term that carries a shift
+                for v in sorted(call.inputs, key=lambda i: -(self.g.values[i].producer or -1)):
+                    found = self._shift_source(v)
+                    if found is not None:
+                        return found
             return None
         return None
 

@@ -155,25 +155,41 @@ class Propagator:
     # -- the sweep -----------------------------------------------------------------------------
     def run(self, starts: list[tuple[int, Lab]], mode: str, *, uf: UnionFind | None = None,
             refuse: frozenset[int] = frozenset(), cancel: frozenset[int] = frozenset(),
-            passthrough: bool = False, fresh: int = 1 << 30, extend_adds: bool = True) -> Outcome:
+            passthrough: bool = False, fresh: int = 1 << 30, extend_adds: bool = True,
+            scaled: dict[int, int] | None = None) -> Outcome:
         """Follow ``starts`` (value id, label) in ``mode``. ``refuse``: calls where a request for
         more layers is answered no (the op fails instead); ``cancel``: adds where two shifts are to
         cancel; ``passthrough``: a Linear whose whole input is one merged unit passes it on (its
-        bias moves with it) instead of absorbing it; new unit ids for that start at ``fresh``."""
+        bias moves with it) instead of absorbing it; new unit ids for that start at ``fresh``;
+        ``extend_adds``: whether an add may bring in the layers of its other operand; ``scaled``:
+        weights (leaf value id -> unit) scaled as a whole with that unit (a tied embedding table
+        read by an LM head), so their Linear's input must move inversely."""
         self.out = Outcome(uf=uf.copy() if uf is not None else UnionFind())
         self.mode, self.refuse, self.cancel, self.passthrough = mode, refuse, cancel, passthrough
         self.fresh = fresh
         self.extend_adds = extend_adds
+        self.scaled = scaled or {}
         self.labels: dict[int, Lab] = {}
         self.heap: list[int] = []
         self.pushed: set[int] = set()
         for vid, lab in starts:
             self._assign(vid, lab)
+        for leaf in self.scaled:
+            for cid in self.g.values[leaf].consumers:
+                if cid not in self.pushed:
+                    self.pushed.add(cid)
+                    heapq.heappush(self.heap, cid)
         while self.heap:
             call = self.g.calls[heapq.heappop(self.heap)]
             if not any(o in self.live for o in call.outputs):
                 continue  # a side computation (e.g. an `if` test): it cannot change the loss
             ins = {v: self.labels[v] for v in dict.fromkeys(call.inputs) if v in self.labels}
+            if self.scaled and call.op == "linear" and call.roles.get("weight") in self.scaled:
+                try:
+                    self._scaled_weight(call, ins)
+                except Broken as e:
+                    self._fail({self.scaled[call.roles["weight"]]} | set().union(*(lab.units() for lab in ins.values())), str(e))
+                continue
             if not ins:
                 continue
             try:
@@ -625,6 +641,27 @@ class Propagator:
         elif isinstance(scalar, (int, float)) and scalar < 0:
             return [(c.outputs[0], _negate(Lab(L, P, lab.mix)))]
         return [(c.outputs[0], Lab(L, compress(P), lab.mix))]
+
+    def _scaled_weight(self, c: Call, ins: dict[int, Lab]) -> None:
+        """A Linear whose whole weight is scaled with unit u: its input must carry 1/α_u on every
+        column (the reader of a tied table: the final norm's gain against the embedding)."""
+        u = self.scaled[c.roles["weight"]]
+        x = c.roles.get("input")
+        if x is None or any(r in ins for r in (c.roles["weight"], c.roles.get("bias")) if r is not None):
+            raise Broken("a Linear whose weight is scaled reads other perturbed tensors")
+        if self.mode != "scale":
+            raise Broken("a shifted weight")
+        if x not in ins:
+            self._need(x, c, "a scaled weight whose input does not move inversely", {u})
+            return
+        lab = ins[x]
+        nd = len(self.g.values[x].shape)
+        L = align(lab.L, nd)
+        if any(L.shape[a] > 1 for a in range(nd - 1)) or bool((L == NONE).any()):
+            raise Broken("a scaled weight whose input moves only in part")
+        pairs = torch.stack([L.reshape(-1), torch.full((L.numel(),), u, dtype=torch.int64)], 1)
+        self._link(pairs, 1, "a scaled weight against its input")
+        self.out.absorbed |= lab.units() | {u}
 
     # -- layers that absorb a scale by their input columns ---------------------------------------
     def _absorb_columns(self, c: Call, lab: Lab, nd: int, shape: tuple) -> None:
