@@ -392,9 +392,9 @@ def kinds(sym, layer_part=""):
 @pytest.mark.parametrize("bias", [True, False])
 def test_oracle_multihead_attention(bias):
     sym = check(f"MHA bias={bias}", MHAModel(bias=bias), vectors())
-    qk = [g for g in sym if g.layer == "attn" and g.symmetry == "rescale"]
+    qk = [g for g in sym if g.layer == "attn.in_proj" and g.symmetry == "rescale"]
     assert len(qk) == 8  # 4 q/k pairs and 4 v/o pairs
-    assert len([g for g in sym if g.layer == "attn" and g.symmetry == "translation"]) == (4 if bias else 0)
+    assert len([g for g in sym if g.layer == "attn.in_proj" and g.symmetry == "translation"]) == (4 if bias else 0)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(activation="gelu"), dict(norm_first=True)], ids=["post-relu", "post-gelu", "pre-relu"])

@@ -43,6 +43,16 @@ _SELECT = {"getitem", "select", "narrow", "split", "chunk", "unbind", "tensor_sp
 _MAX_ROUNDS = 64  # layers brought in by one perturbation, at most
 
 
+def layer_name(param: str) -> str:
+    """The layer a weight stands for: its module, or for a weight that is not a module's plain
+    ``weight`` (nn.MultiheadAttention's ``in_proj_weight``, ``q_proj_weight``) the name without
+    ``_weight`` ("attn.in_proj_weight" -> "attn.in_proj")."""
+    last = param.rsplit(".", 1)[-1]
+    if last.endswith("_weight") and last not in ("weight",) and not last.startswith("weight_"):
+        return param[: -len("_weight")]
+    return module_name(param)
+
+
 def module_name(param: str) -> str:
     """The module a parameter belongs to ("features.0.weight" -> "features.0")."""
     stripped = re.sub(r"\.parametrizations\.weight\.original\d?$", "", param)
@@ -87,6 +97,7 @@ class Seed:
     names: tuple[str, ...] = ()
     scale_ok: bool = True
     extra: dict = field(default_factory=dict)
+    first: int = 0  # index of unit 0 in its layer (rows r0:r1 of a packed projection: r0)
 
     def label(self, base: int, nd: int) -> torch.Tensor:
         if self.axis is None:
@@ -236,22 +247,25 @@ class _Analysis:
                 else:
                     inc = [lambda i, w=w: (w, (i,))]
                     whole = [(w, (slice(None),))]
-                layer = module_name(w)
+                layer = layer_name(w)
                 if self.uses(w) > 1 and bias is not None:  # a tied head: name it after its own bias
                     layer = module_name(bias[1])
                 scale_ok = True
+                first = 0
             elif wk[0] == "rows" and op == "linear":
                 w, r0 = wk[1], wk[2]
                 inc = [lambda i, w=w, r0=r0: (w, (r0 + i,))]
                 whole = None
-                layer = module_name(w)
+                layer = layer_name(w)
                 scale_ok = True
+                first = r0
             elif wk[0] == "weight_norm" and wk[3] == 0 and op in _LAYERS:
                 inc = [lambda i, g_=wk[2]: (g_, (i,))]  # g scales row i
                 whole = [(wk[2], (slice(None),))]
                 layer = module_name(wk[1])
                 names = [wk[2]] + ([bias[1]] if bias else [])
                 scale_ok = False
+                first = 0
             else:
                 anc = [n for n in (wk[1:] if wk[0] != "derived" else wk[1]) if isinstance(n, str)]
                 self._why(anc + ([bias[1]] if bias else []), "the weight is computed by code (a parametrisation the "
@@ -268,7 +282,7 @@ class _Analysis:
                     whole = None
             return Seed(("call", call.id), out, n, axis, lambda i, inc=inc: [f(i) for f in inc], whole, layer, unit,
                         call.id, tuple(n_ for n_ in names if n_), scale_ok,
-                        {"op": op, "weight": wk, "bias": bias})
+                        {"op": op, "weight": wk, "bias": bias}, first)
         if op in _NORMS:
             gamma, beta = self._leaf(call, "weight"), self._leaf(call, "bias")
             if not gamma or beta == "":
@@ -519,7 +533,8 @@ class _Analysis:
         parts = [(n, idx, 1) for n, idx in seed.incoming(i)]
         if cons:
             parts += [(n, idx, -1) for n, idx in _merge_runs(cons, self.params)]
-            return True if self._add("rescale", seed.layer, i, f"{seed.unit} {i}", parts) else None
+            j = seed.first + i
+            return True if self._add("rescale", seed.layer, j, f"{seed.unit} {j}", parts) else None
         if not seed.scale_ok:
             self._why(seed.names, "weight_norm's magnitude before a normaliser: its gradient is identically zero "
                       "(the direction rows carry the scale groups)")
@@ -529,8 +544,8 @@ class _Analysis:
             found.setdefault(ni, set()).update(chs)
         norms = tuple((oc.normalizers[ni][0], oc.normalizers[ni][1], tuple(sorted(chs)), oc.normalizers[ni][2])
                       for ni, chs in sorted(found.items()))
-        label = "all" if seed.axis is None else f"{seed.unit} {i}"
-        return False if self._add("scale", seed.layer, i, label, parts, norms) else None
+        label = "all" if seed.axis is None else f"{seed.unit} {seed.first + i}"
+        return False if self._add("scale", seed.layer, seed.first + i, label, parts, norms) else None
 
     def _scale_group(self, oc: Outcome, seeds: list[Seed], bases: list[int], mem: list[tuple[int, int, int]],
                      passed_units: dict[int, int], variant: bool) -> bool | None:
@@ -588,27 +603,35 @@ class _Analysis:
             self._why(first.names, "weight_norm's magnitude before a normaliser: its gradient is identically zero "
                       "(the direction rows carry the scale groups)")
             return None
-        norms: tuple = ()
-        if symmetry == "scale":
-            found: dict[int, set[int]] = {}
-            for k, i, _ in mem:
-                if k >= 0:
-                    for ni, chs in self._unit_norms.get(bases[k] + i, ()):
-                        found.setdefault(ni, set()).update(chs)
-            norms = tuple((oc.normalizers[ni][0], oc.normalizers[ni][1], tuple(sorted(chs)), oc.normalizers[ni][2])
-                          for ni, chs in sorted(found.items()))
+        # the normalisers that absorbed these units: their epsilon breaks the group slightly
+        found: dict[int, set[int]] = {}
+        for k, i, _ in mem:
+            if k >= 0:
+                for ni, chs in self._unit_norms.get(bases[k] + i, ()):
+                    found.setdefault(ni, set()).update(chs)
+        norms = tuple((oc.normalizers[ni][0], oc.normalizers[ni][1], tuple(sorted(chs)), oc.normalizers[ni][2])
+                      for ni, chs in sorted(found.items()))
         k0, i0 = mem[0][0], mem[0][1]
         own = [i for k, i, _ in mem if k == k0]
         n_first = first.n
         whole_first = len(own) == n_first and n_first > 1
-        label = "all" if whole_first else f"{first.unit} {own[0]}" if len(own) == 1 else \
-            f"{first.unit}s {own[0]}-{own[-1]}"
-        others = [seeds[k].layer for k in dict.fromkeys(k for k, _, _ in mem) if k >= 0 and k != k0]
+        f0 = first.first
+        own = sorted(own)
+        if whole_first or first.axis is None:
+            label = "all"
+        elif len(own) == 1:
+            label = f"{first.unit} {f0 + own[0]}"
+        elif own[-1] - own[0] == len(own) - 1:
+            label = f"{first.unit}s {f0 + own[0]}-{f0 + own[-1]}"
+        else:
+            label = f"{first.unit}s " + ", ".join(str(f0 + i) for i in own)
+        others = [seeds[k].layer for k in dict.fromkeys(k for k, _, _ in mem) if k >= 0 and k != k0
+                  and seeds[k].layer != first.layer]
         if others:
             label += " with " + ", ".join(dict.fromkeys(others))
         if variant:
             label += " (layers it feeds pass it on)"
-        index = 0 if whole_first else i0
+        index = 0 if whole_first else f0 + i0
         return self._add(symmetry, first.layer, index, label, parts, norms, bump=bool(others) or variant) \
             and bool(out_parts)
 

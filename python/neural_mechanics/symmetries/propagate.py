@@ -520,6 +520,12 @@ class Propagator:
         dim = _norm_axis(c.attrs.get("dim", 0), nd)
         parts: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         mix: frozenset[int] = frozenset()
+        zero_like = None
+        for s_ in slots:
+            if s_ is not None and s_ in ins and not stack:
+                L0 = align(ins[s_].L, nd)
+                zero_like = Lab(L0.narrow(dim, 0, 1), None, ins[s_].mix)
+                break
         for s_ in slots:
             if s_ is None:
                 continue
@@ -528,6 +534,8 @@ class Propagator:
                 continue  # torch.cat skips empty 1-d tensors (a key/value cache's first step)
             size = 1 if stack else v.shape[dim]
             lab = ins.get(s_)
+            if lab is None and self.mode == "scale" and _is_zeros(self.g, s_):
+                lab = zero_like  # zeros scale with any unit: they take the label of a perturbed neighbour
             if lab is None:
                 L, P = torch.full((1,) * nd, NONE, dtype=torch.int64), torch.zeros((1,) * nd, dtype=torch.int64)
             else:
@@ -891,6 +899,16 @@ class Propagator:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _is_zeros(g: Graph, vid: int) -> bool:
+    """A tensor of zeros made by the forward (nn.MultiheadAttention's add_zero_attn)."""
+    p = g.producer(vid)
+    if p is None or p.inputs:
+        return False
+    if p.op in ("zeros", "zeros_like", "new_zeros"):
+        return True
+    return p.op == "full" and (p.attrs.get("args") or (None, None))[-1] == 0
+
+
 def _negate(lab: Lab) -> Lab:
     L = lab.L
     L = torch.where(L >= 0, L ^ NEG, L)
