@@ -32,6 +32,7 @@ class Tracker:
         reducer: str = "auto",
         memory_limit: int | None = 256 * 2**20,
         spill_dir: str | None = None,
+        class_axis: int = 1,
     ):
         import torch
 
@@ -50,6 +51,7 @@ class Tracker:
         self._reducer_kind = reducer
         self._memory_limit = memory_limit
         self._spill_dir = spill_dir
+        self._class_axis = class_axis
         self._handles: list[Any] = []
         self._plan: Plan | None = None
         self._path: SgdPath | UpdatePath | None = None
@@ -71,7 +73,8 @@ class Tracker:
 
         self._handles[0].remove()  # one look at the example input is enough
         example = args[0] if len(args) == 1 and not kwargs else args
-        self._setup((find_symmetries if self._dist is None else self._dist.find_symmetries)(self.model, example))
+        finder = find_symmetries if self._dist is None else self._dist.find_symmetries
+        self._setup(finder(self.model, example, class_axis=self._class_axis))
 
     def _setup(self, symmetries: Any) -> None:
         named = dict(self.model.named_parameters()) if self._dist is None else self._dist.named_parameters()
@@ -196,6 +199,7 @@ def track(
     reducer: str = "auto",
     memory_limit: int | None = 256 * 2**20,
     spill_dir: str | None = None,
+    class_axis: int = 1,
 ) -> Tracker:
     """Track the symmetry charges of ``model`` while ``optimizer`` trains it.
 
@@ -213,9 +217,12 @@ def track(
             "torch-sync".
         memory_limit: bytes of recorded rows kept in memory; older rows spill to ``spill_dir``
             (a temporary folder by default). None keeps everything in memory.
+        class_axis: the logits' class axis for discovery (``find_symmetries``): 1, PyTorch's
+            convention, or -1 for ``(B, T, V)`` language-model logits.
 
     Use ``with track(model, opt) as tracker: ...`` and read ``tracker.run``.
     """
     return Tracker(
-        model, optimizer, symmetries, every=every, record_every=record_every, reducer=reducer, memory_limit=memory_limit, spill_dir=spill_dir
+        model, optimizer, symmetries, every=every, record_every=record_every, reducer=reducer, memory_limit=memory_limit,
+        spill_dir=spill_dir, class_axis=class_axis,
     )
