@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,16 +80,17 @@ def _spectral_leaves(model: torch.nn.Module) -> set[str]:
 class Seed:
     """The units of one layer's output that a perturbation moves.
 
-    ``incoming(i)`` are unit i's parameter parts (moved with the unit: +1 on the incoming side),
-    ``whole`` the parts when every unit moves together (the whole tensors), ``axis`` where the
-    units lie in the output value ``vid`` (None: every entry is the one unit of a parameter
-    added directly)."""
+    ``parts`` are templates of unit i's parameter parts, moved with the unit (+1 on the incoming
+    side): (name, "row", r0) is ``name[r0 + i]``, (name, "col", c0) is ``name[:, c0 + i]``,
+    (name, "whole", 0) all of ``name``. ``whole`` are the parts when every unit moves together
+    (the whole tensors); ``axis`` is where the units lie in the output value ``vid`` (None: every
+    entry is the one unit of a parameter added directly)."""
 
     key: tuple
     vid: int
     n: int
     axis: int | None
-    incoming: Callable[[int], list[tuple[str, tuple]]]
+    parts: tuple[tuple[str, str, int], ...]
     whole: list[tuple[str, tuple]] | None
     layer: str
     unit: str
@@ -98,6 +99,13 @@ class Seed:
     scale_ok: bool = True
     extra: dict = field(default_factory=dict)
     first: int = 0  # index of unit 0 in its layer (rows r0:r1 of a packed projection: r0)
+
+    def incoming(self, i: int) -> list[tuple[str, tuple]]:
+        out: list[tuple[str, tuple]] = []
+        for name, kind, off in self.parts:
+            out.append((name, (off + i,)) if kind == "row" else (name, (slice(None), off + i)) if kind == "col"
+                       else (name, (slice(None),)))
+        return out
 
     def label(self, base: int, nd: int) -> torch.Tensor:
         if self.axis is None:
@@ -234,38 +242,33 @@ class _Analysis:
             axis = 1 if op in ("conv1d", "conv2d", "conv3d") else nd - 1
             n = oshape[axis]
             unit = "channel" if op.startswith("conv") else "unit"
-            names = [wk[1] if wk[0] in ("plain", "rows") else None] + ([bias[1]] if bias else [])
+            names: list[str] = ([wk[1]] if wk[0] in ("plain", "rows") else []) + ([bias[1]] if bias else [])
+            tpl: list[tuple[str, str, int]]
+            whole: list[tuple[str, tuple]] | None
             if wk[0] == "plain":
                 w = wk[1]
                 if op == "embedding":
-                    inc = [lambda i, w=w: (w, (slice(None), i))]
-                    whole = [(w, (slice(None),))]
-                    unit = "feature"
+                    tpl, unit = [(w, "col", 0)], "feature"
                 elif op in ("addmm", "matmul", "mm"):
-                    inc = [lambda i, w=w: (w, (slice(None), i))]
-                    whole = [(w, (slice(None),))]
+                    tpl = [(w, "col", 0)]
                 else:
-                    inc = [lambda i, w=w: (w, (i,))]
-                    whole = [(w, (slice(None),))]
+                    tpl = [(w, "row", 0)]
+                whole = [(w, (slice(None),))]
                 layer = layer_name(w)
                 if self.uses(w) > 1 and bias is not None:  # a tied head: name it after its own bias
                     layer = module_name(bias[1])
-                scale_ok = True
-                first = 0
+                scale_ok, first = True, 0
             elif wk[0] == "rows" and op == "linear":
                 w, r0 = wk[1], wk[2]
-                inc = [lambda i, w=w, r0=r0: (w, (r0 + i,))]
-                whole = None
+                tpl, whole = [(w, "row", r0)], None
                 layer = layer_name(w)
-                scale_ok = True
-                first = r0
+                scale_ok, first = True, r0
             elif wk[0] == "weight_norm" and wk[3] == 0 and op in _LAYERS:
-                inc = [lambda i, g_=wk[2]: (g_, (i,))]  # g scales row i
+                tpl = [(wk[2], "row", 0)]  # g scales row i
                 whole = [(wk[2], (slice(None),))]
                 layer = module_name(wk[1])
                 names = [wk[2]] + ([bias[1]] if bias else [])
-                scale_ok = False
-                first = 0
+                scale_ok, first = False, 0
             else:
                 anc = [n for n in (wk[1:] if wk[0] != "derived" else wk[1]) if isinstance(n, str)]
                 self._why(anc + ([bias[1]] if bias else []), "the weight is computed by code (a parametrisation the "
@@ -274,14 +277,13 @@ class _Analysis:
                 return None
             if bias is not None:
                 if bias[0] == "plain":
-                    inc.append(lambda i, b=bias[1]: (b, (i,)))
+                    tpl.append((bias[1], "row", 0))
                     if whole is not None:
                         whole = whole + [(bias[1], (slice(None),))]
                 else:
-                    inc.append(lambda i, b=bias[1], r0=bias[2]: (b, (r0 + i,)))
+                    tpl.append((bias[1], "row", bias[2]))
                     whole = None
-            return Seed(("call", call.id), out, n, axis, lambda i, inc=inc: [f(i) for f in inc], whole, layer, unit,
-                        call.id, tuple(n_ for n_ in names if n_), scale_ok,
+            return Seed(("call", call.id), out, n, axis, tuple(tpl), whole, layer, unit, call.id, tuple(names), scale_ok,
                         {"op": op, "weight": wk, "bias": bias}, first)
         if op in _NORMS:
             gamma, beta = self._leaf(call, "weight"), self._leaf(call, "bias")
@@ -296,11 +298,10 @@ class _Analysis:
                 axis, unit = nd - 1, "feature"
             else:
                 axis, unit = 1, "channel"
-            names = (gamma,) + ((beta,) if beta else ())
-            inc2 = [lambda i, g_=gamma: (g_, (i,))] + ([lambda i, b=beta: (b, (i,))] if beta else [])
-            whole = [(n_, (slice(None),)) for n_ in names]
-            return Seed(("call", call.id), out, oshape[axis], axis, lambda i, inc=inc2: [f(i) for f in inc], whole,
-                        module_name(gamma), unit, call.id, names, True, {"op": op})
+            affine = (gamma,) + ((beta,) if beta else ())
+            return Seed(("call", call.id), out, oshape[axis], axis, tuple((n_, "row", 0) for n_ in affine),
+                        [(n_, (slice(None),)) for n_ in affine], module_name(gamma), unit, call.id, affine, True,
+                        {"op": op})
         return None
 
     def _param_rhs(self, call: Call) -> int | None:
@@ -328,7 +329,7 @@ class _Analysis:
         name = val.name
         if name is None or self.uses(name) != 1:
             return None
-        return Seed(("param", name), vid, 1, None, lambda i, n=name: [(n, (slice(None),))], [(name, (slice(None),))],
+        return Seed(("param", name), vid, 1, None, ((name, "whole", 0),), [(name, (slice(None),))],
                     module_name(name), "all", self.g.param_uses[name][0], (name,), True, {"op": "param"})
 
     # -- the driver -------------------------------------------------------------------------------
@@ -355,7 +356,6 @@ class _Analysis:
         if seed is None:
             return
         op = call.op
-        out = call.outputs[0]
         wk, bias = seed.extra["weight"], seed.extra["bias"]
         bias_name = bias[1] if bias else None
         wname = wk[1] if wk[0] == "plain" else None
@@ -419,7 +419,6 @@ class _Analysis:
             if not oc.need:
                 break
             have = {s.key for s in seeds}
-            added = False
             for vid, cid, _what in oc.need:
                 src = self._sources(vid)
                 new = [s for s in (src or []) if s.key not in have]
@@ -429,7 +428,6 @@ class _Analysis:
                 for s in new:
                     have.add(s.key)
                     seeds.append(s)
-                added = True
                 if self.g.calls[cid].op in ("add", "sub"):
                     add_calls.add(cid)
         bases = _bases(seeds)
@@ -668,10 +666,10 @@ class _Analysis:
                 v = self.g.values[i]
                 if op == "cat" and len(v.shape) == 1 and v.shape[0] == 0:
                     continue
-                s = self._sources(i, depth + 1)
-                if s is None:
+                found = self._sources(i, depth + 1)
+                if found is None:
                     return None
-                out += s
+                out += found
             return out
         if op in ("mul", "div"):
             moving = [i for i in ts if self.g.param_ancestors(i, self._anc)]
@@ -710,10 +708,10 @@ class _Analysis:
             parts = self._partitions(seed, lab)
             if len(parts) > 1:
                 results = []
-                for units in parts:
-                    keep = torch.tensor(sorted(units), dtype=torch.int64)
+                for part in parts:
+                    keep = torch.tensor(sorted(part), dtype=torch.int64)
                     L = torch.where(torch.isin(lab.L, keep), lab.L, torch.full_like(lab.L, NONE))
-                    results.append((self._shift_run([(seed.vid, Lab(L, lab.P))]), sorted(units)))
+                    results.append((self._shift_run([(seed.vid, Lab(L, lab.P))]), sorted(part)))
         r0 = bkind[2] if bkind[0] == "rows" else 0
         blocks_out: list[list[int]] = []
         whys: list[str] = []
@@ -730,11 +728,12 @@ class _Analysis:
             return
         for bi, block in enumerate(sorted(blocks_out)):
             whole = len(block) == seed.n and seed.n > 1 and bkind[0] == "plain"
-            parts = [(bias, (slice(None),), 1)] if whole else [(bias, (r0 + i,), 1) for i in block]
+            entries: list[tuple[str, tuple, int]] = [(bias, (slice(None),), 1)] if whole else \
+                [(bias, (r0 + i,), 1) for i in block]
             label = "bias" if whole else f"bias {r0 + block[0]}" if len(block) == 1 else \
                 f"bias {r0 + block[0]}-{r0 + block[-1]}"
             index = offset + bi if offset is not None else r0 + block[0]
-            self._add("translation", seed.layer, index, label, parts)
+            self._add("translation", seed.layer, index, label, entries)
 
     def _partitions(self, seed: Seed, lab: Lab) -> list[set[int]]:
         """Units split apart by the first selection their output goes through (q, k, v of a
@@ -778,9 +777,9 @@ class _Analysis:
             if all(c.op == "embedding" or (c.op == "linear" and c.roles.get("weight") == self.g.leaf_of.get(w))
                    for c in uses) and sum(c.op == "embedding" for c in uses) == 1:
                 # a table tied to an LM head: scaled as a whole, the head's input must move inversely
-                whole = Seed(("tied", w), seed.vid, 1, None, lambda i, w=w: [(w, (slice(None),))],
-                             [(w, (slice(None),))], seed.layer, "all", seed.order, (w,), True, {"op": "tied"})
-                self._units(whole, scaled={self.g.leaf_of[w]: 0})
+                table = Seed(("tied", w), seed.vid, 1, None, ((w, "whole", 0),), [(w, (slice(None),))], seed.layer,
+                             "all", seed.order, (w,), True, {"op": "tied"})
+                self._units(table, scaled={self.g.leaf_of[w]: 0})
             else:
                 self._why([w], f"{w} is read by {self.uses(w)} ops (a shared parameter): no scale/rescale")
         else:
@@ -869,7 +868,7 @@ class _Analysis:
             if any(u in oc.broken for u in block) or not (any(u < sa.n for u in block) and any(u >= sa.n for u in block)):
                 continue
             p0 = oc.uf.find(block[0])[1]
-            parts = []
+            parts: list[tuple[str, tuple, int]] = []
             sides = []
             for s_, lo in ((sa, 0), (sb, sa.n)):
                 units = [u for u in block if lo <= u < lo + s_.n]

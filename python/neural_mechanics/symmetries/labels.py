@@ -135,13 +135,6 @@ def positions(shape: Sequence[int], axes: Sequence[int]) -> torch.Tensor:
     return torch.arange(math.prod(sizes), dtype=torch.int64).reshape(sizes)
 
 
-def combine(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Classes that differ where either ``P`` or ``Q`` differs (renumbered from 0)."""
-    P, Q = torch.broadcast_tensors(P, Q)
-    pair = P * (int(Q.max()) + 1 if Q.numel() else 1) + Q
-    return compress(torch.unique(pair, return_inverse=True)[1].reshape(pair.shape))
-
-
 def reduce_classes(P: torch.Tensor, axes: Sequence[int], keepdim: bool) -> torch.Tensor:
     """Classes after a sum/mean over ``axes``: positions whose classes agree along the reduced
     axes keep one class."""

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .graph import Call, Graph, Slot
-from .labels import MIX, NEG, NONE, Lab, align, combine, compress, expand, positions, reduce_classes, reshape
+from .labels import MIX, NEG, NONE, Lab, align, compress, expand, positions, reduce_classes, reshape
 
 
 class Broken(Exception):
@@ -123,6 +123,7 @@ _REPLAY = {"getitem", "select", "narrow", "split", "chunk", "unbind", "tensor_sp
 _BILINEAR = {"matmul", "bmm", "einsum", "baddbmm", "addmm", "mm"}
 _NORMS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
 _RESIDUAL = "a residual add (or a sum with another tensor) is not homogeneous per unit"
+Out = list[tuple[int, "Lab | None"]]  # a call's perturbed outputs
 
 
 def _norm_axis(d: int, ndim: int) -> int:
@@ -197,8 +198,8 @@ class Propagator:
             except Broken as e:
                 self._fail(set().union(*(lab.units() for lab in ins.values())), str(e))
                 continue
-            for vid, lab in results:
-                self._assign(vid, lab)
+            for vid, out in results:
+                self._assign(vid, out)
         return self.out
 
     def _assign(self, vid: int, lab: Lab | None) -> None:
@@ -226,7 +227,10 @@ class Propagator:
             return
         odd_t = torch.as_tensor(odd, dtype=torch.int64).expand(pairs.shape[0]) if not isinstance(odd, torch.Tensor) else odd
         sign = ((pairs[:, 0] >= NEG).long() ^ (pairs[:, 1] >= NEG).long()) if self.mode == "shift" else 0
-        rows = torch.unique(torch.stack([pairs[:, 0] & (NEG - 1), pairs[:, 1] & (NEG - 1), odd_t ^ sign], 1), dim=0)
+        u, v = pairs[:, 0] & (NEG - 1), pairs[:, 1] & (NEG - 1)
+        # one key per (u, v, parity) (unit ids stay below 2**30), deduplicated in one pass
+        keys = torch.unique((u << 32 | v) << 1 | (odd_t ^ sign))
+        rows = torch.stack([keys >> 33, (keys >> 1) & ((1 << 32) - 1), keys & 1], 1)
         for u, v, p in rows.tolist():
             if not self.out.uf.union(u, v, p):
                 self._fail({u, v}, why)
@@ -290,7 +294,7 @@ class Propagator:
                                          call.attrs.get("eps", 1e-5) if call is not None else 1e-5, ch))
 
     # -- one op ----------------------------------------------------------------------------------
-    def _step(self, c: Call, ins: dict[int, Lab]) -> list[tuple[int, Lab]]:
+    def _step(self, c: Call, ins: dict[int, Lab]) -> Out:
         op = c.op
         first = c.inputs[0] if c.inputs else None
         vid = next(iter(ins))
@@ -301,7 +305,7 @@ class Propagator:
         outshape = self.g.values[c.outputs[0]].shape if c.outputs else ()
         scale = self.mode == "scale"
 
-        def same(label: Lab = lab) -> list[tuple[int, Lab]]:
+        def same(label: Lab = lab) -> Out:
             return [(c.outputs[0], label)]
 
         if op in _NOT_HOMOGENEOUS:
@@ -461,7 +465,7 @@ class Propagator:
             return c.fn(t, *args, **kw) if c.fn is not None else t
         return Lab(perm(lab.L), None if lab.P is None else perm(lab.P), lab.mix)
 
-    def _replay(self, c: Call, vid: int, lab: Lab) -> list[tuple[int, Lab]]:
+    def _replay(self, c: Call, vid: int, lab: Lab) -> Out:
         """Run the op itself on the label (materialised to the value's shape as a broadcast view)."""
         shape = self.g.values[vid].shape
         if c.fn is None or not c.targs or c.targs[0] != Slot(vid):
@@ -493,7 +497,7 @@ class Propagator:
             raise Broken(f"{c.op} returned an unexpected number of tensors")
         return [(o, Lab(compress(L), None if P is None else compress(P), lab.mix)) for o, L, P in zip(c.outputs, Ls, Ps)]
 
-    def _reduce(self, c: Call, lab: Lab, nd: int) -> list[tuple[int, Lab]]:
+    def _reduce(self, c: Call, lab: Lab, nd: int) -> Out:
         dims = c.attrs.get("dim")
         if dims is None:
             args = c.attrs.get("args") or ()
@@ -511,7 +515,7 @@ class Propagator:
         P = None if lab.P is None else reduce_classes(align(lab.P, nd), sorted(dims), keep)
         return [(c.outputs[0], Lab(newL, P, lab.mix))]
 
-    def _cat(self, c: Call, ins: dict[int, Lab]) -> list[tuple[int, Lab]]:
+    def _cat(self, c: Call, ins: dict[int, Lab]) -> Out:
         n = c.attrs.get("n_tensors", 0)
         slots = [c.roles.get(f"tensors{k}") for k in range(n)]
         outshape = self.g.values[c.outputs[0]].shape
@@ -548,15 +552,13 @@ class Propagator:
 
         def joined(k: int) -> torch.Tensor:
             ts = []
-            for t in parts:
+            for L_, P_, size in parts:
                 shp = [outshape[a] if a in wide else 1 for a in range(nd)]
-                shp[dim] = t[2]
-                ts.append(t[k].expand(shp))
+                shp[dim] = size
+                ts.append((P_ if k else L_).expand(shp))
             return compress(torch.cat(ts, dim))
 
-        L = joined(0)
-        P = None if self.mode == "scale" else joined(1)
-        return [(c.outputs[0], Lab(L, P, mix))]
+        return [(c.outputs[0], Lab(joined(0), None if self.mode == "scale" else joined(1), mix))]
 
     # -- arithmetic --------------------------------------------------------------------------------
     def _operands(self, c: Call, ins: dict[int, Lab]) -> tuple[int | None, int | None]:
@@ -565,30 +567,32 @@ class Propagator:
         b = tensors[1] if len(tensors) > 1 else None
         return a, b
 
-    def _add(self, c: Call, ins: dict[int, Lab], outshape: tuple) -> list[tuple[int, Lab]]:
+    def _add(self, c: Call, ins: dict[int, Lab], outshape: tuple) -> Out:
         a, b = self._operands(c, ins)
         nd = len(outshape)
         negate_b = c.op == "sub"
         if c.op == "rsub":
             a, b = b, a
+        if a is None:
+            return []
         if self.mode == "scale":
-            if b is None or c.inputs.count(a) > 1 and a is not None and b is None:
+            if b is None:
                 raise Broken(_RESIDUAL)
             la, lb = ins.get(a), ins.get(b)
             if (la is None or lb is None) and not self.extend_adds:
                 raise Broken(_RESIDUAL)
-            La = expand(align(la.L, nd), outshape) if la is not None else None
-            Lb = expand(align(lb.L, nd), outshape) if lb is not None else None
-            if La is None or Lb is None:
-                other = b if La is not None else a
-                units = (la or lb).units()  # type: ignore[union-attr]
-                self._need(other, c, _RESIDUAL, units)
+            if la is None or lb is None:
+                present = la if la is not None else lb
+                assert present is not None
+                self._need(b if la is not None else a, c, _RESIDUAL, present.units())
                 return []
+            # labels broadcast against each other at their small (compressed) shapes
+            La, Lb = torch.broadcast_tensors(align(la.L, nd), align(lb.L, nd))
             ha, hb = La != NONE, Lb != NONE
             if bool((ha != hb).any()):
                 if not self.extend_adds:
                     raise Broken(_RESIDUAL)
-                self._need(a if bool((hb & ~ha).any()) else b, c, _RESIDUAL, la.units() | lb.units())  # type: ignore[union-attr]
+                self._need(a if bool((hb & ~ha).any()) else b, c, _RESIDUAL, la.units() | lb.units())
                 return []
             pairs = torch.stack([La[ha], Lb[hb]], 1)
             self._link(pairs, 0, "a sum of two perturbed tensors merges units that are linked otherwise")
@@ -603,7 +607,10 @@ class Propagator:
             lab = la or lb
             assert lab is not None
             return [(c.outputs[0], Lab(align(lab.L, nd), None if lab.P is None else align(lab.P, nd), lab.mix))]
-        La, Lb = expand(align(la.L, nd), outshape), expand(align(lb.L, nd), outshape)
+        zero = torch.zeros(1, dtype=torch.int64)
+        La, Lb, Pa, Pb = torch.broadcast_tensors(align(la.L, nd), align(lb.L, nd),
+                                                 align(la.P if la.P is not None else zero, nd),
+                                                 align(lb.P if lb.P is not None else zero, nd))
         ha, hb = La != NONE, Lb != NONE
         both = ha & hb
         if c.id in self.cancel:
@@ -611,22 +618,17 @@ class Propagator:
                 raise Broken("cancelling shifts must be single units")
             self._link(torch.stack([La[both], Lb[both]], 1), 1, "cancelling shifts that are linked otherwise")
             L = torch.where(both, torch.full_like(La, NONE), torch.where(ha, La, Lb))
-            Pa = expand(align(la.P if la.P is not None else torch.zeros(1, dtype=torch.int64), nd), outshape)
-            Pb = expand(align(lb.P if lb.P is not None else torch.zeros(1, dtype=torch.int64), nd), outshape)
             if bool((Pa[both] != Pb[both]).any()):
                 raise Broken("cancelling shifts that vary differently")
             P = torch.where(ha, Pa, Pb)
             return [(c.outputs[0], Lab(compress(L), compress(P), la.mix | lb.mix))]
         if bool(both.any()) and not (torch.equal(La[both], Lb[both]) and la.P is not None and lb.P is not None
-                                     and torch.equal(expand(align(la.P, nd), outshape)[both],
-                                                     expand(align(lb.P, nd), outshape)[both])):
+                                     and torch.equal(Pa[both], Pb[both])):
             raise Broken("an add whose other operand depends on the same layer")
         L = torch.where(ha, La, Lb)
-        Pa = expand(align(la.P if la.P is not None else torch.zeros(1, dtype=torch.int64), nd), outshape)
-        Pb = expand(align(lb.P if lb.P is not None else torch.zeros(1, dtype=torch.int64), nd), outshape)
         return [(c.outputs[0], Lab(compress(L), compress(torch.where(ha, Pa, Pb)), la.mix | lb.mix))]
 
-    def _mul(self, c: Call, ins: dict[int, Lab], outshape: tuple) -> list[tuple[int, Lab]]:
+    def _mul(self, c: Call, ins: dict[int, Lab], outshape: tuple) -> Out:
         a, b = self._operands(c, ins)
         nd = len(outshape)
         if c.op == "div" and b is not None and b in ins:
@@ -642,10 +644,11 @@ class Propagator:
         P = align(lab.P if lab.P is not None else torch.zeros(1, dtype=torch.int64), nd)
         scalar = c.attrs.get("other", (c.attrs.get("args") or (None,))[0])
         if other is not None:
+            # the shift is now multiplied by a tensor: it varies wherever that tensor does
             oshape = align(torch.empty(self.g.values[other].shape), nd).shape
             axes = [x for x in range(nd) if oshape[x] > 1]
             if axes:
-                P = combine(P, positions(outshape, axes))
+                P = positions(outshape, sorted(set(axes) | {x for x in range(nd) if P.shape[x] > 1}))
         elif isinstance(scalar, (int, float)) and scalar < 0:
             return [(c.outputs[0], _negate(Lab(L, P, lab.mix)))]
         return [(c.outputs[0], Lab(L, compress(P), lab.mix))]
@@ -759,7 +762,7 @@ class Propagator:
         return Lab(torch.full((1,) * nd, u, dtype=torch.int64))
 
     # -- products of two tensors (attention) ------------------------------------------------------
-    def _bilinear_op(self, c: Call, ins: dict[int, Lab]) -> list[tuple[int, Lab]]:
+    def _bilinear_op(self, c: Call, ins: dict[int, Lab]) -> Out:
         op = c.op
         t = [i for i in c.inputs if self.g.values[i].floating]
         outshape = self.g.values[c.outputs[0]].shape
@@ -846,7 +849,7 @@ class Propagator:
         vary = [i for i, x in enumerate(so) if x not in uniform]
         return Lab(compress(Lout), positions(outshape, vary), lab.units() | set(lab.mix))  # type: ignore[arg-type]
 
-    def _sdpa(self, c: Call, ins: dict[int, Lab]) -> list[tuple[int, Lab]]:
+    def _sdpa(self, c: Call, ins: dict[int, Lab]) -> Out:
         q, k, v = (c.roles.get(r) for r in ("query", "key", "value"))
         if q is None or k is None or v is None:
             raise Broken("scaled_dot_product_attention with arguments the analysis does not read")

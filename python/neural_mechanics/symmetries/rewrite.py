@@ -226,6 +226,6 @@ def _fold(g: Graph, y: Call, root: int, x: int, kind: str, shape: tuple[int, ...
         uses = [u for u in g.param_uses[name] if u not in removed]
         g.param_uses[name] = uses
     for p in (weight, bias):
-        if p is not None:
-            name = g.values[p].name
-            g.param_uses[name] = sorted(set(g.param_uses.get(name, [])) | {last.id})  # type: ignore[index]
+        leaf = g.values[p].name if p is not None else None
+        if leaf is not None:
+            g.param_uses[leaf] = sorted(set(g.param_uses.get(leaf, [])) | {last.id})
