@@ -16,6 +16,15 @@ E, H, D = 8, 2, 4  # width, heads, head width of the hand-written GPT below
 SL = slice(None)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest (and steady on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build(**kw):
     torch.manual_seed(0)
     return GPT(GPTConfig(**kw)).double()
