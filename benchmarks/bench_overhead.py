@@ -3,8 +3,8 @@
 Blocks of steps are interleaved in one process (untracked, every=1, every=4, ... then again), so
 slow drift of a shared machine hits every configuration alike; the figure is the median over
 blocks of each configuration's per-step time, divided by the untracked median. The last two
-columns time the tracker's pre-step hook itself during the same blocks (median per measured step,
-spread over every step of the block): the work the tracker adds, without the machine's drift.
+columns time the tracker's step hooks (pre and post) during the same blocks (median per measured
+step, spread over every step of the block): the work the tracker adds, without the machine's drift.
 
     python benchmarks/bench_overhead.py --net acceptance            # (a) CPU, batch 64
     python benchmarks/bench_overhead.py --net vgg11                 # (b) CPU, batch 32, 32x32
@@ -121,20 +121,31 @@ def run_block(model, opt, x, y, steps: int, device: str) -> float:
 
 
 def time_hook(tracker, opt, into: list[float]) -> None:
-    """Time the tracker's pre-step hook (the steadier figure on a noisy machine: the work the
-    tracker adds, without the step-to-step drift of the machine). Steps it does not measure
-    (every > 1) return in microseconds and are not counted."""
-    inner = tracker._pre_step
+    """Time the tracker's step hooks, pre and post together (the steadier figure on a noisy
+    machine: the work the tracker adds, without the step-to-step drift of the machine; SGD works
+    before the step, other optimizers mostly after it). Steps it does not measure (every > 1)
+    return in microseconds and are not counted."""
+    pre, post = tracker._pre_step, tracker._post_step
     measured = tracker.every
+    spent = [0.0]
 
-    def timed(*args):
+    def timed_pre(*args):
         t0 = time.perf_counter()
-        inner(*args)
-        if tracker._step % measured == 0:
-            into.append(time.perf_counter() - t0)
+        pre(*args)
+        spent[0] = time.perf_counter() - t0
 
-    tracker._handles[-2].remove()  # the pre-step handle (set-up registered [pre, post])
-    tracker._handles[-2] = opt.register_step_pre_hook(timed)
+    def timed_post(*args):
+        step = tracker._step
+        t0 = time.perf_counter()
+        post(*args)
+        if step % measured == 0:
+            into.append(spent[0] + time.perf_counter() - t0)
+
+    # set-up registered [pre, post] last
+    tracker._handles[-2].remove()
+    tracker._handles[-1].remove()
+    tracker._handles[-2] = opt.register_step_pre_hook(timed_pre)
+    tracker._handles[-1] = opt.register_step_post_hook(timed_post)
 
 
 def main() -> None:
