@@ -189,6 +189,8 @@ def test_class_axis_of_sequence_logits():
     (whole,) = [g for g in right if g.layer == "head" and g.label == "bias"]
     assert whole.parts == (("head.bias", (SL,), 1),)
     holds(m, right, x, y)
+    df = nm.verify(m, lm_loss, (x, y), class_axis=-1)  # discovery inside verify, same axis
+    assert len(df) == len(right) and set(df.status) <= {"ok", "no gradient"}
     with pytest.raises(InvalidArgumentError):
         nm.find_symmetries(m, x, class_axis="last")
 

@@ -50,11 +50,13 @@ def _eps_prediction(kind: str, module: torch.nn.Module, x: torch.Tensor, eps: fl
 
 
 def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None = None,
-           hessian: bool = False, tol: float = 1e-5, output: str = "logits"):
+           hessian: bool = False, tol: float = 1e-5, output: str = "logits", class_axis: int = 1):
     """Per group, the normalised constraint residuals of docs/theory.md §3, as a DataFrame.
 
-    ``data`` is ``(inputs, targets)``; the loss is ``loss_fn(model(*inputs), targets)``. With
-    ``symmetries=None`` the groups are discovered from ``inputs`` (``output`` is passed on).
+    ``data`` is ``(inputs, targets)``; the loss is ``loss_fn(model(*inputs), targets)`` (a model
+    returning a Hugging Face ``ModelOutput`` hands it whole to ``loss_fn``). With
+    ``symmetries=None`` the groups are discovered from ``inputs`` (``output`` and ``class_axis``
+    are passed on).
     Columns: layer, symmetry, index, label, residual (gradient constraint), status ("ok",
     "no gradient", "BatchNorm ε" (or the epsilon of another normaliser), "violated"),
     predicted (eps / (sigma^2 + eps) where a normaliser's epsilon breaks the group),
@@ -67,7 +69,7 @@ def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None 
         raise InvalidArgumentError("data must be a pair (inputs, targets)")
     inputs, targets = data
     if symmetries is None:
-        symmetries = find_symmetries(model, inputs, output=output)
+        symmetries = find_symmetries(model, inputs, output=output, class_axis=class_axis)
     groups = list(symmetries)
     params = dict(model.named_parameters())
     for g in groups:
