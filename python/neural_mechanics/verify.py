@@ -53,11 +53,13 @@ def _eps_prediction(kind: str, module: torch.nn.Module, x: torch.Tensor, eps: fl
 
 
 def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None = None,
-           hessian: bool = False, tol: float = 1e-5, output: str = "logits"):
+           hessian: bool = False, tol: float = 1e-5, output: str = "logits", class_axis: int = 1):
     """Per group, the normalised constraint residuals of docs/theory.md §3, as a DataFrame.
 
-    ``data`` is ``(inputs, targets)``; the loss is ``loss_fn(model(*inputs), targets)``. With
-    ``symmetries=None`` the groups are discovered from ``inputs`` (``output`` is passed on).
+    ``data`` is ``(inputs, targets)``; the loss is ``loss_fn(model(*inputs), targets)`` (a model
+    returning a Hugging Face ``ModelOutput`` hands it whole to ``loss_fn``). With
+    ``symmetries=None`` the groups are discovered from ``inputs`` (``output`` and ``class_axis``
+    are passed on).
     Columns: layer, symmetry, index, label, residual (gradient constraint), status ("ok",
     "no gradient", "BatchNorm ε" (or the epsilon of another normaliser), "violated"),
     predicted (eps / (sigma^2 + eps) where a normaliser's epsilon breaks the group),
@@ -70,7 +72,7 @@ def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None 
         raise InvalidArgumentError("data must be a pair (inputs, targets)")
     inputs, targets = data
     if symmetries is None:
-        symmetries = find_symmetries(model, inputs, output=output)
+        symmetries = find_symmetries(model, inputs, output=output, class_axis=class_axis)
     groups = list(symmetries)
     params = dict(model.named_parameters())
     for g in groups:
@@ -186,7 +188,7 @@ def _gradient_sums(g: SymmetryGroup, sums: _Sums) -> tuple[float, float, float, 
         gsq += s["gg"]
         count += n
         if g.symmetry == "translation":
-            num += s["g"]
+            num += sign * s["g"]  # a signed translation moves its −1 parts by −c
         else:
             num += sign * s["gt"]
             den += math.sqrt(s["gg"] * s["tt"])
@@ -206,6 +208,8 @@ def _gradient_row(g: SymmetryGroup, partial: tuple[float, float, float, int], la
         row["predicted"] = max(pred)
     if gnorm == 0.0 or gnorm <= NO_GRADIENT_REL * math.sqrt(layer_sq):
         return row
+    if g.symmetry != "translation" and den == 0.0:
+        return row  # every part has zero gradient or zero weights (a zero-initialised head): nothing to measure
     if g.symmetry == "translation":
         res = abs(num) / (math.sqrt(count) * gnorm)
     else:
@@ -224,9 +228,8 @@ def _hessian_residual(g: SymmetryGroup, names, plist, params, grads_t, grads) ->
     """|H v + m*g| / (|H v| + |m*g|) with v = m*theta (scale, rescale), or |H 1_A| / (sqrt|A| |H r_A|)."""
     mask = {n: torch.zeros_like(params[n]) for n in {p[0] for p in g.parts}}
     for name, idx, sign in g.parts:
-        mask[name][idx] += sign if g.symmetry != "translation" else 1.0
-    if g.symmetry == "translation":
-        mask = {n: (m != 0).to(m.dtype) for n, m in mask.items()}
+        mask[name][idx] += sign
+    support = {n: (m != 0).to(m.dtype) for n, m in mask.items()}
     usable = [i for i, gr in enumerate(grads_t) if gr is not None and gr.requires_grad]
 
     def hvp(vec: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,12 +244,12 @@ def _hessian_residual(g: SymmetryGroup, names, plist, params, grads_t, grads) ->
         return math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values()))
 
     if g.symmetry == "translation":
-        h1 = hvp({n: m.detach() for n, m in mask.items()})
+        h1 = hvp({n: m.detach() for n, m in mask.items()})  # the signed generator
         gen = torch.Generator().manual_seed(0)
-        r = {n: torch.randn(m.shape, generator=gen, dtype=m.dtype).to(m.device) * m for n, m in mask.items()}
+        r = {n: torch.randn(m.shape, generator=gen, dtype=m.dtype).to(m.device) * m for n, m in support.items()}
         rn = norm(r)
         h2 = hvp({n: t / rn for n, t in r.items()})
-        size = sum(float(m.sum()) for m in mask.values())
+        size = sum(float(m.sum()) for m in support.values())
         d = math.sqrt(size) * norm(h2)
         return norm(h1) / d if d > 0 else math.nan
     hv = hvp({n: (m * params[n].detach()) for n, m in mask.items()})

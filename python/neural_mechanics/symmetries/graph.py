@@ -35,6 +35,18 @@ class Call:
     roles: dict[str, int]  # named tensor arguments of the ops the analysis knows (weight, bias...)
     attrs: dict[str, Any]  # non-tensor arguments, bound to their names where known
     outputs: list[int]  # value ids of the tensors it returned (or mutated)
+    # the function and its arguments with every tensor replaced by ``Slot(value id)``, so that
+    # shape operations can be replayed on a label tensor (propagate.py)
+    fn: Any = None
+    targs: tuple = ()
+    tkwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Stands for the tensor argument that was value ``vid`` in a recorded call's arguments."""
+
+    vid: int
 
 
 @dataclass
@@ -50,7 +62,7 @@ class Graph:
 
     def producer(self, vid: int) -> Call | None:
         p = self.values[vid].producer
-        return None if p is None else self.calls[p]
+        return None if p is None else self.calls.get(p)
 
     def param_ancestors(self, vid: int, _memo: dict[int, frozenset[str]] | None = None) -> frozenset[str]:
         """Names of the parameters a value is computed from (itself, if it is one)."""

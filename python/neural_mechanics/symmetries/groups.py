@@ -22,7 +22,9 @@ class SymmetryGroup:
     """One group A of docs/theory.md §2 and the parameter entries it is made of.
 
     ``parts`` lists ``(parameter name, index, sign)``: ``param[index]`` are the entries, ``sign``
-    is +1, or -1 for the outgoing side of a rescale group. ``normalizers`` (filled by discovery
+    is +1, or -1 for the outgoing side of a rescale group and for the parts of a signed
+    translation that move by −c (docs/theory.md §2b: a token-table column against the same
+    column of the position table). ``normalizers`` (filled by discovery
     for scale groups) names the normaliser modules whose epsilon slightly breaks the group, as
     ``(module name, kind, channels of its input, eps)``; verify uses it to predict the residual.
     """
@@ -113,10 +115,13 @@ def validate_group(group: SymmetryGroup, params: Mapping[str, torch.Tensor]) -> 
             raise InvalidArgumentError(f"{name}: {why}")
         if sign not in (1, -1):
             raise InvalidArgumentError(f"sign must be +1 or -1, got {sign!r}")
-        if sign == -1 and group.symmetry != "rescale":
-            raise InvalidArgumentError("only rescale groups have an outgoing (-1) side")
+        if sign == -1 and group.symmetry == "scale":
+            raise InvalidArgumentError("a scale group has no -1 parts (rescale: the outgoing side; translation: "
+                                       "the parts shifted by -c)")
     if group.symmetry == "rescale" and not (group.incoming and group.outgoing):
         raise InvalidArgumentError("a rescale group needs parts with sign +1 and parts with sign -1")
+    if group.symmetry == "translation" and not group.incoming:
+        raise InvalidArgumentError("a signed translation needs at least one part with sign +1")
 
 
 class Symmetries:

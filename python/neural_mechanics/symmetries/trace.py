@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .graph import Call, Graph, Value
+from .graph import Call, Graph, Slot, Value
 
 # Argument names of the ops the analysis reads, so that positional and keyword calls look alike.
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -70,6 +70,10 @@ _ARGS: dict[str, tuple[str, ...]] = {
     "transpose": ("input", "dim0", "dim1"),
     "weight_norm": ("v", "g", "dim"),
     "embedding": ("input", "weight"),
+    "addmm": ("input", "mat1", "mat2"),
+    "baddbmm": ("input", "batch1", "batch2"),
+    "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                                     "enable_gqa"),
 }
 # Dunder and alias names mapped onto the canonical op.
 _ALIAS = {
@@ -84,6 +88,28 @@ _ALIAS = {
 def canonical(name: str) -> str:
     op = name.strip("_")
     return _ALIAS.get(op, op)
+
+
+def _slots(obj: Any, ids: dict[int, int]) -> Any:
+    """``obj`` with every tensor replaced by the ``Slot`` of its value id (for replaying an op)."""
+    if isinstance(obj, torch.Tensor):
+        return Slot(ids[id(obj)])
+    if isinstance(obj, tuple):
+        return tuple(_slots(o, ids) for o in obj)
+    if isinstance(obj, list):
+        return [_slots(o, ids) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slots(o, ids) for k, o in obj.items()}
+    return obj
+
+
+def _opened() -> dict[Any, Any]:
+    """Composite torch functions whose body is recorded op by op instead of as one opaque call
+    (their arguments are checked with ``has_torch_function`` at the top, so a mode sees them whole):
+    the function -> the module global that performs that check."""
+    import torch.nn.functional as F
+
+    return {F.multi_head_attention_forward: F}
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -103,6 +129,7 @@ class _Recorder(TorchFunctionMode):
         self.leaves = leaves  # id(tensor) -> (kind, name)
         self.ids: dict[int, int] = {}  # id(tensor) -> current value id
         self.keep: list[torch.Tensor] = []  # holds every seen tensor so that no id() is reused
+        self._func: Any = None
 
     def value_of(self, t: torch.Tensor, default_kind: str = "const") -> int:
         key = id(t)
@@ -124,6 +151,9 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        opened = _opened().get(func)
+        if opened is not None:
+            return self._open(func, opened, args, kwargs)
         out = func(*args, **kwargs)
         raw = getattr(func, "__name__", str(func))
         if raw == "__get__" or raw == "__set__":  # attribute access (.shape, .grad, ...): no dataflow
@@ -132,8 +162,28 @@ class _Recorder(TorchFunctionMode):
         mutated = [t for t in _tensors_in(args[:1]) if raw == "__setitem__"]
         if not outs and not mutated:
             return out
+        self._func = func
         self._record(raw, args, kwargs, outs + mutated)
         return out
+
+    def _open(self, func, module, args: tuple, kwargs: dict):
+        """Run a composite function's body with recording on: its first ``has_torch_function``
+        check (the one that would hand it to this mode whole) answers False once."""
+        original = module.has_torch_function
+        state = {"first": True}
+
+        def once(*a: Any) -> bool:
+            if state["first"]:
+                state["first"] = False
+                return False
+            return original(*a)
+
+        module.has_torch_function = once
+        try:
+            with self:
+                return func(*args, **kwargs)
+        finally:
+            module.has_torch_function = original
 
     def _record(self, raw: str, args: tuple, kwargs: dict, outs: list[torch.Tensor]) -> None:
         op = canonical(raw)
@@ -157,7 +207,8 @@ class _Recorder(TorchFunctionMode):
             attrs["args"] = tuple(a for a in args if not isinstance(a, torch.Tensor))
             attrs.update({k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
         cid = len(self.g.calls)
-        call = Call(cid, op, raw, inputs, roles, attrs, [])
+        call = Call(cid, op, raw, inputs, roles, attrs, [], fn=self._func, targs=_slots(args, self.ids),
+                    tkwargs=_slots(kwargs, self.ids))
         self.g.calls[cid] = call
         for v in dict.fromkeys(inputs):
             self.g.values[v].consumers.append(cid)
@@ -193,8 +244,18 @@ def _run(model: torch.nn.Module, args: tuple, leaves: dict[int, tuple[str, str]]
         rec._new_value(t, "input", f"input{i}", None)
     with rec:
         out = call()
-    rec.g.outputs = [rec.ids[id(t)] for t in _tensors_in(out) if id(t) in rec.ids]
+    rec.g.outputs = [rec.ids[id(t)] for t in _model_outputs(out) if id(t) in rec.ids]
     return rec.g
+
+
+def _model_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors a forward returned, in order; a Hugging Face ``ModelOutput`` (or any mapping or
+    object with a ``logits`` tensor) is read through its logits first."""
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        rest = [t for t in _tensors_in(dict(out) if isinstance(out, dict) else out) if t is not logits]
+        return [logits] + rest
+    return _tensors_in(out)
 
 
 def trace(model: torch.nn.Module, example_input: Any) -> Graph:

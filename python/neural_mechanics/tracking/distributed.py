@@ -133,13 +133,14 @@ class Context:
         r0, r1 = reduction.rows
         return lambda t: RowRange(t, r0, r1)
 
-    def find_symmetries(self, model: Any, example: Any) -> Any:
-        """Discovery from the first forward. FSDP2: on meta stand-ins with FSDP's hooks suspended."""
+    def find_symmetries(self, model: Any, example: Any, **kw: Any) -> Any:
+        """Discovery from the first forward (``kw``: find_symmetries' options). FSDP2: on meta
+        stand-ins with FSDP's hooks suspended."""
         from ..symmetries import find_symmetries
 
         if not self.collective:
-            return find_symmetries(model, example)
-        return _find_symmetries_sharded(model, example)
+            return find_symmetries(model, example, **kw)
+        return _find_symmetries_sharded(model, example, **kw)
 
 
 def attach(model: Any) -> Context | None:
@@ -181,7 +182,7 @@ def attach(model: Any) -> Context | None:
     return Context("fsdp2", model, rank, world, group=mesh.get_group())
 
 
-def _find_symmetries_sharded(model: Any, example: Any) -> Any:
+def _find_symmetries_sharded(model: Any, example: Any, **kw: Any) -> Any:
     """find_symmetries on an FSDP2 model from inside its forward, touching no shard.
 
     Every module's parameters are swapped for meta stand-ins of the global shape and every
@@ -207,7 +208,7 @@ def _find_symmetries_sharded(model: Any, example: Any) -> Any:
                     stand_in = torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
                     meta[id(p)] = torch.nn.Parameter(stand_in, requires_grad=p.requires_grad)
                 m._parameters[leaf] = meta[id(p)]
-        return find_symmetries(model, example)
+        return find_symmetries(model, example, **kw)
     finally:
         for m, params, pre, post in saved:
             m._parameters.clear()

@@ -40,6 +40,7 @@ class Tracker:
         log_every: int = 50,
         log_histograms: bool = False,
         log_figures: bool = True,
+        class_axis: int = 1,
     ):
         import torch
 
@@ -58,6 +59,7 @@ class Tracker:
         self._reducer_kind = reducer
         self._memory_limit = memory_limit
         self._spill_dir = spill_dir
+        self._class_axis = class_axis
         self._handles: list[Any] = []
         self._plan: Plan | None = None
         self._path: SgdPath | UpdatePath | None = None
@@ -86,7 +88,8 @@ class Tracker:
 
         self._handles[0].remove()  # one look at the example input is enough
         example = args[0] if len(args) == 1 and not kwargs else args
-        self._setup((find_symmetries if self._dist is None else self._dist.find_symmetries)(self.model, example))
+        finder = find_symmetries if self._dist is None else self._dist.find_symmetries
+        self._setup(finder(self.model, example, class_axis=self._class_axis))
 
     def _setup(self, symmetries: Any) -> None:
         named = dict(self.model.named_parameters()) if self._dist is None else self._dist.named_parameters()
@@ -345,6 +348,7 @@ def track(
     log_every: int = 50,
     log_histograms: bool = False,
     log_figures: bool = True,
+    class_axis: int = 1,
 ) -> Tracker:
     """Track the symmetry charges of ``model`` while ``optimizer`` trains it.
 
@@ -366,6 +370,8 @@ def track(
             "wandb", or a list of them: per-layer scalars every ``log_every`` steps, the summary
             table and the report's figures at close (``log_figures``), per-neuron histograms of
             the charges only with ``log_histograms`` (docs/integrations.md).
+        class_axis: the logits' class axis for discovery (``find_symmetries``): 1, PyTorch's
+            convention, or -1 for ``(B, T, V)`` language-model logits.
 
     Use ``with track(model, opt) as tracker: ...`` and read ``tracker.run``.
     """
@@ -382,4 +388,5 @@ def track(
         log_every=log_every,
         log_histograms=log_histograms,
         log_figures=log_figures,
+        class_axis=class_axis,
     )
