@@ -16,10 +16,12 @@ import torch
 
 from .errors import InvalidArgumentError
 from .symmetries import Symmetries, SymmetryGroup, find_symmetries
+from .symmetries.discover import module_name
 from .tracking.plan import gradient_layer
 
-# "No gradient" (docs/theory.md §3): |ĝ_A| ≤ NO_GRADIENT_REL·|ĝ_L|, where |ĝ_L|² is the |ĝ|² of
-# every group of the same layer (tracking.plan.gradient_layer: its first part's module) added up.
+# "No gradient" (docs/theory.md §3): |ĝ_A| ≤ NO_GRADIENT_REL·|ĝ_L|, where L is the group's layer
+# (tracking.plan.gradient_layer: its first part's module) and |ĝ_L|² the |ĝ|² of every part of
+# every group in that module added up.
 # The tracker's residual column applies the same rule, squared (src/tracking/mod.rs, NO_GRADIENT).
 NO_GRADIENT_REL = 1e-5
 
@@ -106,9 +108,11 @@ def verify(model: torch.nn.Module, loss_fn, data, symmetries: Symmetries | None 
         sums = _Sums(params, grads)
         partial = [_gradient_sums(g, sums) for g in groups]
         layers = [gradient_layer(g) for g in groups]
-        layer_sq: dict[str, float] = {}
-        for layer, (_, _, gsq, _) in zip(layers, partial):
-            layer_sq[layer] = layer_sq.get(layer, 0.0) + gsq
+        layer_sq: dict[str, float] = {}  # every part in a layer counts, whichever its group
+        for g in groups:
+            for name, idx, _ in g.parts:
+                m = module_name(name)
+                layer_sq[m] = layer_sq.get(m, 0.0) + sums.part(name, idx)[0]["gg"]
         rows = []
         for g, layer, part in zip(groups, layers, partial):
             row = _gradient_row(g, part, layer_sq[layer], preds, tol)

@@ -51,6 +51,9 @@ struct PyPlan<'py> {
     /// Optional (older callers): without it every group is judged against the whole plan.
     #[pyo3(item, default)]
     group_layer: Option<PyReadonlyArray1<'py, i64>>,
+    /// Optional: each part's layer (default: its group's).
+    #[pyo3(item, default)]
+    part_layer: Option<PyReadonlyArray1<'py, i64>>,
     #[pyo3(item)]
     extra_rows: PyReadonlyArray1<'py, i64>,
     #[pyo3(item)]
@@ -74,6 +77,7 @@ impl PyPlan<'_> {
             group_kind: vec1(&self.group_kind),
             group_size: vec1(&self.group_size),
             group_layer: self.group_layer.as_ref().map(vec1).unwrap_or_default(),
+            part_layer: self.part_layer.as_ref().map(vec1).unwrap_or_default(),
             extra_rows: vec1(&self.extra_rows),
             rows: self.rows,
         }

@@ -57,6 +57,9 @@ pub struct PlanArrays {
     /// the "no gradient" rule compares a group's gradient with its layer's ([`Plan::residual`]).
     /// Empty: every group in one layer.
     pub group_layer: Vec<i64>,
+    /// Each part's layer (the module of its parameter), same numbering; empty: its group's.
+    /// A layer's |ĝ|² adds every part in it, whichever group the part belongs to.
+    pub part_layer: Vec<i64>,
     /// The rows whose plain sums of a third array (the momentum buffer, or the measured update)
     /// come in a separate block, in that block's order (the translation reductions' rows).
     pub extra_rows: Vec<i64>,
@@ -76,6 +79,7 @@ pub struct Plan {
     pub(crate) group_kind: Vec<Kind>,
     group_size: Vec<f64>,
     group_layer: Vec<usize>,
+    part_layer: Vec<usize>,
     layers: usize,
     extra_rows: Vec<usize>,
     rows: usize,
@@ -147,7 +151,14 @@ impl Plan {
         } else {
             indices(&a.group_layer, "group_layer", groups, "groups")?
         };
-        let layers = group_layer.iter().max().map_or(0, |&l| l + 1);
+        let part_layer = if a.part_layer.is_empty() {
+            Vec::new()
+        } else if a.part_layer.len() != parts {
+            return bad(format!("part_layer has {} entries for {parts} parts", a.part_layer.len()));
+        } else {
+            indices(&a.part_layer, "part_layer", parts.max(groups), "layers")?
+        };
+        let layers = group_layer.iter().chain(&part_layer).max().map_or(0, |&l| l + 1);
         let group_kind = a
             .group_kind
             .iter()
@@ -177,6 +188,7 @@ impl Plan {
             group_kind,
             group_size: a.group_size,
             group_layer,
+            part_layer,
             layers,
             extra_rows,
             rows,
@@ -254,6 +266,7 @@ impl Plan {
         }
         let mut columns = vec![[0.0; FIELDS]; self.columns()];
         let mut unsigned = vec![Unsigned::default(); self.groups()];
+        let mut layer_gg = vec![0.0; self.layers];
         for part in 0..self.parts() {
             let mut s: PartSums = [0.0; 8];
             let mut extra_sum = 0.0;
@@ -276,10 +289,7 @@ impl Plan {
             u.x += s[1];
             u.gg += s[3];
             u.norm_prod += (s[3] * s[1]).sqrt();
-        }
-        let mut layer_gg = vec![0.0; self.layers];
-        for (u, &l) in unsigned.iter().zip(&self.group_layer) {
-            layer_gg[l] += u.gg;
+            layer_gg[self.part_layer.get(part).copied().unwrap_or(self.group_layer[g])] += s[3];
         }
         for (u, &l) in unsigned.iter_mut().zip(&self.group_layer) {
             u.layer_gg = layer_gg[l];
@@ -335,6 +345,7 @@ mod tests {
             group_kind: vec![1, 0],
             group_size: vec![6.0, 6.0],
             group_layer: vec![],
+            part_layer: vec![],
             extra_rows: vec![4],
             rows: 5,
         })
@@ -368,6 +379,7 @@ mod tests {
             group_kind: vec![1, 1, 1],
             group_size: vec![1.0; 3],
             group_layer: vec![0, 0, 1],
+            part_layer: vec![],
             extra_rows: vec![],
             rows: 3,
         })
@@ -399,6 +411,7 @@ mod tests {
             group_kind: vec![1],
             group_size: vec![1.0],
             group_layer: vec![0],
+            part_layer: vec![],
             extra_rows: vec![],
             rows: 1,
         };

@@ -403,6 +403,7 @@ mod tests {
             group_kind: vec![1, 0],
             group_size: vec![4.0, 3.0],
             group_layer: vec![],
+            part_layer: vec![],
             extra_rows: vec![2],
             rows: 3,
         })

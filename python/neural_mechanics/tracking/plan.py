@@ -87,6 +87,7 @@ class Plan:
     reduction_offsets: np.ndarray  # first output row of each reduction, and the total
     translation_reductions: np.ndarray  # (reductions,) bool: a translation part reads it
     part_rows: list[list[int]]  # output rows of each part
+    part_param: list[str]  # each part's parameter
     part_sign: np.ndarray
     part_size: np.ndarray  # entries per part
     part_column: np.ndarray
@@ -110,14 +111,20 @@ class Plan:
     def columns_per_group(self) -> np.ndarray:
         return np.bincount(self.column_group, minlength=self.n_groups)
 
-    def group_layer(self) -> np.ndarray:
-        """Each group's layer (:func:`gradient_layer`) as an index: the "no gradient" rule compares
-        a group's gradient with its layer's (docs/theory.md §3)."""
+    def layers(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each group's layer (:func:`gradient_layer`) and each part's (its parameter's module) as
+        indices: the "no gradient" rule compares a group's |ĝ_A|² with its layer's, the |ĝ|² of
+        every part in that layer whatever its group (docs/theory.md §3)."""
+        from ..symmetries.discover import module_name
+
         index: dict[str, int] = {}
-        return np.array([index.setdefault(gradient_layer(g), len(index)) for g in self.groups], dtype=np.int64)
+        groups = [index.setdefault(gradient_layer(g), len(index)) for g in self.groups]
+        parts = [index.setdefault(module_name(name), len(index)) for name in self.part_param]
+        return np.array(groups, dtype=np.int64), np.array(parts, dtype=np.int64)
 
     def native_arrays(self) -> dict[str, Any]:
         """The maps as _native.TrackerCore takes them."""
+        group_layer, part_layer = self.layers()
         return {
             "part_row_starts": np.cumsum([0] + [len(r) for r in self.part_rows]).astype(np.int64),
             "part_rows": np.array([r for rows in self.part_rows for r in rows], dtype=np.int64),
@@ -128,7 +135,8 @@ class Plan:
             "column_param_group": self.column_param_group,
             "group_kind": self.group_kind,
             "group_size": self.group_size.astype(np.float64),
-            "group_layer": self.group_layer(),
+            "group_layer": group_layer,
+            "part_layer": part_layer,
             "extra_rows": self.extra_rows,
             "rows": int(self.reduction_offsets[-1]),
         }
@@ -157,7 +165,7 @@ def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_
     red_offset: list[int] = []
     red_rows: list[int] = []
     translation_reds: set[int] = set()
-    parts: list[tuple[int, int, int, float, list[int], int]] = []  # group, param_group, order, sign, rows, size
+    parts: list[tuple[int, int, int, float, list[int], int, str]] = []  # group, param_group, order, sign, rows, size, parameter
     for g_i, group in enumerate(groups):
         for order, (name, index, sign) in enumerate(group.parts):
             shape = tuple(named_params[name].shape)
@@ -170,7 +178,7 @@ def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_
             r = red_index[red]
             if group.symmetry == "translation":
                 translation_reds.add(r)
-            parts.append((g_i, param_group_of[name], order, float(sign), [red_offset[r] + x for x in rows], _part_size(shape, tuple(index))))
+            parts.append((g_i, param_group_of[name], order, float(sign), [red_offset[r] + x for x in rows], _part_size(shape, tuple(index)), name))
     parts.sort(key=lambda p: p[:3])
     column_of: dict[tuple[int, int], int] = {}
     for g_i, pg, *_ in parts:
@@ -187,6 +195,7 @@ def build_plan(groups: Sequence[Any], named_params: dict[str, Any], param_group_
         reduction_offsets=np.cumsum([0] + red_rows).astype(np.int64),
         translation_reductions=np.array([i in translation_reds for i in range(len(reductions))], dtype=bool),
         part_rows=[p[4] for p in parts],
+        part_param=[p[6] for p in parts],
         part_sign=np.array([p[3] for p in parts]),
         part_size=np.array([p[5] for p in parts], dtype=np.int64),
         part_column=np.array([column_of[(p[0], p[1])] for p in parts], dtype=np.int64),
