@@ -99,7 +99,7 @@ def test_bookkeeping_only_for_other_optimizers_unless_a_paper_prediction_exists(
 
 
 def test_skip_reasons_are_counted_and_read_as_sentences():
-    assert verdicts.skip_category("no scale/rescale: the output a residual add (or a sum with another tensor) is not homogeneous per unit") == "residual add"
+    assert verdicts.skip_category("no scale or rescale group: a residual add (or a sum with another tensor) is not homogeneous per unit") == "residual add"
     assert verdicts.skip_category("read by embedding: no symmetry pattern applies") == "no symmetry pattern"
     assert verdicts.skip_category("something new: details") == "something new"
     assert verdicts.as_sentence("no scale/rescale: a; no bias translation: b") == "No scale/rescale: a. No bias translation: b."

@@ -464,8 +464,8 @@ class _Analysis:
         broken_own = [oc.broken[u] for u in own if u in oc.broken]
         if broken_own and len(broken_own) == seed.n:
             why = "; ".join(dict.fromkeys(broken_own))
-            self._why(seed.names, f"no scale/rescale: the output {why}")
-            self.notes.append(f"{seed.layer}: no scale/rescale groups: the output {why}")
+            self._why(seed.names, f"no scale or rescale group: {why}")
+            self.notes.append(f"{seed.layer}: no scale or rescale group: {why}")
             return None
         members: dict[int, list[tuple[int, int, int]]] = {}  # root -> (seed index, unit, parity)
         linked = oc.uf.parent
@@ -516,9 +516,9 @@ class _Analysis:
             broken_any = [oc.broken[u] for u in own if u in oc.broken]
             if broken_any:
                 why = "; ".join(dict.fromkeys(broken_any))
-                self._why(seed.names, f"no scale/rescale: the output {why}")
+                self._why(seed.names, f"no scale or rescale group: {why}")
             elif not variant:
-                self._why(seed.names, "the output is not used")
+                self._why(seed.names, "the layer's output is not used")
             return None
         return emitted_full, emitted_consumers
 
@@ -691,7 +691,7 @@ class _Analysis:
         oc = self._shift_run([(seed.vid, self._colshift_lab(seed.vid, seed.axis))])  # type: ignore[arg-type]
         if oc.broken or not oc.absorbed:
             if oc.broken:
-                self._why([wname], f"no column translation: the output {next(iter(oc.broken.values()))}")
+                self._why([wname], f"no column translation: {next(iter(oc.broken.values()))}")
             return False
         rows_are_columns = call.op in ("addmm", "matmul", "mm")
         n = self.params[wname].shape[0 if rows_are_columns else 1]
@@ -724,7 +724,7 @@ class _Analysis:
                 blocks_out.append(block)
         if not blocks_out:
             if whys:
-                self._why([bias], f"no bias translation: the output {whys[0]}")
+                self._why([bias], f"no bias translation: {whys[0]}")
             return
         for bi, block in enumerate(sorted(blocks_out)):
             whole = len(block) == seed.n and seed.n > 1 and bkind[0] == "plain"
@@ -781,7 +781,7 @@ class _Analysis:
                              "all", seed.order, (w,), True, {"op": "tied"})
                 self._units(table, scaled={self.g.leaf_of[w]: 0})
             else:
-                self._why([w], f"{w} is read by {self.uses(w)} ops (a shared parameter): no scale/rescale")
+                self._why([w], f"{w} is read by {self.uses(w)} ops (a shared parameter), so it has no scale or rescale group")
         else:
             self._units(seed)
         V = self.params[w].shape[0]

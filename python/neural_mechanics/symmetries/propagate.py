@@ -245,7 +245,7 @@ class Propagator:
     # -- sinks ----------------------------------------------------------------------------------
     def _at_output(self, vid: int, lab: Lab) -> None:
         if self.output != "logits" or vid != self.g.outputs[0]:
-            raise Broken(f"reaches the model output, and with output={self.output!r} the loss is not "
+            raise Broken(f"the layer's output reaches the model output, and with output={self.output!r} the loss is not "
                          "known to absorb it")
         nd = len(self.g.values[vid].shape)
         axis = _norm_axis(self.class_axis, nd) if nd >= 2 else 0
@@ -309,7 +309,7 @@ class Propagator:
             return [(c.outputs[0], label)]
 
         if op in _NOT_HOMOGENEOUS:
-            raise Broken(f"passes through {_NOT_HOMOGENEOUS[op]}, which is not positively homogeneous")
+            raise Broken(f"the layer's output passes through {_NOT_HOMOGENEOUS[op]}, which is not positively homogeneous")
         if op in ("relu", "leaky_relu", "prelu", "abs") and vid == first and len(ins) == 1:
             if not scale:
                 raise Broken(f"a constant shift does not pass through {op}")
@@ -319,7 +319,7 @@ class Propagator:
             lo = c.attrs.get("min", args[0])
             if scale and lo == 0 and c.attrs.get("max") is None and len(c.inputs) == 1:
                 return same()
-            raise Broken("passes through clamp, which is not positively homogeneous")
+            raise Broken("the layer's output passes through clamp, which is not positively homogeneous")
         if op in _DROPOUTS:
             if not scale and c.attrs.get("training", True) and c.attrs.get("p", 0.5) > 0:
                 raise Broken("a shift does not pass through dropout")
@@ -377,7 +377,7 @@ class Propagator:
         # -- layers, attention, normalisers ----------------------------------------------------
         if op in ("linear", "conv1d", "conv2d", "conv3d"):
             if role != "input":
-                raise Broken(f"is used as the {role} of a {op}")
+                raise Broken(f"the layer's output is used as the {role} of a {op}")
             if not scale:
                 raise Broken(f"a shift feeds a {op}, which does not absorb it")
             if op == "linear" and self.passthrough:
@@ -392,7 +392,7 @@ class Propagator:
             return self._sdpa(c, ins)
         if op in ("batch_norm", "instance_norm"):
             if role != "input":
-                raise Broken(f"is used as the {role} of {op}")
+                raise Broken(f"the layer's output is used as the {role} of {op}")
             batch_stats = c.attrs.get("training", False) if op == "batch_norm" else c.attrs.get("use_input_stats", True)
             if op == "batch_norm" and "running_mean" not in c.roles:
                 batch_stats = True
@@ -424,7 +424,7 @@ class Propagator:
             return []
         if op in ("layer_norm", "rms_norm"):
             if role != "input":
-                raise Broken(f"is used as the {role} of {op}")
+                raise Broken(f"the layer's output is used as the {role} of {op}")
             ns = c.attrs.get("normalized_shape", ())
             k = len(ns) if isinstance(ns, (tuple, list)) else 1
             kind = "LayerNorm" if op == "layer_norm" else "RMSNorm"
@@ -440,10 +440,10 @@ class Propagator:
             return []
         if op == "cross_entropy":
             if role != "input":
-                raise Broken("is the target of cross_entropy")
+                raise Broken("the layer's output is the target of cross_entropy")
             self._softmax_like(vid, lab, (1 if nd >= 2 else 0,), op)
             return []
-        raise Broken(f"passes through {op}, which the analysis does not know to preserve it")
+        raise Broken(f"the layer's output passes through {op}, which the analysis does not know to preserve it")
 
     # -- shape ops ---------------------------------------------------------------------------------
     def _reshaped(self, lab: Lab, src: tuple, dst: tuple) -> Lab:
@@ -632,7 +632,7 @@ class Propagator:
         a, b = self._operands(c, ins)
         nd = len(outshape)
         if c.op == "div" and b is not None and b in ins:
-            raise Broken("divides by the unit's value")
+            raise Broken("the layer's output divides by the unit's value")
         if a in ins and b in ins:
             raise Broken(f"{c.op} by a tensor that is not a constant of the unit")
         mine = a if a in ins else b
@@ -679,16 +679,16 @@ class Propagator:
         wvid = c.roles["weight"]
         wkind = self.weight_kind(wvid)
         if wkind[0] not in ("plain", "rows"):
-            raise Broken("feeds a layer whose weight is parametrised (its columns are not trained leaves)")
+            raise Broken("the layer's output feeds a layer whose weight is parametrised (its columns are not trained leaves)")
         name = wkind[1]
         if self.uses(name) > 1:
-            raise Broken(f"feeds {name}, which is tied: read by {self.uses(name)} ops, so its columns cannot move alone")
+            raise Broken(f"the layer's output feeds {name}, which is tied: read by {self.uses(name)} ops, so its columns cannot move alone")
         r0, r1 = (wkind[2], wkind[3]) if wkind[0] == "rows" else (None, None)
         L = align(lab.L, nd)
         units_parts: dict[int, list[tuple[str, tuple]]] = {}
         if c.op == "linear":
             if any(L.shape[a] > 1 for a in range(nd - 1)):
-                raise Broken("feeds a Linear along another axis")
+                raise Broken("the layer's output feeds a Linear along another axis")
             cols = L.reshape(-1)
             if cols.numel() == 1:
                 cols = cols.expand(shape[-1])
@@ -698,7 +698,7 @@ class Propagator:
                     units_parts.setdefault(u, []).append((name, idx))
         else:
             if nd < 2 or any(L.shape[a] > 1 for a in range(nd) if a != 1):
-                raise Broken("feeds a convolution along another axis")
+                raise Broken("the layer's output feeds a convolution along another axis")
             wshape = self.g.values[wvid].shape
             groups = int(c.attrs.get("groups", 1))
             cin_g, out_g = wshape[1], wshape[0] // groups
@@ -723,14 +723,14 @@ class Propagator:
         axis, absorbed by the rows of W."""
         wkind = self.weight_kind(wvid)
         if wkind[0] != "plain":
-            raise Broken("feeds a matrix product whose weight is computed by code")
+            raise Broken("the layer's output feeds a matrix product whose weight is computed by code")
         name = wkind[1]
         if self.uses(name) > 1:
-            raise Broken(f"feeds {name}, which is tied: read by {self.uses(name)} ops, so its rows cannot move alone")
+            raise Broken(f"the layer's output feeds {name}, which is tied: read by {self.uses(name)} ops, so its rows cannot move alone")
         nd = lab.L.dim()
         L = lab.L
         if any(L.shape[a] > 1 for a in range(nd - 1)):
-            raise Broken("feeds a matrix product along another axis")
+            raise Broken("the layer's output feeds a matrix product along another axis")
         rows = L.reshape(-1)
         if rows.numel() == 1:
             rows = rows.expand(self.g.values[wvid].shape[0])
