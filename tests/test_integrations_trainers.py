@@ -174,7 +174,9 @@ def test_huggingface_trainer_with_adamw(tmp_path):
     trainer.train()
     run = callback.run
     assert run is not None and run.optimizer == "AdamW"  # the Trainer's default, unwrapped from accelerate
-    assert set(run.groups.symmetry) == {"translation", "rescale"}  # the classifier's columns, the ReLU units
+    # the classifier's columns and the embeddings (translation), the attention and ReLU units and
+    # the LayerNorm gains (rescale), the post-LN residual stream (scale): docs/theory.md §2b
+    assert set(run.groups.symmetry) == {"translation", "scale", "rescale"}
     assert len(run.step_index) == 21
     assert run.summary()["exact_max"].max() < 1e-5  # bookkeeping of the measured AdamW update
     assert callback.path == tmp_path / "neural_mechanics.nmrun" and nm.load_run(callback.path).optimizer == "AdamW"
