@@ -139,8 +139,9 @@ def test_a_temporary_spill_folder_goes_away_with_the_run():
     import gc
 
     run = synthetic_run(steps=40, max_rows_in_memory=16)
-    folder = run.spill_dir
-    assert folder and len(os.listdir(folder)) == 2
+    folder = run.spill_folder
+    assert run.spill_dir is None and folder
+    assert sorted(os.listdir(folder)) == ["LOCK", "chunk-000000.nmrun", "chunk-000001.nmrun"]
     del run
     gc.collect()
     assert not os.path.exists(folder)

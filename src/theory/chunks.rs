@@ -70,39 +70,40 @@ pub(crate) fn all_finite(a: &[f64]) -> bool {
     !a.iter().fold(false, |bad, &x| bad | non_finite(x))
 }
 
-/// In place over the state (y, v) with a read-only input d: (y, v) ← f(y, v, d). Returns false
-/// if a result is not finite.
+/// One step of the state (y, v) with a read-only input d, written to (yo, vo): (yo, vo) ←
+/// f(y, v, d). The old state is left as it was, so a step whose result is not finite can be
+/// dropped. Returns false if a result is not finite.
 #[inline(always)]
-pub(crate) fn update2<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64]) -> bool
+pub(crate) fn step2<F>(f: F, d: &[f64], y: &[f64], v: &[f64], yo: &mut [f64], vo: &mut [f64]) -> bool
 where
     F: Fn(f64, f64, f64) -> (f64, f64),
 {
-    let n = y.len();
-    let (d, v) = (&d[..n], &mut v[..n]);
+    let n = yo.len();
+    let (d, y, v, vo) = (&d[..n], &y[..n], &v[..n], &mut vo[..n]);
     let mut bad = false;
     for i in 0..n {
         let (a, b) = f(y[i], v[i], d[i]);
-        y[i] = a;
-        v[i] = b;
+        yo[i] = a;
+        vo[i] = b;
         bad |= non_finite(a) | non_finite(b);
     }
     !bad
 }
 
-/// As [`update2`], also writing the new y to `out` (the array handed back to the caller, so
-/// that no separate copy pass is needed).
+/// As [`step2`], also writing the new y to `out` (the array handed back to the caller, so that
+/// no separate copy pass is needed).
 #[inline(always)]
-pub(crate) fn update3<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64], out: &mut [f64]) -> bool
+pub(crate) fn step3<F>(f: F, d: &[f64], y: &[f64], v: &[f64], yo: &mut [f64], vo: &mut [f64], out: &mut [f64]) -> bool
 where
     F: Fn(f64, f64, f64) -> (f64, f64),
 {
-    let n = y.len();
-    let (d, v, out) = (&d[..n], &mut v[..n], &mut out[..n]);
+    let n = yo.len();
+    let (d, y, v, vo, out) = (&d[..n], &y[..n], &v[..n], &mut vo[..n], &mut out[..n]);
     let mut bad = false;
     for i in 0..n {
         let (a, b) = f(y[i], v[i], d[i]);
-        y[i] = a;
-        v[i] = b;
+        yo[i] = a;
+        vo[i] = b;
         out[i] = a;
         bad |= non_finite(a) | non_finite(b);
     }

@@ -9,7 +9,7 @@
 
 use super::chunks::{self, flush};
 use super::propagator::{self, Step};
-use super::{check_finite, check_len, Hyper, Kind, Schedule};
+use super::{check_finite, check_len, result_buffer, Hyper, Interrupt, Kind, Schedule, Ticker};
 use crate::error::{Error, Result};
 
 /// Streaming state of the closed forms: O(groups) memory, one [`PaperState::step`] per
@@ -17,10 +17,14 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct PaperState {
     kind: Kind,
-    // Updated in place (a double buffer would cost a third more memory traffic); the drive is
-    // checked before anything is written, so a bad drive leaves the state as it was.
+    // A step writes (y_next, v_next) and swaps them in only if every value is finite, so a step
+    // that fails for any reason (its arguments, or a result that overflows float64) leaves the
+    // state as it was. (In place would read and write the same lines; with the output array
+    // the Python binding passes, both move the same number of values.)
     y: Vec<f64>,
     v: Vec<f64>,
+    y_next: Vec<f64>,
+    v_next: Vec<f64>,
     /// Translation has no drive: the kernels read this (zeros, under a zero coefficient).
     zeros: Vec<f64>,
     steps: usize,
@@ -50,6 +54,8 @@ impl PaperState {
             kind,
             y: y0.to_vec(),
             v,
+            y_next: vec![0.0; groups],
+            v_next: vec![0.0; groups],
             zeros: if kind.is_quadratic() { Vec::new() } else { vec![0.0; groups] },
             steps: 0,
             t: 0.0,
@@ -90,9 +96,9 @@ impl PaperState {
 
     /// [`PaperState::step`], also writing y_{n+1} to `out` (groups,) in the same pass.
     ///
-    /// Errors from the arguments (hyperparameters, shapes, a non-finite drive) leave the state
-    /// unchanged. A finite drive whose result overflows float64 (charges near 1e308) is reported
-    /// as NonFinite after the update: the state is then non-finite and the stream is spent.
+    /// Every error leaves the state unchanged (values, step count, time): those from the
+    /// arguments (hyperparameters, shapes, a non-finite drive) and a result that overflows
+    /// float64 (charges near 1e308, NonFinite). `out` may have been written on error.
     pub fn step_into(&mut self, drive: Option<&[f64]>, hp: Hyper, out: Option<&mut [f64]>) -> Result<()> {
         hp.validate(Some(self.steps))?;
         let with_momentum = hp.momentum > 0.0;
@@ -137,20 +143,26 @@ impl PaperState {
             }
         }
         let drive = if self.kind.is_quadratic() { drive } else { &self.zeros };
-        let ok = advance(&step, drive, &mut self.y, &mut self.v, out)?;
+        let ok = advance(&step, drive, [&self.y, &self.v], [&mut self.y_next, &mut self.v_next], out)?;
+        if !ok {
+            return Err(Error::NonFinite(format!(
+                "the closed form overflowed float64 at step {} (charges or rates too large for these \
+                 hyperparameters); the stream is unchanged",
+                self.steps
+            )));
+        }
+        std::mem::swap(&mut self.y, &mut self.y_next);
+        std::mem::swap(&mut self.v, &mut self.v_next);
         self.momentum = Some(with_momentum);
         self.steps += 1;
         self.t += step.h;
-        if !ok {
-            return Err(Error::NonFinite(format!("the closed form overflowed at step {} (charges too large for float64)", self.steps - 1)));
-        }
         Ok(())
     }
 }
 
-/// One step for every group, in place: (y, ẏ) → (y', ẏ'), y' also written to `out` if given.
+/// One step for every group: (y, ẏ) → (y', ẏ') into `next`, y' also written to `out` if given.
 /// Returns false if a result is not finite.
-fn advance(step: &Step, drive: &[f64], y: &mut [f64], v: &mut [f64], out: Option<&mut [f64]>) -> Result<bool> {
+fn advance(step: &Step, drive: &[f64], [y, v]: [&[f64]; 2], [yo, vo]: [&mut [f64]; 2], out: Option<&mut [f64]>) -> Result<bool> {
     let s = *step;
     let groups = y.len();
     // The two updates of the module documentation of `propagator`; subnormals are flushed.
@@ -164,17 +176,32 @@ fn advance(step: &Step, drive: &[f64], y: &mut [f64], v: &mut [f64], out: Option
         (y1, flush(s.cf * d - s.w2 * y1))
     };
     match (s.first_order, out) {
-        (false, None) => chunks::run(groups, [drive], [y, v], |[d], [y, v]| chunks::update2(second, d, y, v)),
-        (true, None) => chunks::run(groups, [drive], [y, v], |[d], [y, v]| chunks::update2(first, d, y, v)),
-        (false, Some(o)) => chunks::run(groups, [drive], [y, v, o], |[d], [y, v, o]| chunks::update3(second, d, y, v, o)),
-        (true, Some(o)) => chunks::run(groups, [drive], [y, v, o], |[d], [y, v, o]| chunks::update3(first, d, y, v, o)),
+        (false, None) => chunks::run(groups, [drive, y, v], [yo, vo], |[d, y, v], [yo, vo]| chunks::step2(second, d, y, v, yo, vo)),
+        (true, None) => chunks::run(groups, [drive, y, v], [yo, vo], |[d, y, v], [yo, vo]| chunks::step2(first, d, y, v, yo, vo)),
+        (false, Some(o)) => {
+            chunks::run(groups, [drive, y, v], [yo, vo, o], |[d, y, v], [yo, vo, o]| chunks::step3(second, d, y, v, yo, vo, o))
+        }
+        (true, Some(o)) => {
+            chunks::run(groups, [drive, y, v], [yo, vo, o], |[d, y, v], [yo, vo, o]| chunks::step3(first, d, y, v, yo, vo, o))
+        }
     }
 }
 
 /// The batch form: every step of a run at once. `drive`: (steps, groups) row-major, required
 /// for scale/rescale (None for translation). Returns (steps+1, groups) row-major, row 0 = y0.
 /// Runs the streaming state step by step, so both forms agree to the last bit.
-pub fn paper(kind: Kind, y0: &[f64], ydot0: Option<&[f64]>, drive: Option<&[f64]>, schedule: &Schedule) -> Result<Vec<f64>> {
+///
+/// The result is allocated fallibly; without a drive (translation) it may hold at most
+/// [`super::MAX_UNBACKED_VALUES`] values. `interrupt` is called every
+/// [`super::INTERRUPT_EVERY`] group-steps; its error stops the run and is returned.
+pub fn paper(
+    kind: Kind,
+    y0: &[f64],
+    ydot0: Option<&[f64]>,
+    drive: Option<&[f64]>,
+    schedule: &Schedule,
+    mut interrupt: Interrupt<'_>,
+) -> Result<Vec<f64>> {
     let groups = y0.len();
     let steps = schedule.steps();
     let drive = if kind.is_quadratic() {
@@ -185,25 +212,29 @@ pub fn paper(kind: Kind, y0: &[f64], ydot0: Option<&[f64]>, drive: Option<&[f64]
     } else {
         None
     };
-    if steps > 0 {
-        let first = schedule.at(0).momentum > 0.0;
-        if let Some(n) = (1..steps).find(|&n| (schedule.at(n).momentum > 0.0) != first) {
+    let momentum = schedule.values("momentum");
+    if let Some(&first) = momentum.first() {
+        // One value per step, or one for all (then there is nothing to compare).
+        if let Some(n) = momentum.iter().position(|&m| (m > 0.0) != (first > 0.0)) {
             return Err(Error::InvalidArgument(format!(
-                "momentum must be all zero or all positive over the run (step 0: {}, step {n}: {})",
-                schedule.at(0).momentum,
-                schedule.at(n).momentum
+                "momentum must be all zero or all positive over the run (step 0: {first}, step {n}: {})",
+                momentum[n]
             )));
         }
     }
+    let rows = steps.checked_add(1).ok_or_else(|| Error::InvalidArgument(format!("steps={steps} is too large")))?;
+    let mut out = result_buffer("paper", rows, groups, drive.is_some())?;
     let mut state = PaperState::new(kind, y0, ydot0)?;
-    let mut out = vec![0.0; (steps + 1) * groups];
+    if groups == 0 {
+        // Nothing to advance; every value was checked by the schedule.
+        return Ok(out);
+    }
     out[..groups].copy_from_slice(y0);
-    for (n, row_out) in out.chunks_exact_mut(groups.max(1)).skip(1).enumerate().take(steps) {
+    let mut ticker = Ticker::new(groups, &mut interrupt);
+    for (n, row_out) in out.chunks_exact_mut(groups).skip(1).enumerate() {
         let row = drive.map(|d| &d[n * groups..(n + 1) * groups]);
         state.step_into(row, schedule.at(n), Some(row_out))?;
-    }
-    if groups == 0 {
-        out.clear();
+        ticker.tick()?;
     }
     Ok(out)
 }
@@ -211,6 +242,7 @@ pub fn paper(kind: Kind, y0: &[f64], ydot0: Option<&[f64]>, drive: Option<&[f64]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::theory::never;
 
     #[test]
     fn ten_million_steps_reach_the_fixed_point() {
@@ -254,7 +286,7 @@ mod tests {
         let y0 = [1.0, 2.0, 0.5, 3.0, 0.1];
         let (m, d, w) = ([0.9], [0.2], [5e-3]);
         let sched = Schedule::new(steps, &lr, &m, &d, &w).unwrap();
-        let batch = paper(Kind::Scale, &y0, None, Some(&drive), &sched).unwrap();
+        let batch = paper(Kind::Scale, &y0, None, Some(&drive), &sched, &mut never).unwrap();
         let mut st = PaperState::new(Kind::Scale, &y0, None).unwrap();
         for n in 0..steps {
             let y = st.step(Some(&drive[n * groups..(n + 1) * groups]), sched.at(n)).unwrap();
@@ -294,5 +326,58 @@ mod tests {
             }
             assert_eq!(one.y()[0], big.y()[i]);
         }
+    }
+
+    #[test]
+    fn an_overflowing_step_leaves_the_state_unchanged() {
+        // Finite inputs whose result overflows float64: the step fails, nothing moves.
+        let mut st = PaperState::new(Kind::Scale, &[1.0, 1e300], None).unwrap();
+        let hp = Hyper::new(0.1, 0.9, 0.0, 1e-3);
+        st.step(Some(&[0.1, 0.2]), hp).unwrap();
+        let (y, v, t) = (st.y().to_vec(), st.ydot().to_vec(), st.time());
+        let mut out = [0.0; 2];
+        let err = st.step_into(Some(&[0.1, 1e308]), hp, Some(&mut out));
+        assert!(matches!(err, Err(Error::NonFinite(m)) if m.contains("unchanged")));
+        assert_eq!((st.y(), st.ydot(), st.time(), st.steps()), (&y[..], &v[..], t, 1));
+        // And the stream goes on from there.
+        st.step(Some(&[0.1, 0.2]), hp).unwrap();
+        assert_eq!(st.steps(), 2);
+    }
+
+    #[test]
+    fn tiny_learning_rates_step_like_the_identity() {
+        // lr < 1e-160 with momentum made ω² infinite and the state NaN (the step count advanced).
+        for &lr in &[1e-161, 1e-200, 1e-300] {
+            let mut st = PaperState::new(Kind::Scale, &[2.0, 3.0], Some(&[0.5, -0.5])).unwrap();
+            let y = st.step(Some(&[0.1, 0.2]), Hyper::new(lr, 0.9, 0.0, 1e-3)).unwrap().to_vec();
+            assert_eq!(y, vec![2.0, 3.0], "lr {lr}");
+            assert!(st.ydot().iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn sizes_from_steps_alone_are_bounded_and_long_runs_stop_on_interrupt() {
+        let big = Schedule::new(1 << 32, &[0.1], &[0.0], &[0.0], &[0.0]).unwrap();
+        let start = std::time::Instant::now();
+        let err = paper(Kind::Translation, &[0.0], None, None, &big, &mut never);
+        assert!(matches!(err, Err(Error::InvalidArgument(m)) if m.contains("4294967297 values")));
+        // No groups: nothing to do however many steps (and no allocation).
+        assert_eq!(paper(Kind::Translation, &[], None, None, &big, &mut never).unwrap().len(), 0);
+        assert!(start.elapsed().as_secs_f64() < 1.0);
+        // An interrupt stops a long loop and its error comes back as is.
+        let steps = 1 << 22;
+        let sched = Schedule::new(steps, &[0.1], &[0.0], &[0.0], &[1e-3]).unwrap();
+        let mut calls = 0;
+        let mut stop = || {
+            calls += 1;
+            if calls == 2 {
+                Err(Error::InvalidArgument("stop".into()))
+            } else {
+                Ok(())
+            }
+        };
+        let err = paper(Kind::Translation, &[1.0], None, None, &sched, &mut stop);
+        assert_eq!(err, Err(Error::InvalidArgument("stop".into())));
+        assert_eq!(calls, 2);
     }
 }
