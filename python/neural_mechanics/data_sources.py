@@ -284,19 +284,22 @@ def load(spec: str | os.PathLike[str] | None, *, image_size: int = 8, trust: boo
 
 def _torch_load(path: str, trust: bool) -> Any:
     import pickle
+    import re
 
     import torch
 
     try:
         return torch.load(path, weights_only=not trust, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        if not trust:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # weights_only refuses an object it would have to import code for ("Unsupported global:
+        # GLOBAL module.Class"); any other unpickling error is a file that is not a torch file.
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if needs and not trust:
             raise InvalidArgumentError(
-                f"--data {path!r} holds more than tensors and plain containers ({first}); "
-                "loading it would run code from the file: pass --trust-data (trust=True) only if you trust its author"
+                f"--data {path!r} holds a {needs.group(1).rstrip('.,')} object, not only tensors: loading it would run code "
+                "from the file; pass --trust-data (trust=True) only if you trust its author"
             ) from None
-        raise InvalidArgumentError(f"--data {path!r}: not a readable torch file ({exc})") from None
+        raise InvalidArgumentError(f"--data {path!r}: not a readable torch file ({' '.join(str(exc).split())[:200]})") from None
     except Exception as exc:  # not a torch file, truncated, unreadable: torch raises many kinds
         raise InvalidArgumentError(f"--data {path!r}: not a readable torch file ({type(exc).__name__}: {exc})") from None
 

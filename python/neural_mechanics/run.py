@@ -442,7 +442,7 @@ def _read_meta(meta: Any, where: str) -> dict[str, Any]:
     if meta.get("kind") != FILE_KIND:
         raise RunFormatError(f"{where}: a neural-mechanics file, but not a run (kind {meta.get('kind')!r})")
     g = v.dict_(meta.get("groups"), "groups")
-    groups = {k: v.strs(g.get(k), f"groups.{k}") for k in ("symmetry", "layer", "label")}
+    groups: dict[str, list[Any]] = {k: v.strs(g.get(k), f"groups.{k}") for k in ("symmetry", "layer", "label")}
     groups.update({k: v.ints(g.get(k), f"groups.{k}") for k in ("index", "size")})
     lengths = {k: len(x) for k, x in groups.items()}
     if len(set(lengths.values())) != 1:

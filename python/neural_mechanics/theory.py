@@ -29,7 +29,7 @@ starts. When no (steps, groups) input backs it (translation without a drive, :fu
 constant hyperparameters) it may hold at most ``MAX_UNBACKED_VALUES`` (2**27, 1 GiB) values:
 :class:`InvalidArgumentError` naming the size; advance a :class:`PaperStream` for longer runs. A
 result the allocator refuses is an InvalidArgumentError too, never a crash. The batch functions
-check for Ctrl-C every ~10⁶ group-steps and raise KeyboardInterrupt.
+check for Ctrl-C every few milliseconds and raise KeyboardInterrupt.
 
 Groups whose parts sit in optimizer param_groups with different hyperparameters (e.g. "no weight
 decay on biases"): the paper's closed forms do not apply; run the ledger once per part with that

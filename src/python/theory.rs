@@ -62,7 +62,7 @@ impl Arr2<'_> {
 }
 
 /// Run `work` with the GIL released, letting it check for Ctrl-C: its [`theory::Interrupt`]
-/// re-takes the GIL every [`theory::INTERRUPT_EVERY`] group-steps to run Python's signal
+/// re-takes the GIL every few milliseconds of work ([`theory::INTERRUPT_EVERY`]) to run Python's signal
 /// handlers, and an exception they raise (KeyboardInterrupt) stops the work and is raised.
 fn interruptible<T, F>(py: Python<'_>, work: F) -> PyResult<T>
 where

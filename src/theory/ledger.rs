@@ -198,7 +198,7 @@ fn ledger_kernel(k: &Coeffs, y: &[f64], m: &[f64], s: &[f64], u: &[f64], e: &[f6
 
 /// Batch ledger over a whole run: inputs (steps, groups) row-major; returns (steps+1, groups).
 /// Runs [`LedgerState`] step by step, so both forms agree to the last bit. `interrupt` is
-/// called every [`super::INTERRUPT_EVERY`] group-steps; its error stops the run.
+/// called every few milliseconds of work ([`super::INTERRUPT_EVERY`]); its error stops the run.
 #[allow(clippy::too_many_arguments)]
 pub fn ledger(
     kind: Kind,
@@ -223,13 +223,11 @@ pub fn ledger(
     if nesterov {
         // Checked on the values given (one per step, or one for all) rather than step by step:
         // a run with no groups does not step at all.
-        let bad_m = schedule.values("momentum").iter().position(|&m| m <= 0.0);
-        let bad_d = schedule.values("dampening").iter().position(|&d| d != 0.0);
-        if let Some(n) = bad_m.or(bad_d) {
-            let hp = schedule.at(n.min(steps.saturating_sub(1)));
+        let bad_m = schedule.values("momentum").iter().find(|&&m| m <= 0.0).map(|m| format!("momentum {m}"));
+        let bad_d = schedule.values("dampening").iter().find(|&&d| d != 0.0).map(|d| format!("dampening {d}"));
+        if let Some(got) = bad_m.or(bad_d) {
             return Err(Error::InvalidArgument(format!(
-                "nesterov requires momentum > 0 and dampening = 0 (as torch.optim.SGD), got momentum {} and dampening {}",
-                hp.momentum, hp.dampening
+                "nesterov requires momentum > 0 and dampening = 0 (as torch.optim.SGD), got {got}"
             )));
         }
     }
@@ -401,5 +399,9 @@ mod tests {
         assert!(matches!(st.step(nan, hp, false), Err(Error::NonFinite(_))));
         assert_eq!(st.steps(), 0);
         assert_eq!(st.y(), &[1.0]);
+        // No steps, per-step arrays of length 0 beside constants: an error, never an index panic.
+        let empty = Schedule::new(0, &[0.1], &[], &[0.5], &[0.0]).unwrap();
+        let never = &mut crate::theory::never;
+        assert!(matches!(ledger(Kind::Scale, &[1.0], &[], Some(&[]), Some(&[]), None, &empty, true, never), Err(Error::InvalidArgument(_))));
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! Untrusted sizes: a batch form allocates its (steps + 1, groups) result fallibly (an error
 //! naming the size, never an abort), refuses a result that no input array backs beyond
-//! [`MAX_UNBACKED_VALUES`], and calls an [`Interrupt`] every [`INTERRUPT_EVERY`] group-steps so
+//! [`MAX_UNBACKED_VALUES`], and calls an [`Interrupt`] every few milliseconds of work so
 //! that a long loop can be stopped (the Python bindings check for Ctrl-C there).
 //!
 //! Every per-group update is element-wise (no reduction across groups), so results do not
@@ -38,9 +38,13 @@ pub fn never() -> Result<()> {
     Ok(())
 }
 
-/// The batch loops call their [`Interrupt`] after about this many group-steps (a step of a run
-/// with no groups counts as one): a few milliseconds of work.
+/// The batch loops call their [`Interrupt`] after about this much work: a step counts its
+/// groups plus [`STEP_WEIGHT`] (the fixed cost of a step: hyperparameter checks, a propagator),
+/// so a check comes every few milliseconds whatever the shape (every 4,096 steps of a run of a
+/// few groups, every ~10 steps of 10⁵ groups).
 pub const INTERRUPT_EVERY: usize = 1 << 20;
+/// What one step costs besides its groups, in units of one group's update.
+pub const STEP_WEIGHT: usize = 256;
 
 /// The most values (8 bytes each) a batch result may hold when no (steps, groups) input array
 /// backs it, i.e. when its size comes from `steps` and the number of groups alone (translation
@@ -56,10 +60,10 @@ pub(crate) struct Ticker<'a, 'b> {
 
 impl<'a, 'b> Ticker<'a, 'b> {
     pub(crate) fn new(groups: usize, interrupt: &'a mut Interrupt<'b>) -> Self {
-        Ticker { per_step: groups.max(1), done: 0, interrupt }
+        Ticker { per_step: groups.saturating_add(STEP_WEIGHT), done: 0, interrupt }
     }
 
-    /// One step done; calls the interrupt every [`INTERRUPT_EVERY`] group-steps.
+    /// One step done; calls the interrupt every [`INTERRUPT_EVERY`] units of work.
     #[inline(always)]
     pub(crate) fn tick(&mut self) -> Result<()> {
         self.done += self.per_step;
@@ -77,7 +81,8 @@ impl<'a, 'b> Ticker<'a, 'b> {
 pub(crate) fn result_buffer(what: &str, rows: usize, groups: usize, backed: bool) -> Result<Vec<f64>> {
     let describe = || {
         let values = rows as f64 * groups as f64;
-        format!("{what}: {rows} rows x {groups} groups = {values:.0} values ({})", crate::stats::fmt_bytes(values * 8.0))
+        let count = rows.checked_mul(groups).map_or_else(|| format!("{values:.0}"), |n| n.to_string());
+        format!("{what}: {rows} rows x {groups} groups = {count} values ({})", crate::stats::fmt_bytes(values * 8.0))
     };
     let n = rows.checked_mul(groups).ok_or_else(|| Error::InvalidArgument(format!("{} is too large", describe())))?;
     if !backed && n > MAX_UNBACKED_VALUES {

@@ -192,8 +192,8 @@ fn advance(step: &Step, drive: &[f64], [y, v]: [&[f64]; 2], [yo, vo]: [&mut [f64
 /// Runs the streaming state step by step, so both forms agree to the last bit.
 ///
 /// The result is allocated fallibly; without a drive (translation) it may hold at most
-/// [`super::MAX_UNBACKED_VALUES`] values. `interrupt` is called every
-/// [`super::INTERRUPT_EVERY`] group-steps; its error stops the run and is returned.
+/// [`super::MAX_UNBACKED_VALUES`] values. `interrupt` is called every few milliseconds of
+/// work ([`super::INTERRUPT_EVERY`]); its error stops the run and is returned.
 pub fn paper(
     kind: Kind,
     y0: &[f64],

@@ -192,6 +192,13 @@ pub fn second_order(kind: Kind, hp: Hyper) -> Result<Step> {
     // 2.2e-162), so ω² is then computed without it (kλ/(h(1+β)), equal up to rounding).
     let hh = h * h;
     let w2 = if hh.is_normal() { w / hh } else { stiffness(kind) * hp.weight_decay / (h * (1.0 + beta)) };
+    if !w2.is_finite() {
+        // λ/h beyond float64 (lr ≈ 1e-308 and below): a clear refusal rather than a NaN state.
+        return Err(Error::InvalidArgument(format!(
+            "lr = {:e} is too small for the closed form in float64: ω² = kλ/(lr(1−d)(1+β)) overflows",
+            hp.lr
+        )));
+    }
     Ok(Step { first_order: false, cf, w2, g: h * e * s, gp: e * (c - a * s), p: hh * q, h })
 }
 
@@ -362,5 +369,8 @@ mod tests {
                 assert!((s.w2 - expected).abs() <= 1e-12 * expected, "lr {lr}: {} vs {expected}", s.w2);
             }
         }
+        // Where ω² itself overflows: refused, never a non-finite coefficient.
+        assert!(matches!(second_order(Kind::Scale, hp(5e-324, 0.9, 1e-3)), Err(Error::InvalidArgument(m)) if m.contains("too small")));
+        assert!(second_order(Kind::Scale, hp(5e-324, 0.9, 0.0)).is_ok());
     }
 }
