@@ -83,6 +83,8 @@ def _kind(kind: Any) -> str:
 
 
 def _f64(x: Any, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.float64 and x.flags.c_contiguous:
+        return x  # the common case, per step in live use: nothing to convert or refuse
     if isinstance(x, np.ma.MaskedArray):
         raise DTypeError(f"{name}: a masked array's mask would be ignored; pass x.filled(value) to say what masked entries are")
     if isinstance(x, (str, bytes)):
@@ -150,6 +152,8 @@ def _hypers(values: Mapping[str, Any], steps: int) -> list[np.ndarray]:
 
 
 def _scalar(x: Any, name: str) -> float:
+    if type(x) is float:
+        return x  # the common case, per step in live use
     if isinstance(x, (str, bytes, bool, np.bool_, np.ma.MaskedArray)):
         raise DTypeError(f"{name} must be a real number, got {x!r}")
     if np.ndim(x) != 0:
