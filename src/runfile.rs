@@ -20,9 +20,9 @@
 //!
 //! A file is untrusted input. Only a regular file is read (a FIFO, a device such as /dev/zero or
 //! a folder is refused before anything is read), the preamble and header first: the arrays must
-//! lie one after the other, in order, exactly filling the file, each dimension at most the file's
-//! size in bytes, so what a file makes this code allocate is bounded by its size (about twice
-//! it). The checksum detects corruption (a torn write, a flipped bit), not forgery: anyone can
+//! lie one after the other, in order, exactly filling the file, the product of each array's
+//! non-zero dimensions at most the file's size in bytes, so what a file makes this code allocate
+//! is bounded by its size (about twice it). The checksum detects corruption (a torn write, a flipped bit), not forgery: anyone can
 //! compute it, so it says nothing about who wrote a file. Saving refuses to replace anything but
 //! a regular file: a symbolic link, a folder, a device, a FIFO or a socket at the target path is
 //! an error (write to the file a link points to by its real path).
@@ -161,8 +161,8 @@ fn preamble(head: &[u8], file_len: u64) -> Result<(u32, usize)> {
 
 /// The header, checked against the file it came from: the version agrees with the preamble, the
 /// arrays lie one after the other from the end of the header, in order, with distinct names,
-/// 8 bytes per element of their shape, each dimension at most the file's size, and together
-/// they fill the file exactly (so the file's size bounds every allocation).
+/// 8 bytes per element of their shape, the product of the non-zero dimensions at most the file's
+/// size, and together they fill the file exactly (so the file's size bounds every allocation).
 fn header(json: &[u8], version: u32, header_len: usize, file_len: u64) -> Result<Header> {
     let bad = |m: String| Error::Format(m);
     let header: Header = serde_json::from_slice(json).map_err(|e| bad(format!("run file header is not valid: {e}")))?;
@@ -175,7 +175,10 @@ fn header(json: &[u8], version: u32, header_len: usize, file_len: u64) -> Result
         if !names.insert(e.name.as_str()) {
             return Err(bad(format!("array {:?} appears twice", e.name)));
         }
-        if e.shape.iter().any(|&d| d as u64 > file_len) {
+        // Even an empty array's shape must be describable: the product of its non-zero
+        // dimensions is at most the file's size (so numpy can make it, and (0, 2^40) is refused).
+        let extent = e.shape.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        if extent.is_none_or(|n| n > file_len) {
             return Err(bad(format!("array {:?} declares shape {:?}, larger than the file can hold", e.name, e.shape)));
         }
         let elems = e.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
@@ -494,8 +497,10 @@ mod tests {
             header_with(&[entry("a", "[1]", 8, 8)]),
             header_with(&[entry("a", "[4]", 0, 32)]),
             header_with(&[entry("a", "[1]", 0, 8)]),
-            // An empty array with an enormous dimension, and shapes whose product overflows.
+            // An empty array with an enormous dimension, or enormous non-zero dimensions, and
+            // shapes whose product overflows.
             header_with(&[entry("a", "[0, 1152921504606846976]", 0, 0), entry("b", "[2]", 0, 16)]),
+            header_with(&[entry("a", "[0, 100, 100]", 0, 0), entry("b", "[2]", 0, 16)]),
             header_with(&[entry("a", "[4294967296, 4294967296, 2]", 0, 16)]),
             // nbytes that disagree with the shape.
             header_with(&[entry("a", "[1]", 0, 16)]),

@@ -370,3 +370,20 @@ def test_the_checksum_is_documented_as_corruption_detection_not_forgery():
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "tracking.md").read_text()
     assert "not forgery" in docs and "not forgery" in load_run.__doc__
+
+
+def test_a_large_memory_limit_is_a_ceiling_not_an_allocation():
+    """A memory limit of 2**50 bytes used to preallocate that many bytes of rows up front (a
+    MemoryError, or terabytes of address space); rows now grow by doubling up to the limit."""
+    info = synthetic_run().groups
+    run = Run(groups=info, max_rows_in_memory=Run.rows_for_memory(len(info), 2**50))
+    assert run._mem.block.nbytes < 2**20
+    for n in range(300):
+        run.append(n, 0.0, {c: np.full(len(info), float(n)) for c in COLUMNS})
+    assert run.array("measured")[:, 0].tolist() == list(range(300)) and not run.chunks
+    # Growth stops at the limit, where the run spills.
+    small = Run(groups=info, max_rows_in_memory=100, spill_dir=None)
+    for n in range(250):
+        small.append(n, 0.0, {c: np.full(len(info), float(n)) for c in COLUMNS})
+    assert len(small._mem.steps) <= 100 and len(small.chunks) == 2
+    assert small.array("measured")[:, 0].tolist() == list(range(250))

@@ -76,8 +76,9 @@ class _Rows:
 
     NAMES = COLUMNS
 
-    def __init__(self, groups: int, capacity: int = 64):
+    def __init__(self, groups: int, capacity: int = 64, limit: int | None = None):
         self.groups = groups
+        self.limit = limit  # never grow past this many rows (the run spills there)
         self.n = 0
         self.steps = np.empty(capacity, dtype=np.int64)
         self.time = np.empty(capacity, dtype=np.float64)
@@ -101,7 +102,8 @@ class _Rows:
     def reserve(self) -> np.ndarray:
         """The next row's (columns, groups) storage, to be written in place, then ``commit``-ted."""
         if self.n == len(self.steps):
-            self._grow(2 * len(self.steps))
+            grown = 2 * len(self.steps)
+            self._grow(grown if self.limit is None else max(self.n + 1, min(grown, self.limit)))
         return self.block[self.n]
 
     def commit(self, step: int, time: float) -> None:
@@ -146,8 +148,10 @@ class Run:
     chunks: list[str] = field(default_factory=list)  # chunk files, oldest first
 
     def __post_init__(self) -> None:
-        cap = 64 if self.max_rows_in_memory is None else max(1, self.max_rows_in_memory)
-        self._mem = _Rows(len(self.groups), min(cap, 1024) if self.max_rows_in_memory is None else cap)
+        # Start small and grow by doubling up to the limit: a large memory limit is a ceiling,
+        # never allocated up front.
+        limit = None if self.max_rows_in_memory is None else max(1, self.max_rows_in_memory)
+        self._mem = _Rows(len(self.groups), min(limit or 64, 64), limit)
         self.spill_folder: str | None = None
 
     @staticmethod

@@ -498,6 +498,13 @@ def _broadcast(values: Mapping[str, Any]) -> tuple[list[np.ndarray], tuple[int, 
     except ValueError as exc:
         raise ShapeError(f"{', '.join(values)} do not broadcast together ({exc})") from None
     shape = b[0].shape
+    size = int(np.prod(shape, dtype=object))
+    if size > max(MAX_UNBACKED_VALUES, *(a.size for a in arrays)):
+        # e.g. (10**5, 1) against (1, 10**5): 10**10 values no input holds (80 GB per column).
+        raise InvalidArgumentError(
+            f"{', '.join(values)} broadcast to shape {shape}, {size} values, more than any input holds "
+            f"and more than {MAX_UNBACKED_VALUES}"
+        )
     return [np.ascontiguousarray(a.reshape(-1)) for a in b], shape
 
 

@@ -169,7 +169,7 @@ pub(super) fn run(items: &[Item<'_>], tasks: &[Task]) -> Result<Vec<Partial>> {
 pub(super) fn merge(items: &[Item<'_>], tasks: &[Task], partials: &[Partial]) -> Result<Vec<Vec<f64>>> {
     let mut outputs: Vec<Vec<f64>> = Vec::with_capacity(items.len());
     for (i, it) in items.iter().enumerate() {
-        outputs.push(zeros(it.layout.groups.checked_mul(it.width()).unwrap_or(usize::MAX)).map_err(|bytes| {
+        outputs.push(zeros(it.layout.groups.saturating_mul(it.width())).map_err(|bytes| {
             Error::InvalidArgument(format!(
                 "tensor {i}: cannot allocate the result of {} groups ({})",
                 it.layout.groups,

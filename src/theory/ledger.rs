@@ -402,6 +402,9 @@ mod tests {
         // No steps, per-step arrays of length 0 beside constants: an error, never an index panic.
         let empty = Schedule::new(0, &[0.1], &[], &[0.5], &[0.0]).unwrap();
         let never = &mut crate::theory::never;
-        assert!(matches!(ledger(Kind::Scale, &[1.0], &[], Some(&[]), Some(&[]), None, &empty, true, never), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            ledger(Kind::Scale, &[1.0], &[], Some(&[]), Some(&[]), None, &empty, true, never),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -84,7 +84,12 @@ pub(crate) fn result_buffer(what: &str, rows: usize, groups: usize, backed: bool
         let count = rows.checked_mul(groups).map_or_else(|| format!("{values:.0}"), |n| n.to_string());
         format!("{what}: {rows} rows x {groups} groups = {count} values ({})", crate::stats::fmt_bytes(values * 8.0))
     };
-    let n = rows.checked_mul(groups).ok_or_else(|| Error::InvalidArgument(format!("{} is too large", describe())))?;
+    // A numpy array's non-zero dimensions times 8 bytes must fit in isize, even when it holds no
+    // value: (2^62 + 1, 0) is refused by numpy, so it is refused here too.
+    let n = rows
+        .checked_mul(groups)
+        .filter(|_| rows.max(1).checked_mul(groups.max(1)).and_then(|n| n.checked_mul(8)).is_some_and(|b| b <= isize::MAX as usize))
+        .ok_or_else(|| Error::InvalidArgument(format!("{} is too large for an array", describe())))?;
     if !backed && n > MAX_UNBACKED_VALUES {
         return Err(Error::InvalidArgument(format!(
             "{}: no input array of that size was given, and such a result may hold at most \

@@ -364,6 +364,11 @@ mod tests {
         // No groups: nothing to do however many steps (and no allocation).
         assert_eq!(paper(Kind::Translation, &[], None, None, &big, &mut never).unwrap().len(), 0);
         assert!(start.elapsed().as_secs_f64() < 1.0);
+        // Even with no values, a shape numpy cannot describe ((2^62 + 1) x 8 bytes) is refused.
+        let huge = Schedule::new(1 << 62, &[0.1], &[0.0], &[0.0], &[0.0]).unwrap();
+        assert!(
+            matches!(paper(Kind::Translation, &[], None, None, &huge, &mut never), Err(Error::InvalidArgument(m)) if m.contains("too large"))
+        );
         // An interrupt stops a long loop and its error comes back as is.
         let steps = 1 << 22;
         let sched = Schedule::new(steps, &[0.1], &[0.0], &[0.0], &[1e-3]).unwrap();
