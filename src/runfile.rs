@@ -21,11 +21,12 @@
 //! A file is untrusted input. Only a regular file is read (a FIFO, a device such as /dev/zero or
 //! a folder is refused before anything is read), the preamble and header first: the arrays must
 //! lie one after the other, in order, exactly filling the file, the product of each array's
-//! non-zero dimensions at most the file's size in bytes, so what a file makes this code allocate
-//! is bounded by its size (about twice it). The checksum detects corruption (a torn write, a flipped bit), not forgery: anyone can
-//! compute it, so it says nothing about who wrote a file. Saving refuses to replace anything but
-//! a regular file: a symbolic link, a folder, a device, a FIFO or a socket at the target path is
-//! an error (write to the file a link points to by its real path).
+//! non-zero dimensions at most the file's size in bytes, so what a file makes this code (and the
+//! bindings) allocate is a small multiple of its size. The checksum detects corruption (a torn
+//! write, a flipped bit), not forgery: anyone can compute it, so it says nothing about who wrote
+//! a file. Saving refuses to replace anything but a regular file: a symbolic link, a folder, a
+//! device, a FIFO or a socket at the target path is an error (write to the file a link points to
+//! by its real path).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -390,7 +390,7 @@ def _nan_stat(fn: Any, a: np.ndarray) -> float:
 
 
 SPILL_LOCK = "LOCK"
-_KINDS = ("translation", "scale", "rescale")
+_KINDS: tuple[str, ...] = tuple(_native.THEORY_KINDS)  # the symmetries a run may hold
 
 
 def _unlink_quietly(path: str) -> None:

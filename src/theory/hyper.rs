@@ -127,6 +127,9 @@ pub fn times(schedule: &Schedule) -> Result<Vec<f64>> {
     for n in 0..steps {
         let hp = schedule.at(n);
         t += if hp.momentum > 0.0 { hp.lr * (1.0 - hp.dampening) } else { hp.lr };
+        if !t.is_finite() {
+            return Err(Error::NonFinite(format!("the model time overflows float64 at step {n} (lr = {:e})", hp.lr)));
+        }
         out[n + 1] = t;
     }
     Ok(out)

@@ -192,14 +192,18 @@ pub fn second_order(kind: Kind, hp: Hyper) -> Result<Step> {
     // 2.2e-162), so ω² is then computed without it (kλ/(h(1+β)), equal up to rounding).
     let hh = h * h;
     let w2 = if hh.is_normal() { w / hh } else { stiffness(kind) * hp.weight_decay / (h * (1.0 + beta)) };
-    if !w2.is_finite() {
-        // λ/h beyond float64 (lr ≈ 1e-308 and below): a clear refusal rather than a NaN state.
+    let step = Step { first_order: false, cf, w2, g: h * e * s, gp: e * (c - a * s), p: hh * q, h };
+    if [step.cf, step.w2, step.g, step.gp, step.p].iter().any(|x| !x.is_finite()) {
+        // λ/h beyond float64 (lr ≈ 1e-308 and below), or h² beyond it (lr ≈ 1e154 and above):
+        // a clear refusal rather than a NaN state.
+        let which = if hp.lr < 1.0 { "small" } else { "large" };
         return Err(Error::InvalidArgument(format!(
-            "lr = {:e} is too small for the closed form in float64: ω² = kλ/(lr(1−d)(1+β)) overflows",
+            "lr = {:e} is too {which} for the closed form in float64 (its step coefficients ω² = kλ/(lr(1−d)(1+β)) \
+             and P ≈ (lr(1−d))² overflow)",
             hp.lr
         )));
     }
-    Ok(Step { first_order: false, cf, w2, g: h * e * s, gp: e * (c - a * s), p: hh * q, h })
+    Ok(step)
 }
 
 /// The step for these hyperparameters: second order when β > 0, first order when β = 0.
@@ -372,5 +376,8 @@ mod tests {
         // Where ω² itself overflows: refused, never a non-finite coefficient.
         assert!(matches!(second_order(Kind::Scale, hp(5e-324, 0.9, 1e-3)), Err(Error::InvalidArgument(m)) if m.contains("too small")));
         assert!(second_order(Kind::Scale, hp(5e-324, 0.9, 0.0)).is_ok());
+        assert!(
+            matches!(second_order(Kind::Translation, hp(1e300, 5e-324, 0.0)), Err(Error::InvalidArgument(m)) if m.contains("too large"))
+        );
     }
 }
