@@ -108,15 +108,11 @@ pub(crate) fn big(x: f64) -> bool {
     !(x.abs() <= SMALL)
 }
 
-/// Whether any value is not finite, and whether any is beyond [`SMALL`].
+/// Whether any value is beyond [`SMALL`] (NaN and ±inf included: one comparison per value, as
+/// cheap as a finiteness check; the caller tells a non-finite value apart only when this is set).
 #[inline(always)]
 pub(crate) fn scan(a: &[f64]) -> Flags {
-    let (mut bad, mut large) = (false, false);
-    for &x in a {
-        bad |= non_finite(x);
-        large |= big(x);
-    }
-    Flags { bad, big: large }
+    Flags { bad: false, big: a.iter().fold(false, |large, &x| large | big(x)) }
 }
 
 /// In place over the state (y, v) with a read-only input d: (y, v) ← f(y, v, d), also writing

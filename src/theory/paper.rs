@@ -149,11 +149,10 @@ impl PaperState {
         }
         let mut drive_big = false;
         if self.kind.is_quadratic() {
-            let flags = chunks::run_tally(groups, [drive], [], |[d], []| chunks::scan(d), Flags::default(), Flags::or)?;
-            if flags.bad {
-                return check_finite("drive", drive, groups);
+            drive_big = chunks::run_tally(groups, [drive], [], |[d], []| chunks::scan(d), Flags::default(), Flags::or)?.big;
+            if drive_big {
+                check_finite("drive", drive, groups)?;
             }
-            drive_big = flags.big;
         }
         let drive = if self.kind.is_quadratic() { drive } else { &self.zeros };
         let small = chunks::SMALL;
