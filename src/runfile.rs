@@ -17,6 +17,16 @@
 //! to a temporary name in the same folder, flushed to disk and renamed over the target, so a
 //! crash mid-save leaves the previous file intact. Reading checks magic, version, sizes and the
 //! checksum, so a truncated or foreign file is an error, never a wrong number.
+//!
+//! A file is untrusted input. Only a regular file is read (a FIFO, a device such as /dev/zero or
+//! a folder is refused before anything is read), the preamble and header first: the arrays must
+//! lie one after the other, in order, exactly filling the file, the product of each array's
+//! non-zero dimensions at most the file's size in bytes, so what a file makes this code (and the
+//! bindings) allocate is a small multiple of its size. The checksum detects corruption (a torn
+//! write, a flipped bit), not forgery: anyone can compute it, so it says nothing about who wrote
+//! a file. Saving refuses to replace anything but a regular file: a symbolic link, a folder, a
+//! device, a FIFO or a socket at the target path is an error (write to the file a link points to
+//! by its real path).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -128,66 +138,157 @@ pub fn encode(meta_json: &str, arrays: &[ArrayRef<'_>]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Parse a whole file; every inconsistency is an `Error::Format` naming what is wrong.
-pub fn decode(data: &[u8]) -> Result<(String, Vec<OwnedArray>)> {
+/// The preamble (24 bytes) of a file of `file_len` bytes: the format version and header length.
+fn preamble(head: &[u8], file_len: u64) -> Result<(u32, usize)> {
     let bad = |m: String| Error::Format(m);
-    if data.len() < 8 || &data[..8] != MAGIC {
+    if head.len() < 8 || &head[..8] != MAGIC {
         return Err(bad("not a neural-mechanics run file (bad magic bytes)".into()));
     }
-    if data.len() < 32 {
-        return Err(bad(format!("truncated run file ({} bytes)", data.len())));
+    if file_len < 32 || head.len() < 24 {
+        return Err(bad(format!("truncated run file ({file_len} bytes)")));
     }
-    let version = u32::from_le_bytes(data[8..12].try_into().unwrap_or_default());
+    let version = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default());
     if version == 0 || version > FORMAT_VERSION {
         return Err(bad(format!(
             "run file format version {version}; this neural-mechanics reads versions 1..={FORMAT_VERSION} (upgrade the package)"
         )));
     }
-    let header_len = u64::from_le_bytes(data[16..24].try_into().unwrap_or_default()) as usize;
-    let body = &data[..data.len() - 8];
-    let stored = u64::from_le_bytes(data[data.len() - 8..].try_into().unwrap_or_default());
-    if header_len > body.len().saturating_sub(24) {
+    let header_len = u64::from_le_bytes(head[16..24].try_into().unwrap_or_default());
+    if header_len > file_len - 32 {
         return Err(bad("truncated run file (header runs past the end)".into()));
     }
-    if checksum(body) != stored {
-        return Err(bad("run file is truncated or corrupted (checksum mismatch)".into()));
-    }
-    let header: Header =
-        serde_json::from_slice(&data[24..24 + header_len]).map_err(|e| bad(format!("run file header is not valid: {e}")))?;
+    Ok((version, header_len as usize))
+}
+
+/// The header, checked against the file it came from: the version agrees with the preamble, the
+/// arrays lie one after the other from the end of the header, in order, with distinct names,
+/// 8 bytes per element of their shape, the product of the non-zero dimensions at most the file's
+/// size, and together they fill the file exactly (so the file's size bounds every allocation).
+fn header(json: &[u8], version: u32, header_len: usize, file_len: u64) -> Result<Header> {
+    let bad = |m: String| Error::Format(m);
+    let header: Header = serde_json::from_slice(json).map_err(|e| bad(format!("run file header is not valid: {e}")))?;
     if header.format_version != version {
         return Err(bad("run file header and preamble disagree on the format version".into()));
     }
+    let mut names = std::collections::HashSet::new();
+    let mut offset = 0u64;
+    for e in &header.arrays {
+        if !names.insert(e.name.as_str()) {
+            return Err(bad(format!("array {:?} appears twice", e.name)));
+        }
+        // Even an empty array's shape must be describable: the product of its non-zero
+        // dimensions is at most the file's size (so numpy can make it, and (0, 2^40) is refused).
+        let extent = e.shape.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        if extent.is_none_or(|n| n > file_len) {
+            return Err(bad(format!("array {:?} declares shape {:?}, larger than the file can hold", e.name, e.shape)));
+        }
+        let elems = e.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        match elems.and_then(|n| n.checked_mul(8)) {
+            Some(n) if n == e.nbytes && e.offset == offset && n <= file_len => offset += n,
+            _ => return Err(bad(format!("array {:?} does not fit in the file", e.name))),
+        }
+    }
+    let expected = (24 + pad8(header_len) as u64).checked_add(offset).and_then(|n| n.checked_add(8));
+    if expected != Some(file_len) {
+        return Err(bad(format!(
+            "run file is truncated or has trailing bytes ({file_len} bytes; its header describes {})",
+            expected.map_or_else(|| "more than 2^64".into(), |n| n.to_string())
+        )));
+    }
+    Ok(header)
+}
+
+/// Parse a whole file; every inconsistency is an `Error::Format` naming what is wrong.
+pub fn decode(data: &[u8]) -> Result<(String, Vec<OwnedArray>)> {
+    let file_len = data.len() as u64;
+    let (version, header_len) = preamble(&data[..data.len().min(24)], file_len)?;
+    let body = &data[..data.len() - 8];
+    let stored = u64::from_le_bytes(data[data.len() - 8..].try_into().unwrap_or_default());
+    if checksum(body) != stored {
+        return Err(Error::Format("run file is truncated or corrupted (checksum mismatch)".into()));
+    }
+    let header = header(&data[24..24 + header_len], version, header_len, file_len)?;
     let data_start = 24 + pad8(header_len);
     let mut arrays = Vec::with_capacity(header.arrays.len());
     for e in header.arrays {
-        let start = data_start.checked_add(e.offset as usize);
-        let end = start.and_then(|s| s.checked_add(e.nbytes as usize));
-        let n: Option<usize> = e.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        match (start, end, n) {
-            (Some(s), Some(t), Some(n)) if t <= body.len() && n * 8 == e.nbytes as usize => {
-                arrays.push(OwnedArray { name: e.name, elem: e.elem, shape: e.shape, bytes: body[s..t].to_vec() })
-            }
-            _ => return Err(bad(format!("array {:?} does not fit in the file", e.name))),
-        }
+        // In bounds: `header` checked that the arrays fill the body exactly.
+        let (s, t) = (data_start + e.offset as usize, data_start + (e.offset + e.nbytes) as usize);
+        arrays.push(OwnedArray { name: e.name, elem: e.elem, shape: e.shape, bytes: body[s..t].to_vec() });
     }
     Ok((header.meta.to_string(), arrays))
 }
 
+/// A name for the temporary file next to `path`, unique in this process.
 fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    path.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()))
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{nanos}-{count}", std::process::id()))
 }
 
-/// Write atomically: temporary file in the same folder, fsync, rename over `path`, fsync folder.
+/// Whether `path` may be replaced by a saved run: it does not exist, or it is a regular file
+/// (checked without following a symbolic link, which is refused).
+fn check_target(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, "cannot inspect", e)),
+        Ok(m) if m.file_type().is_symlink() => Err(Error::Io(format!(
+            "{} is a symbolic link; a run is never saved through one (save to the file it points to, os.path.realpath)",
+            path.display()
+        ))),
+        Ok(m) if !m.is_file() => Err(Error::Io(format!(
+            "{} exists and is not a regular file ({}); refusing to replace it with a run",
+            path.display(),
+            kind_of(&m)
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// What a non-regular file is, for messages.
+fn kind_of(m: &fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Write atomically: temporary file in the same folder (created exclusively, never through an
+/// existing name), fsync, rename over `path`, fsync folder. `path` must not exist or be a
+/// regular file; anything else (a symbolic link, a device, a folder) is refused untouched.
 pub fn write_atomic(path: &Path, meta_json: &str, arrays: &[ArrayRef<'_>]) -> Result<()> {
+    check_target(path)?;
     let bytes = encode(meta_json, arrays)?;
     let tmp = temp_path(path);
+    let mut created = false;
     let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(|e| io_err(&tmp, "cannot create", e))?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(&tmp, "cannot create", e))?;
+        created = true;
         f.write_all(&bytes).map_err(|e| io_err(&tmp, "cannot write", e))?;
         f.sync_all().map_err(|e| io_err(&tmp, "cannot flush", e))?;
         drop(f);
+        // Checked again just before the rename (the target may have changed while writing).
+        check_target(path)?;
         fs::rename(&tmp, path).map_err(|e| io_err(path, "cannot replace", e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Make the rename itself durable; not every filesystem supports this, so best effort.
@@ -197,14 +298,110 @@ pub fn write_atomic(path: &Path, meta_json: &str, arrays: &[ArrayRef<'_>]) -> Re
         }
         Ok(())
     })();
-    if result.is_err() {
+    if result.is_err() && created {
         let _ = fs::remove_file(&tmp);
     }
     result
 }
 
+/// O_NONBLOCK where its value is known: opening a FIFO for reading then returns at once instead
+/// of waiting for a writer (the regular-file check that follows refuses it). Elsewhere the check
+/// made before opening stands alone.
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "powerpc64",
+        target_arch = "s390x"
+    )
+))]
+const O_NONBLOCK: i32 = 0o4000;
+#[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd", target_os = "openbsd", target_os = "netbsd"))]
+const O_NONBLOCK: i32 = 0x0004;
+#[cfg(not(any(
+    all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "x86",
+            target_arch = "aarch64",
+            target_arch = "arm",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "s390x"
+        )
+    ),
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd"
+)))]
+const O_NONBLOCK: i32 = 0;
+
+/// Open `path` for reading if it is a regular file (checked before opening and again on the
+/// open file); returns the file and its size.
+fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
+    let not_regular = |m: &fs::Metadata| {
+        Error::Io(format!("cannot read {}: it is {}, not a run file (only regular files are read)", path.display(), kind_of(m)))
+    };
+    let before = fs::metadata(path).map_err(|e| io_err(path, "cannot read", e))?;
+    if !before.is_file() {
+        return Err(not_regular(&before));
+    }
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(O_NONBLOCK);
+    }
+    let _ = O_NONBLOCK;
+    let file = options.open(path).map_err(|e| io_err(path, "cannot read", e))?;
+    let m = file.metadata().map_err(|e| io_err(path, "cannot read", e))?;
+    if !m.is_file() {
+        return Err(not_regular(&m));
+    }
+    Ok((file, m.len()))
+}
+
+/// Append exactly `n` bytes of `file` to `buf` (whose capacity was reserved by the caller).
+fn read_into(file: &mut fs::File, buf: &mut Vec<u8>, n: u64, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let before = buf.len();
+    file.take(n).read_to_end(buf).map_err(|e| io_err(path, "cannot read", e))?;
+    if (buf.len() - before) as u64 != n {
+        return Err(Error::Format(format!("truncated run file ({} changed while it was read)", path.display())));
+    }
+    Ok(())
+}
+
+/// An empty buffer with room for `n` bytes, allocated fallibly.
+fn buffer(n: u64, path: &Path) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let room = usize::try_from(n).ok().filter(|&n| buf.try_reserve_exact(n).is_ok());
+    room.ok_or_else(|| Error::Io(format!("cannot read {}: no memory for its {n} bytes", path.display())))?;
+    Ok(buf)
+}
+
+/// Read a saved run: a regular file only, preamble and header first (so that nothing is
+/// allocated for a foreign file, and only the file's own size for a run file, which the header
+/// must account for exactly), then the rest; [`decode`] then checks everything, checksum
+/// included.
 pub fn read(path: &Path) -> Result<(String, Vec<OwnedArray>)> {
-    let data = fs::read(path).map_err(|e| io_err(path, "cannot read", e))?;
+    let (mut file, file_len) = open_regular(path)?;
+    let mut head = Vec::with_capacity(24);
+    read_into(&mut file, &mut head, file_len.min(24), path)?;
+    let (version, header_len) = preamble(&head, file_len)?;
+    let mut data = buffer(file_len, path)?;
+    data.extend_from_slice(&head);
+    read_into(&mut file, &mut data, header_len as u64, path)?;
+    header(&data[24..], version, header_len, file_len)?;
+    read_into(&mut file, &mut data, file_len - 24 - header_len as u64, path)?;
     decode(&data)
 }
 
@@ -259,6 +456,98 @@ mod tests {
         assert_eq!(leftovers.len(), 1);
         // A failing write (folder does not exist) leaves the old file and no temporary.
         assert!(matches!(write_atomic(&dir.join("no/such/dir/r"), "{}", &arrays), Err(Error::Io(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file with this header JSON and payload, correctly framed and checksummed: only the
+    /// header's own claims can be wrong.
+    fn craft(header_json: &str, payload: &[u8]) -> Vec<u8> {
+        let h = header_json.as_bytes();
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+        out.extend_from_slice(h);
+        out.resize(24 + pad8(h.len()), 0);
+        out.extend_from_slice(payload);
+        let sum = checksum(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    fn entry(name: &str, shape: &str, offset: u64, nbytes: u64) -> String {
+        format!(r#"{{"name":"{name}","elem":"f64","shape":{shape},"offset":{offset},"nbytes":{nbytes}}}"#)
+    }
+
+    fn header_with(entries: &[String]) -> String {
+        format!(r#"{{"format_version":1,"producer":"x","meta":{{}},"arrays":[{}]}}"#, entries.join(","))
+    }
+
+    #[test]
+    fn crafted_headers_cannot_make_a_file_allocate_more_than_its_size() {
+        let payload = f64_bytes(&[1.0, 2.0]);
+        let ok = craft(&header_with(&[entry("a", "[2]", 0, 16)]), &payload);
+        assert_eq!(decode(&ok).unwrap().1[0].shape, vec![2]);
+        let refused = [
+            // Two arrays over the same bytes (each copied: n arrays would take n times the file).
+            header_with(&[entry("a", "[2]", 0, 16), entry("b", "[2]", 0, 16)]),
+            // The same name twice.
+            header_with(&[entry("a", "[1]", 0, 8), entry("a", "[1]", 8, 8)]),
+            // A gap, an array past the end, bytes no array claims.
+            header_with(&[entry("a", "[1]", 8, 8)]),
+            header_with(&[entry("a", "[4]", 0, 32)]),
+            header_with(&[entry("a", "[1]", 0, 8)]),
+            // An empty array with an enormous dimension, or enormous non-zero dimensions, and
+            // shapes whose product overflows.
+            header_with(&[entry("a", "[0, 1152921504606846976]", 0, 0), entry("b", "[2]", 0, 16)]),
+            header_with(&[entry("a", "[0, 100, 100]", 0, 0), entry("b", "[2]", 0, 16)]),
+            header_with(&[entry("a", "[4294967296, 4294967296, 2]", 0, 16)]),
+            // nbytes that disagree with the shape.
+            header_with(&[entry("a", "[1]", 0, 16)]),
+        ];
+        for h in refused {
+            let file = craft(&h, &payload);
+            assert!(matches!(decode(&file), Err(Error::Format(_))), "{h}");
+        }
+        // Trailing bytes after a valid layout.
+        let mut trailing = payload.clone();
+        trailing.extend_from_slice(&[0; 8]);
+        assert!(matches!(decode(&craft(&header_with(&[entry("a", "[2]", 0, 16)]), &trailing)), Err(Error::Format(_))));
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_replaced() {
+        let dir = std::env::temp_dir().join(format!("nm-runfile-targets-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let one = f64_bytes(&[1.0]);
+        let arrays = [ArrayRef { name: "x", elem: ElemType::F64, shape: vec![1], bytes: &one }];
+        // A folder is neither read nor replaced.
+        assert!(matches!(read(&dir), Err(Error::Io(m)) if m.contains("a folder")));
+        let sub = dir.join("sub");
+        fs::create_dir_all(&sub).unwrap();
+        assert!(matches!(write_atomic(&sub, "{}", &arrays), Err(Error::Io(m)) if m.contains("not a regular file")));
+        assert!(sub.is_dir());
+        // A symbolic link is refused and left as it is, and so is the file it points to.
+        #[cfg(unix)]
+        {
+            let target = dir.join("target.nmrun");
+            write_atomic(&target, r#"{"v": 1}"#, &arrays).unwrap();
+            let link = dir.join("link.nmrun");
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            assert!(matches!(write_atomic(&link, r#"{"v": 2}"#, &arrays), Err(Error::Io(m)) if m.contains("symbolic link")));
+            assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+            assert_eq!(read(&link).unwrap().0, r#"{"v":1}"#); // reading through a link is fine
+                                                              // A character device (read side): refused before a byte is read.
+            let zero = Path::new("/dev/zero");
+            if zero.exists() {
+                assert!(matches!(read(zero), Err(Error::Io(m)) if m.contains("a device")));
+            }
+        }
+        // A foreign regular file is refused after its first bytes, whatever its size.
+        let foreign = dir.join("foreign");
+        fs::write(&foreign, vec![b'x'; 1 << 20]).unwrap();
+        assert!(matches!(read(&foreign), Err(Error::Format(m)) if m.contains("magic")));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

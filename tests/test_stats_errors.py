@@ -233,6 +233,52 @@ def test_empty_tensors(shape, axis, groups):
     assert got["sum_theta"].shape == (groups,)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (np.empty((0, 2**40), np.float32), 1),
+        lambda: (np.empty((2**40, 0), np.float32), 0),
+        lambda: (torch.empty((0, 2**40)), 1),
+        lambda: (torch.empty((2**40, 0), dtype=torch.bfloat16), 0),
+        lambda: (np.empty((0, 2**40, 3), np.float64), 1),
+    ],
+    ids=["numpy-columns", "numpy-rows", "torch-columns", "torch-bf16-rows", "numpy-3d"],
+)
+def test_an_empty_tensor_never_asks_for_terabytes(make):
+    """Finding: group_stats(np.empty((0, 2**40)), axis=1) tried to allocate 16 TiB of zero sums
+    and died with SIGABRT. Now refused before any allocation, naming the size."""
+    x, axis = make()
+    with raises(ShapeError, ValueError, "1099511627776 groups", "16.0 TiB", str(nm.stats.MAX_EMPTY_GROUPS)):
+        nm.group_stats(x, axis=axis)
+    with raises(ShapeError, ValueError, "tensor 1"):
+        nm.group_stats_batch([(F32,), (x, None, None, axis)])
+
+
+def test_an_empty_tensor_at_the_group_limit():
+    # One past the limit is refused; the limit itself is allowed (not run here: 256 MiB of zeros).
+    limit = nm.stats.MAX_EMPTY_GROUPS
+    with raises(ShapeError, ValueError, f"{limit + 1} groups"):
+        nm.group_stats(np.empty((0, limit + 1), np.float32), axis=1)
+    assert nm.group_stats(np.empty((0, 1000), np.float32), axis=1)["sum_theta"].shape == (1000,)
+
+
+def test_the_exported_layout_refuses_overflowing_shapes():
+    from neural_mechanics import _native
+
+    with raises(ShapeError, ValueError, "more elements than memory can address"):
+        _native.layout([0, 2**40, 2**40, 2**40], 0, 1)
+
+
+def test_a_masked_array_is_refused_not_read_without_its_mask():
+    """Finding: a numpy masked array's mask was ignored (its masked entries summed)."""
+    m = np.ma.masked_array(np.ones((2, 3), np.float32), mask=[[1, 0, 0], [0, 0, 0]])
+    with raises(DTypeError, TypeError, "masked", "filled"):
+        nm.group_stats(m)
+    with raises(DTypeError, TypeError, "grad", "masked"):
+        nm.group_stats(F32, np.ma.masked_array(F32))
+    assert nm.group_stats(m.filled(0))["sum_theta"].tolist() == [2.0, 3.0]
+
+
 # --- devices ------------------------------------------------------------------------------------
 
 

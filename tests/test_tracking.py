@@ -87,6 +87,49 @@ def test_bad_arguments():
         nm.track(model, "not an optimizer")
 
 
+def test_arguments_are_checked_when_given(tmp_path):
+    """every/record_every take any integer type and refuse bools and floats; memory_limit is
+    None or an integer of at least Run.MIN_MEMORY_LIMIT (0, -1 and 1.5 used to write one chunk
+    file per row); spill_dir is None or a folder path, created if missing; all at track(...),
+    not at the first spill or forward."""
+    from neural_mechanics.run import Run
+
+    model = bn_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kw in (dict(every=np.int64(2)), dict(record_every=np.int32(3)), dict(memory_limit=np.int64(2**21)), dict(memory_limit=None)):
+        nm.track(model, opt, **kw).close()
+    tracker = nm.track(model, opt, every=np.int64(2))
+    assert type(tracker.every) is int and tracker.every == 2
+    tracker.close()
+    bad = [
+        dict(every=True),
+        dict(every=2.0),
+        dict(record_every=np.float64(2)),
+        dict(record_every="2"),
+        dict(memory_limit="abc"),
+        dict(memory_limit=0),
+        dict(memory_limit=-1),
+        dict(memory_limit=1.5),
+        dict(memory_limit=True),
+        dict(memory_limit=Run.MIN_MEMORY_LIMIT - 1),
+        dict(spill_dir=42),
+        dict(spill_dir=b"bytes"),
+        dict(spill_dir=""),
+    ]
+    for kw in bad:
+        with pytest.raises(InvalidArgumentError):
+            nm.track(model, opt, **kw)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    with pytest.raises(InvalidArgumentError, match="not a folder"):
+        nm.track(model, opt, spill_dir=a_file)
+    missing = tmp_path / "made" / "here"
+    nm.track(model, opt, spill_dir=missing).close()
+    assert missing.is_dir()
+    # No hook was left behind by the refused calls: a plain loop still runs untracked.
+    loop(model, opt, 2)
+
+
 def test_every_k_measures_sampled_steps_and_leaves_exact_nan():
     run, *_ = tracked(sgd(), steps=40, every=4)
     steps = run.step_index

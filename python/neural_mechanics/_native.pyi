@@ -11,11 +11,13 @@ _F64: TypeAlias = npt.NDArray[np.float64]
 
 __all__ = [
     "DTYPE_CODES",
+    "MAX_EMPTY_GROUPS",
     "MAX_THREADS",
     "RUN_FORMAT_VERSION",
     "SUM_NAMES",
     "THEORY_CRITICAL_TOL",
     "THEORY_KINDS",
+    "THEORY_MAX_UNBACKED_VALUES",
     "TheoryLedgerStream",
     "TheoryPaperStream",
     "COLUMN_FIELDS",
@@ -37,15 +39,18 @@ __all__ = [
     "theory_ledger_measured",
     "theory_paper",
     "theory_regime",
+    "theory_times",
 ]
 
 __version__: str
 SUM_NAMES: list[str]
 DTYPE_CODES: dict[str, int]
 MAX_THREADS: int
+MAX_EMPTY_GROUPS: int
 RUN_FORMAT_VERSION: int
 THEORY_KINDS: list[str]
 THEORY_CRITICAL_TOL: float
+THEORY_MAX_UNBACKED_VALUES: int
 
 # stats
 def layout(shape: Sequence[int], axis: int, block: int) -> tuple[int, int, int]: ...
@@ -92,6 +97,7 @@ def theory_equilibrium_sgd(
 ) -> tuple[_F64, _F64, _F64, _F64]: ...
 def theory_equilibrium_adamw(lr: _F64, weight_decay: _F64, update_sq: _F64, beta1: _F64) -> tuple[_F64, _F64, _F64, _F64]: ...
 def theory_regime(lr: float, momentum: float, dampening: float, weight_decay: float, kind: str = "scale") -> str: ...
+def theory_times(lr: _F64, momentum: _F64, dampening: _F64, steps: int) -> _F64: ...
 
 @final
 class TheoryPaperStream:

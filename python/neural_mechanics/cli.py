@@ -1,5 +1,9 @@
 """Command line: ``neural-mechanics demo`` (train, track, report) and ``neural-mechanics report``
-(redraw a report from saved runs). Also :func:`demo`, the same as a Python function."""
+(redraw a report from saved runs). Also :func:`demo`, the same as a Python function.
+
+Every user error (a bad option value, unreadable or malformed data, a bad run file, a folder that
+cannot be written) ends the command with one line on stderr, ``neural-mechanics: error: ...``,
+and exit code 2, without a traceback; Ctrl-C exits with 130."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NeuralMechanicsError
 
 QUICK_STEPS = 150
 DEFAULT_STEPS = 1500
@@ -27,27 +31,30 @@ def demo(
     models: Sequence[str] = DEFAULT_MODELS,
     progress: bool = True,
     image_size: int = 8,
+    trust_data: bool = False,
 ) -> Path:
     """Train the reference models on ``data`` with the reference SGD recipe, tracked, and write
     the report folder ``out``; returns the path of its index.html.
 
     ``data``: None (the packaged digits), an ImageFolder directory, a .pt file, a
     ``data_sources.DataSource`` or any torch Dataset. ``steps``: per model (default 1500, or 150
-    with ``quick``).
+    with ``quick``). ``trust_data``: load a .pt file that holds more than tensors (a pickled
+    Dataset), which runs code from the file (see ``data_sources.load``).
     """
     from . import data_sources
     from . import models as zoo
     from .report import write_report
 
+    n_steps = steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
+        raise InvalidArgumentError(f"steps must be an integer of at least 2, got {n_steps!r}")
+    image_size = data_sources.check_image_size(image_size)
     if isinstance(data, data_sources.DataSource):
         source = data
     elif data is None or isinstance(data, (str, os.PathLike)):
-        source = data_sources.load(data, image_size=image_size)
+        source = data_sources.load(data, image_size=image_size, trust=trust_data)
     else:
         source = data_sources.from_dataset(data)
-    n_steps = steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS)
-    if n_steps < 2:
-        raise InvalidArgumentError(f"steps must be at least 2, got {n_steps}")
     recipe = zoo.Recipe(steps=n_steps)
     trained = [zoo.train(name, source, recipe, progress=progress) for name in models]
     data_line = f"Data: {source!r}." + (f" {source.credit}." if source.credit else "")
@@ -59,9 +66,19 @@ def demo(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.image_size is not None and args.data is None:
+        raise InvalidArgumentError("--image-size applies to --data (the packaged digits are 8x8)")
     _limit_threads(args.threads)
     start = time.perf_counter()
-    index = demo(args.out, steps=args.steps, quick=args.quick, data=args.data, progress=not args.no_progress, image_size=args.image_size)
+    index = demo(
+        args.out,
+        steps=args.steps,
+        quick=args.quick,
+        data=args.data,
+        progress=not args.no_progress,
+        image_size=8 if args.image_size is None else args.image_size,
+        trust_data=args.trust_data,
+    )
     print(f"\nReport written in {time.perf_counter() - start:.0f} s: {index.resolve()}")
     print(f"(Markdown: {index.with_suffix('.md').resolve()})")
     return 0
@@ -86,8 +103,39 @@ def _limit_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or 1)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``neural-mechanics: error: ...`` and exit code 2 (the
+    default prints the usage block first)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
+        _fail(f"{message} (see {self.prog} --help)")
+
+
+def _fail(message: str) -> Any:
+    sys.stderr.write(f"neural-mechanics: error: {' '.join(str(message).split())}\n")
+    sys.exit(2)
+
+
+def _integer(least: int, most: int | None = None) -> Any:
+    """An argparse type: an integer in [least, most]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"expected an integer from {least}" + (f" to {most}" if most is not None else " up") + f", got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .data_sources import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    parser = _Parser(
         prog="neural-mechanics",
         description="Symmetries, conserved charges and their breaking, measured while a model trains.",
     )
@@ -96,10 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train the reference models (tracked) and write a report folder")
     d.add_argument("--out", default="nm-report", help="report folder (default: nm-report)")
     d.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per model (tests, a first look)")
-    d.add_argument("--steps", type=int, default=None, help=f"steps per model (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
-    d.add_argument("--data", default=None, help="an ImageFolder directory or a .pt file (a Dataset or (inputs, labels)); default: the packaged digits")
-    d.add_argument("--image-size", type=int, default=8, help="images of --data are resized to this square (default 8)")
-    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1: fastest for these small models)")
+    d.add_argument("--steps", type=_integer(2), default=None, help=f"steps per model, at least 2 (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
+    d.add_argument(
+        "--data",
+        default=None,
+        help="an ImageFolder directory or a .pt file holding (inputs, labels) tensors; default: the packaged digits",
+    )
+    d.add_argument(
+        "--trust-data",
+        action="store_true",
+        help="also load a .pt file that holds more than tensors (a pickled Dataset): unpickling it runs code "
+        "from the file, so pass this only for files whose author you trust (without it, torch.load(weights_only=True))",
+    )
+    d.add_argument(
+        "--image-size",
+        type=_integer(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+        default=None,
+        help=f"images of --data are resized to this square, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 8)",
+    )
+    d.add_argument("--threads", type=_integer(1, 4096), default=None, help="torch intra-op threads (default 1: fastest for these small models)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 
@@ -111,9 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (0, 2 for a user error, 130 on Ctrl-C)."""
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
+    except SystemExit as exc:  # argparse: --help (0) and the one-line errors of _Parser (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    except (NeuralMechanicsError, OSError) as exc:
+        # The library's errors are about the input; an OSError here is a file or folder that
+        # cannot be read or written (--out, --data, a run file).
+        sys.stderr.write(f"neural-mechanics: error: {' '.join(str(exc).split()) or type(exc).__name__}\n")
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,10 +14,23 @@ pairs with images shaped (channels, size, size), plus what the reference models 
 :func:`load` turns a command-line ``--data`` argument into a source. :func:`batches` draws
 minibatches forever, by direct tensor indexing for in-memory data (the common case here, much
 faster than a DataLoader for tiny images) and through a shuffling DataLoader otherwise.
+
+Data is checked before anything is built from it: images are (channels, size, size) with size
+>= 4 (the reference models pool twice), labels are integers in [0, MAX_CLASSES) (the classifier
+has one output per class: a label of 10**9 would ask for a 512 GB layer), inputs and labels
+agree in length, images decode. Every problem is an
+:class:`~neural_mechanics.errors.InvalidArgumentError` or
+:class:`~neural_mechanics.errors.ShapeError` naming the file or the sample.
+
+A ``.pt`` file is loaded with ``torch.load(weights_only=True)``: tensors, tuples, lists and dicts
+only, no code runs. A file that needs more (a pickled Dataset class) loads only with
+``trust=True`` (the command line's ``--trust-data``): unpickling such a file can run any code
+its author put in it.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +38,44 @@ from typing import Any
 
 from .datasets import DIGITS_CREDIT, load_digits
 from .errors import InvalidArgumentError, ShapeError
+
+#: Labels must lie in [0, MAX_CLASSES): the classifier has one output per class.
+MAX_CLASSES = 2**16
+#: Image sizes accepted for resizing (``image_size``): the reference models pool twice.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 1024
+
+
+def check_image_size(image_size: Any) -> int:
+    """An ``image_size`` argument: an integer in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]."""
+    try:
+        n = None if isinstance(image_size, bool) else operator.index(image_size)
+    except TypeError:
+        n = None
+    if n is None or not MIN_IMAGE_SIZE <= n <= MAX_IMAGE_SIZE:
+        raise InvalidArgumentError(f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
+    return n
+
+
+def _check_labels(labels: Any, n: int, where: str) -> int:
+    """``labels``: a 1-D tensor of n integer values in [0, MAX_CLASSES); returns the class count."""
+    import torch
+
+    if not torch.is_tensor(labels) or labels.dim() != 1 or len(labels) != n:
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ShapeError(f"{where}: labels must be a 1-D tensor of {n} values (one per input), got {shape}")
+    if labels.is_complex() or labels.dtype == torch.bool:
+        raise InvalidArgumentError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    if n == 0:
+        return 0
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise InvalidArgumentError(f"{where}: labels must be whole numbers, got non-integer values (dtype {labels.dtype})")
+    low, high = float(labels.min()), float(labels.max())
+    if not (low >= 0 and high < MAX_CLASSES):
+        raise InvalidArgumentError(
+            f"{where}: labels must be class indices in [0, {MAX_CLASSES}), got values from {low:g} to {high:g} "
+            f"(the classifier has one output per class)"
+        )
+    return int(high) + 1
 
 
 @dataclass
@@ -97,20 +148,36 @@ def image_folder(
     from torch.utils.data import TensorDataset
     from torchvision import datasets, transforms
 
+    image_size = check_image_size(image_size)
+    path = os.fspath(root)
+    if not os.path.isdir(path):
+        raise InvalidArgumentError(f"{path}: not a folder (expected root/<class>/<image>)")
     steps: list[Any] = [transforms.Grayscale(1)] if grayscale else [transforms.Lambda(lambda im: im.convert("RGB"))]
     steps += [transforms.Resize((image_size, image_size)), transforms.ToTensor()]
-    folder = datasets.ImageFolder(os.fspath(root), transform=transforms.Compose(steps))
+    try:
+        folder = datasets.ImageFolder(path, transform=transforms.Compose(steps))
+    except (OSError, RuntimeError) as exc:  # no class folder, no permission
+        raise InvalidArgumentError(f"{path}: cannot read the image folder ({exc})") from None
     if len(folder) == 0:
         raise InvalidArgumentError(f"{root}: no images found (expected root/<class>/<image>)")
+    if len(folder.classes) > MAX_CLASSES:
+        raise InvalidArgumentError(f"{root}: {len(folder.classes)} class folders; at most {MAX_CLASSES}")
+
+    def image(i: int) -> Any:
+        try:
+            return folder[i][0]
+        except Exception as exc:  # any decoder failure (PIL raises OSError, ValueError, SyntaxError...)
+            raise InvalidArgumentError(f"{folder.samples[i][0]}: cannot read this image ({type(exc).__name__}: {exc})") from None
+
     channels = 1 if grayscale else 3
     if in_memory:
-        x = torch.stack([folder[i][0] for i in range(len(folder))])
+        x = torch.stack([image(i) for i in range(len(folder))])
         y = torch.tensor(folder.targets, dtype=torch.int64)
         x = (x - x.mean()) / x.std().clamp_min(1e-8)
         dataset: Any = TensorDataset(x, y)
     else:
         # Normalise with statistics of (up to) 512 images rather than a full pass.
-        sample = torch.stack([folder[i][0] for i in range(min(len(folder), 512))])
+        sample = torch.stack([image(i) for i in range(min(len(folder), 512))])
         mean, std = float(sample.mean()), float(sample.std().clamp_min(1e-8))
         folder.transform = transforms.Compose([*steps, transforms.Normalize([mean] * channels, [std] * channels)])
         dataset = folder
@@ -134,41 +201,107 @@ def from_dataset(
 
     ``test``: a separate test set; otherwise ``test_fraction`` of ``dataset`` is held out.
     ``num_classes``: read from the labels when not given (one pass over a non-tensor dataset).
+    The checks of the module documentation apply (images, labels, lengths).
     """
     import torch
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import Dataset, TensorDataset
 
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(torch.is_tensor(t) for t in dataset):
-        dataset = TensorDataset(dataset[0].float(), dataset[1].long())
-    if len(dataset) == 0:
-        raise InvalidArgumentError("the dataset is empty")
-    image = dataset[0][0]
+        x, y = dataset
+        if x.dim() != 4:
+            raise ShapeError(f"{name}: inputs must be (N, channels, size, size), got shape {tuple(x.shape)}")
+        if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+            raise InvalidArgumentError(f"{name}: inputs must be real numbers, got dtype {x.dtype}")
+        _check_labels(y, len(x), name)
+        x = x.float()
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidArgumentError(f"{name}: the inputs hold NaN or infinity")
+        dataset = TensorDataset(x, y.long())
+    elif isinstance(dataset, (str, bytes, dict)) or not (
+        isinstance(dataset, Dataset) or (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+    ):
+        raise InvalidArgumentError(
+            f"{name}: expected a torch Dataset of (image, label) or a pair of tensors (inputs, labels), got {type(dataset).__name__}"
+        )
+    try:
+        n = len(dataset)
+        first = dataset[0] if n else None
+    except Exception as exc:  # a user Dataset: whatever its __len__ / __getitem__ raise
+        raise InvalidArgumentError(f"{name}: cannot read the dataset ({type(exc).__name__}: {exc})") from None
+    if n == 0:
+        raise InvalidArgumentError(f"{name}: the dataset is empty")
+    if not isinstance(first, (tuple, list)) or len(first) < 2 or not torch.is_tensor(first[0]):
+        raise InvalidArgumentError(f"{name}: each sample must be a pair (image tensor, label), got {type(first).__name__}")
+    image = first[0]
     if image.dim() != 3 or image.shape[1] != image.shape[2]:
         raise ShapeError(f"images must be (channels, size, size); got {tuple(image.shape)}")
+    if image.shape[1] < MIN_IMAGE_SIZE:
+        raise ShapeError(f"{name}: images of {image.shape[1]}x{image.shape[2]} are too small (at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE})")
     if test is None:
         train, test = _split(dataset, test_fraction, seed)
     else:
         train = dataset
     if num_classes is None:
-        labels = dataset.tensors[1] if isinstance(dataset, TensorDataset) else torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
-        num_classes = int(labels.max()) + 1
+        if isinstance(dataset, TensorDataset):
+            labels = dataset.tensors[1]
+        else:
+            try:
+                labels = torch.tensor([float(dataset[i][1]) for i in range(n)], dtype=torch.float64)
+            except Exception as exc:
+                raise InvalidArgumentError(f"{name}: cannot read the labels ({type(exc).__name__}: {exc})") from None
+        num_classes = _check_labels(labels, n, name)
+    else:
+        try:
+            num_classes = None if isinstance(num_classes, bool) else operator.index(num_classes)
+        except TypeError:
+            num_classes = None
+        if num_classes is None or not 1 <= num_classes <= MAX_CLASSES:
+            raise InvalidArgumentError(f"num_classes must be an integer from 1 to {MAX_CLASSES}")
     return DataSource(name, train, test, in_channels=int(image.shape[0]), image_size=int(image.shape[1]), num_classes=num_classes)
 
 
-def load(spec: str | os.PathLike[str] | None, *, image_size: int = 8) -> DataSource:
+def load(spec: str | os.PathLike[str] | None, *, image_size: int = 8, trust: bool = False) -> DataSource:
     """A source from a command-line ``--data`` value: None → the digits; a directory → an
-    ImageFolder; a ``.pt``/``.pth`` file → ``torch.load`` of a Dataset or an (inputs, labels)
-    pair (loaded with ``weights_only=False``: only load files you trust)."""
+    ImageFolder; a ``.pt``/``.pth`` file → ``torch.load`` of an (inputs, labels) pair of tensors
+    with ``weights_only=True`` (no code runs), or of anything (a pickled Dataset) with
+    ``trust=True`` only: unpickling runs whatever code the file's author put in it."""
+    image_size = check_image_size(image_size)
     if spec is None or str(spec) == "digits":
         return digits()
+    if isinstance(spec, bytes) or not isinstance(spec, (str, os.PathLike)):
+        raise InvalidArgumentError(f"--data must be a path, got {type(spec).__name__}")
     path = os.fspath(spec)
+    if not os.path.exists(path):
+        raise InvalidArgumentError(f"--data {path!r}: no such file or folder")
     if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise InvalidArgumentError(f"--data {path!r}: the folder is not readable")
         return image_folder(path, image_size=image_size)
     if os.path.isfile(path) and path.endswith((".pt", ".pth")):
-        import torch
-
-        return from_dataset(torch.load(path, weights_only=False), name=os.path.basename(path))
+        return from_dataset(_torch_load(path, trust), name=os.path.basename(path))
     raise InvalidArgumentError(f"--data {path!r}: expected 'digits', an ImageFolder directory or a .pt/.pth file")
+
+
+def _torch_load(path: str, trust: bool) -> Any:
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=not trust, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses an object it would have to import code for ("Unsupported global:
+        # GLOBAL module.Class"); any other unpickling error is a file that is not a torch file.
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if needs and not trust:
+            raise InvalidArgumentError(
+                f"--data {path!r} holds a {needs.group(1).rstrip('.,')} object, not only tensors: loading it would run code "
+                "from the file; pass --trust-data (trust=True) only if you trust its author"
+            ) from None
+        raise InvalidArgumentError(f"--data {path!r}: not a readable torch file ({' '.join(str(exc).split())[:200]})") from None
+    except Exception as exc:  # not a torch file, truncated, unreadable: torch raises many kinds
+        raise InvalidArgumentError(f"--data {path!r}: not a readable torch file ({type(exc).__name__}: {exc})") from None
 
 
 def batches(dataset: Any, batch_size: int, *, seed: int = 0) -> Iterator[tuple[Any, Any]]:

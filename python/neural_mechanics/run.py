@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from .errors import RunFormatError, UnknownColumnError
+from .errors import InvalidArgumentError, RunFormatError, RunIOError, UnknownColumnError
 
 FILE_KIND = "neural-mechanics run"
 
@@ -105,8 +105,9 @@ class _Rows:
 
     NAMES = COLUMNS
 
-    def __init__(self, groups: int, capacity: int = 64):
+    def __init__(self, groups: int, capacity: int = 64, limit: int | None = None):
         self.groups = groups
+        self.limit = limit  # never grow past this many rows (the run spills there)
         self.n = 0
         self.steps = np.empty(capacity, dtype=np.int64)
         self.time = np.empty(capacity, dtype=np.float64)
@@ -130,7 +131,8 @@ class _Rows:
     def reserve(self) -> np.ndarray:
         """The next row's (columns, groups) storage, to be written in place, then ``commit``-ted."""
         if self.n == len(self.steps):
-            self._grow(2 * len(self.steps))
+            grown = 2 * len(self.steps)
+            self._grow(grown if self.limit is None else max(self.n + 1, min(grown, self.limit)))
         return self.block[self.n]
 
     def commit(self, step: int, time: float) -> None:
@@ -157,6 +159,9 @@ class Run:
 
     groups: GroupInfo
     optimizer: str = ""
+    #: The smallest memory limit the tracker accepts (bytes): 1 MiB. Rows spill whole, so a limit
+    #: below one row's size (13 columns x 8 bytes per group) still keeps one row in memory.
+    MIN_MEMORY_LIMIT = 2**20
     # layer notes: (symmetry, layer) -> why the paper column is NaN there
     paper_notes: dict[tuple[str, str], str] = field(default_factory=dict)
     exact_note: str = ""
@@ -176,14 +181,18 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] | None = None  # the row n = N, refreshed by the tracker
     # Bounded memory: at most `max_rows_in_memory` rows live in memory; older rows move to chunk
-    # files (the saved-run format) in `spill_dir` (a temporary folder if None).
+    # files (the saved-run format) in a folder of this run's own (`spill_folder`), created inside
+    # `spill_dir` (the system's temporary folder if None) at the first spill.
     max_rows_in_memory: int | None = None
     spill_dir: str | None = None
     chunks: list[str] = field(default_factory=list)  # chunk files, oldest first
 
     def __post_init__(self) -> None:
-        cap = 64 if self.max_rows_in_memory is None else max(1, self.max_rows_in_memory)
-        self._mem = _Rows(len(self.groups), min(cap, 1024) if self.max_rows_in_memory is None else cap)
+        # Start small and grow by doubling up to the limit: a large memory limit is a ceiling,
+        # never allocated up front.
+        limit = None if self.max_rows_in_memory is None else max(1, self.max_rows_in_memory)
+        self._mem = _Rows(len(self.groups), min(limit or 64, 64), limit)
+        self.spill_folder: str | None = None
 
     @staticmethod
     def rows_for_memory(groups: int, limit_bytes: int) -> int:
@@ -215,14 +224,34 @@ class Run:
         if self.max_rows_in_memory is not None and self._mem.n >= self.max_rows_in_memory:
             self._spill()
 
+    def _claim_spill_folder(self) -> str:
+        """This run's own spill folder, made at the first spill: a new folder (``nmrun-spill-*``,
+        created exclusively, so no two runs ever share one) inside ``spill_dir`` or the system's
+        temporary folder, holding a lock file (``LOCK``, created with O_EXCL, naming the process)
+        while the run is alive. The temporary folder is removed with the Run; in a folder the
+        caller named, the chunks stay and only the lock goes."""
+        if self.spill_folder is not None:
+            return self.spill_folder
+        try:
+            if self.spill_dir is not None:
+                os.makedirs(self.spill_dir, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix="nmrun-spill-", dir=self.spill_dir)
+            lock = os.path.join(folder, SPILL_LOCK)
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"pid {os.getpid()}\n")
+        except OSError as exc:
+            raise RunIOError(f"cannot spill rows to {self.spill_dir or tempfile.gettempdir()!r}: {exc}") from None
+        if self.spill_dir is None:
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        else:
+            weakref.finalize(self, _unlink_quietly, lock)
+        self.spill_folder = folder
+        return folder
+
     def _spill(self) -> None:
         """Move the in-memory rows to a new chunk file (the same format as a saved run)."""
-        if self.spill_dir is None:
-            # A folder of our own: removed with the Run (a folder the caller named is left alone).
-            self.spill_dir = tempfile.mkdtemp(prefix="nmrun-spill-")
-            weakref.finalize(self, shutil.rmtree, self.spill_dir, ignore_errors=True)
-        os.makedirs(self.spill_dir, exist_ok=True)
-        path = os.path.join(self.spill_dir, f"chunk-{len(self.chunks):06d}.nmrun")
+        path = os.path.join(self._claim_spill_folder(), f"chunk-{len(self.chunks):06d}.nmrun")
         arrays = [(k, np.ascontiguousarray(v)) for k, v in self._mem.arrays().items()]
         _native.save_run(path, json.dumps({"kind": FILE_KIND + " chunk"}), arrays)
         self.chunks.append(path)
@@ -508,10 +537,14 @@ class Run:
         included. Reload with :func:`load_run`, in any process, without torch. A run that
         spilled to disk is read back whole to be saved: thin very long runs with the tracker's
         ``record_every``.
+
+        ``path`` must not exist or be a regular file: a symbolic link (save to its target's real
+        path, ``os.path.realpath``), a folder, a device, a FIFO or a socket is refused with
+        :class:`RunIOError` and left untouched.
         """
+        target = Path(_fspath(path, "path"))
         steps, time, cols = self._rows()
         arrays = [("steps", steps), ("time", time)] + [(c, np.ascontiguousarray(cols[c])) for c in COLUMNS]
-        target = Path(path)
         _native.save_run(os.fspath(target), json.dumps(self._meta()), arrays)
         return target
 
@@ -545,21 +578,139 @@ def _nan_stat(fn: Any, a: np.ndarray) -> float:
     return float(fn(finite)) if finite.size else float("nan")
 
 
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Load a run written by :meth:`Run.save`. Needs no torch.
+SPILL_LOCK = "LOCK"
+_KINDS: tuple[str, ...] = tuple(_native.THEORY_KINDS)  # the symmetries a run may hold
 
-    Raises RunFormatError for a truncated, corrupted or foreign file (or one written by a newer
-    format version), RunIOError if it cannot be read.
-    """
-    meta_json, arrays = _native.load_run(os.fspath(path))
-    meta = json.loads(meta_json)
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fspath(path: Any, what: str) -> str:
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"{what} must be a str or os.PathLike, got {type(path).__name__}")
+    out = os.fspath(path)
+    if not isinstance(out, str):
+        raise InvalidArgumentError(f"{what} must be a str or os.PathLike of str, got {out!r}")
+    return out
+
+
+class _Schema:
+    """Checks of a saved run's metadata: every malformed value is a RunFormatError naming it."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, what: str) -> RunFormatError:
+        return RunFormatError(f"{self.where}: malformed run file: {what}")
+
+    def str_(self, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(f"{what} must be a string, got {type(value).__name__}")
+        return value
+
+    def strs(self, value: Any, what: str) -> list[str]:
+        if not isinstance(value, list):
+            raise self.fail(f"{what} must be a list of strings, got {type(value).__name__}")
+        return [self.str_(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+    def ints(self, value: Any, what: str) -> list[int]:
+        if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**63 for v in value):
+            raise self.fail(f"{what} must be a list of non-negative integers")
+        return value
+
+    def list_(self, value: Any, what: str) -> list:
+        if not isinstance(value, list):
+            raise self.fail(f"{what} must be a list, got {type(value).__name__}")
+        return value
+
+    def dict_(self, value: Any, what: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(f"{what} must be an object, got {type(value).__name__}")
+        return value
+
+
+def _read_meta(meta: Any, where: str) -> dict[str, Any]:
+    """The run's metadata, checked field by field (see Run._meta for what save writes)."""
+    v = _Schema(where)
+    meta = v.dict_(meta, "the metadata")
     if meta.get("kind") != FILE_KIND:
-        raise RunFormatError(f"{path}: a neural-mechanics file, but not a run (kind {meta.get('kind')!r})")
+        raise RunFormatError(f"{where}: a neural-mechanics file, but not a run (kind {meta.get('kind')!r})")
+    g = v.dict_(meta.get("groups"), "groups")
+    groups: dict[str, list[Any]] = {k: v.strs(g.get(k), f"groups.{k}") for k in ("symmetry", "layer", "label")}
+    groups.update({k: v.ints(g.get(k), f"groups.{k}") for k in ("index", "size")})
+    for k in ("layer_label", "normalizer"):  # optional: runs saved before they existed lack them
+        if k in g:
+            groups[k] = v.strs(g[k], f"groups.{k}")
+    lengths = {k: len(x) for k, x in groups.items()}
+    if len(set(lengths.values())) != 1:
+        raise v.fail(f"the group lists differ in length {lengths}")
+    unknown = sorted(set(groups["symmetry"]) - set(_KINDS))
+    if unknown:
+        raise v.fail(f"unknown symmetry {unknown[0]!r} (expected one of {_KINDS})")
+    notes = meta.get("paper_notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, list) and len(n) == 3 for n in notes):
+        raise v.fail("paper_notes must be a list of [symmetry, layer, note]")
+    paper_notes = {(v.str_(a, "paper_notes"), v.str_(b, "paper_notes")): v.str_(c, "paper_notes") for a, b, c in notes}
+    regimes = {v.str_(k, "regimes"): v.strs(x, f"regimes[{k!r}]") for k, x in v.dict_(meta.get("regimes", {}), "regimes").items()}
+    skipped = {k: v.str_(x, f"skipped[{k!r}]") for k, x in v.dict_(meta.get("skipped", {}), "skipped").items()}
+    return {
+        "groups": groups,
+        "optimizer": v.str_(meta.get("optimizer", ""), "optimizer"),
+        "paper_notes": paper_notes,
+        "exact_note": v.str_(meta.get("exact_note", ""), "exact_note"),
+        "regimes": regimes,
+        "skipped": skipped,
+        "notes": v.strs(meta.get("notes", []), "notes"),
+        "coverage": None if meta.get("coverage") is None else v.dict_(meta["coverage"], "coverage"),
+        "hyperparameters": [v.dict_(h, "hyperparameters") for h in v.list_(meta.get("hyperparameters", []), "hyperparameters")],
+        "exact_kind": v.str_(meta.get("exact_kind", ""), "exact_kind"),
+        "info": v.dict_(meta.get("info", {}), "info"),
+    }
+
+
+def _read_arrays(arrays: list[tuple[str, np.ndarray]], groups: int, where: str) -> tuple[int, dict[str, np.ndarray]]:
+    """The run's arrays, each of exactly its expected dtype and shape: steps (rows,) int64,
+    time (rows,) float64, every column (rows, groups) float64 (never broadcast)."""
     data = dict(arrays)
     missing = [c for c in ("steps", "time", *COLUMNS) if c not in data]
     if missing:
-        raise RunFormatError(f"{path}: run file lacks the arrays {missing}")
-    g = meta["groups"]
+        raise RunFormatError(f"{where}: run file lacks the arrays {missing}")
+    rows = data["steps"].shape[0] if data["steps"].ndim == 1 else -1
+    for name in ("steps", "time", *COLUMNS):
+        a = data[name]
+        dtype, shape = (np.int64, (rows,)) if name == "steps" else (np.float64, (rows,) if name == "time" else (rows, groups))
+        if a.dtype != dtype or a.shape != shape:
+            raise RunFormatError(
+                f"{where}: malformed run file: array {name!r} is {a.dtype} of shape {a.shape}; "
+                f"expected {np.dtype(dtype)} of shape {shape if rows >= 0 else '(rows,)'}"
+            )
+    return rows, data
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Load a run written by :meth:`Run.save`. Needs no torch.
+
+    A run file is untrusted input: only a regular file is read (a FIFO, a device or a folder is
+    refused before a byte is read), its preamble and header first; every array must have exactly
+    the dtype and shape its counts imply (rows from ``steps``, groups from the metadata) and the
+    metadata matches a schema, so what loading allocates is bounded by the file's size. The
+    checksum detects corruption, not forgery.
+
+    Raises RunFormatError for a truncated, corrupted, malformed or foreign file (or one written by
+    a newer format version), RunIOError if it cannot be read or is not a regular file.
+    """
+    where = _fspath(path, "path")
+    meta_json, arrays = _native.load_run(where)
+    try:
+        meta = json.loads(meta_json)
+    except (ValueError, RecursionError) as exc:
+        raise RunFormatError(f"{where}: run metadata is not readable ({exc})") from None
+    fields = _read_meta(meta, where)
+    g = fields.pop("groups")
     groups = GroupInfo(
         symmetry=np.array(g["symmetry"], dtype=object),
         layer=np.array(g["layer"], dtype=object),
@@ -569,23 +720,12 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         layer_label=np.array(g["layer_label"], dtype=object) if "layer_label" in g else None,
         normalizer=np.array(g["normalizer"], dtype=object) if "normalizer" in g else None,
     )
-    run = Run(
-        groups=groups,
-        optimizer=meta.get("optimizer", ""),
-        paper_notes={(a, b): c for a, b, c in meta.get("paper_notes", [])},
-        exact_note=meta.get("exact_note", ""),
-        regimes=meta.get("regimes", {}),
-        skipped=meta.get("skipped", {}),
-        notes=meta.get("notes", []),
-        coverage=meta.get("coverage"),
-        hyperparameters=meta.get("hyperparameters", []),
-        exact_kind=meta.get("exact_kind", ""),
-        info=meta.get("info", {}),
-    )
-    mem = _Rows(len(groups), max(1, len(data["steps"])))
-    mem.n = len(data["steps"])
-    mem.steps[: mem.n], mem.time[: mem.n] = data["steps"], data["time"]
+    rows, data = _read_arrays(arrays, len(groups), where)
+    run = Run(groups=groups, **fields)
+    mem = _Rows(len(groups), max(1, rows))
+    mem.n = rows
+    mem.steps[:rows], mem.time[:rows] = data["steps"], data["time"]
     for c in _Rows.NAMES:
-        mem.cols[c][: mem.n] = data[c]
+        mem.cols[c][:rows] = data[c]
     run._mem = mem
     return run

@@ -17,11 +17,15 @@ Behaviour on awkward input (each tested in tests/test_stats_errors.py):
   cost), except torch channels_last tensors with ``axis=0``, which are read without a copy (each
   row is still one dense block); theta, grad and velocity must then all be channels_last.
   Sparse tensors raise ShapeError; anything that is not a numpy array or a torch tensor (a list,
-  None) raises DTypeError.
+  None) raises DTypeError, and so does a numpy masked array (its mask would be ignored: pass
+  ``a.filled(0)`` to say what the masked entries are).
 * ``axis`` must be 0 or 1 and ``block`` a positive integer (bools and floats are refused), else
   InvalidArgumentError.
 * Empty tensors: each group's sums are 0 (an empty array when there are no groups), e.g. shape
-  (3, 0) gives three zero rows with ``axis=0`` and no groups with ``axis=1``.
+  (3, 0) gives three zero rows with ``axis=0`` and no groups with ``axis=1``. An empty tensor may
+  give at most ``MAX_EMPTY_GROUPS`` (2**24) groups: nothing bounds a shape such as (0, 2**40)
+  (which would ask for 16 TiB of zeros), so more raise ShapeError naming the size, before
+  anything is allocated. A tensor with elements has at most one group per element.
 * NaN or infinity: with ``check_finite=True`` (the default)
   :class:`~neural_mechanics.errors.NonFiniteError` names the tensor, the group and the array;
   with ``check_finite=False`` the affected groups' sums are NaN/inf, as numpy's would be.
@@ -49,6 +53,9 @@ _WIDTH_NAMES = {2: SUM_NAMES[:2], 5: SUM_NAMES[:5], 8: SUM_NAMES}
 
 
 _TORCH_FLOATS: dict[Any, bool] = {}  # torch dtype -> holds bfloat16, filled on first use
+_MASKED = np.ma.MaskedArray
+#: The most groups an empty tensor may be reduced into (defined in src/stats/input.rs).
+MAX_EMPTY_GROUPS: int = int(_native.MAX_EMPTY_GROUPS)
 
 
 def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool, bool]:
@@ -56,6 +63,8 @@ def _as_array(x: Any, what: str, axis: int) -> tuple[np.ndarray, bool, bool]:
     channels_last tensor read as (out, kh, kw, in). Kept lean: it runs for every tensor at every
     training step (a few microseconds per tensor)."""
     if isinstance(x, np.ndarray):
+        if isinstance(x, _MASKED):
+            raise DTypeError(f"{what} is a masked array: its mask would be ignored; pass a.filled(0) (or the values you mean)")
         if not x.flags.aligned:
             raise ShapeError(f"{what} is not aligned in memory for its dtype; pass np.require(x, requirements='CA')")
         return x, False, False

@@ -18,9 +18,18 @@ Conventions, stated once:
 
 Errors (all from :mod:`neural_mechanics.errors`): an unknown kind or an argument outside its
 domain (negative lr or weight decay, momentum outside [0, 1), dampening outside [0, 1], nesterov
-with dampening, momentum switching between zero and positive in a closed form) raises
-:class:`InvalidArgumentError`; mismatched shapes or lengths :class:`ShapeError`; NaN or infinity
-:class:`NonFiniteError`; non-numeric input :class:`DTypeError`.
+with dampening, momentum switching between zero and positive in a closed form, ``steps`` that is
+not a non-negative integer) raises :class:`InvalidArgumentError`; mismatched shapes or lengths
+:class:`ShapeError`; NaN or infinity :class:`NonFiniteError`; non-numeric input (strings,
+complex numbers, bools, masked arrays, whose mask would be ignored) :class:`DTypeError`.
+−0.0 is read as 0.
+
+Sizes and long runs: a result is (steps + 1, groups) float64 values, allocated before the loop
+starts. When no (steps, groups) input backs it (translation without a drive, :func:`times` with
+constant hyperparameters) it may hold at most ``MAX_UNBACKED_VALUES`` (2**27, 1 GiB) values:
+:class:`InvalidArgumentError` naming the size; advance a :class:`PaperStream` for longer runs. A
+result the allocator refuses is an InvalidArgumentError too, never a crash. The batch functions
+check for Ctrl-C every few milliseconds and raise KeyboardInterrupt.
 
 Groups whose parts sit in optimizer param_groups with different hyperparameters (e.g. "no weight
 decay on biases"): the paper's closed forms do not apply; run the ledger once per part with that
@@ -29,6 +38,7 @@ part's hyperparameters and add the results, which :func:`ledger_parts` does.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,11 +51,14 @@ KINDS: tuple[str, ...] = tuple(_native.THEORY_KINDS)  # ("translation", "scale",
 REGIMES: tuple[str, ...] = ("first-order", "underdamped", "critical", "overdamped")
 #: |ω² − γ²| ≤ CRITICAL_TOL·γ² is reported as "critical" by :func:`regime`.
 CRITICAL_TOL: float = float(_native.THEORY_CRITICAL_TOL)
+#: The most values a result may hold when no (steps, groups) input array backs it.
+MAX_UNBACKED_VALUES: int = int(_native.THEORY_MAX_UNBACKED_VALUES)
 
 __all__ = [
     "KINDS",
     "REGIMES",
     "CRITICAL_TOL",
+    "MAX_UNBACKED_VALUES",
     "paper",
     "PaperStream",
     "ledger",
@@ -70,8 +83,17 @@ def _kind(kind: Any) -> str:
 
 
 def _f64(x: Any, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.float64 and x.flags.c_contiguous:
+        return x  # the common case, per step in live use: nothing to convert or refuse
+    if isinstance(x, np.ma.MaskedArray):
+        raise DTypeError(f"{name}: a masked array's mask would be ignored; pass x.filled(value) to say what masked entries are")
+    if isinstance(x, (str, bytes)):
+        raise DTypeError(f"{name}: expected numbers, got the string {x!r}")
     try:
-        a = np.asarray(x, dtype=np.float64)
+        a = np.asarray(x)
+        if a.dtype.kind not in "iufO":
+            raise DTypeError(f"{name}: expected real numbers, got dtype {a.dtype}")
+        a = a.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
         raise DTypeError(f"{name}: cannot be read as float64 ({exc})") from None
     # (np.ascontiguousarray would turn a 0-d array into shape (1,).)
@@ -130,12 +152,28 @@ def _hypers(values: Mapping[str, Any], steps: int) -> list[np.ndarray]:
 
 
 def _scalar(x: Any, name: str) -> float:
+    if type(x) is float:
+        return x  # the common case, per step in live use
+    if isinstance(x, (str, bytes, bool, np.bool_, np.ma.MaskedArray)):
+        raise DTypeError(f"{name} must be a real number, got {x!r}")
     if np.ndim(x) != 0:
         raise ShapeError(f"{name} must be a single number for one step, got shape {np.shape(x)}")
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "iufO":
+        raise DTypeError(f"{name} must be a real number, got dtype {x.dtype}")
     try:
         return float(x)
     except (TypeError, ValueError) as exc:
         raise DTypeError(f"{name}: {exc}") from None
+
+
+def _count(x: Any, name: str) -> int:
+    """A number of steps: any integer (np.int64 too), not a bool or a float, 0 <= x < 2**63."""
+    if isinstance(x, (bool, np.bool_)) or not hasattr(type(x), "__index__"):
+        raise InvalidArgumentError(f"{name} must be a non-negative integer, got {x!r}")
+    n = operator.index(x)
+    if not 0 <= n < 2**63:
+        raise InvalidArgumentError(f"{name} must be a non-negative integer below 2**63, got {n}")
+    return n
 
 
 def _flag(x: Any, name: str) -> bool:
@@ -184,9 +222,10 @@ def paper(
     elif kind != "translation":
         raise InvalidArgumentError(f"paper({kind!r}) needs a drive of shape (steps, groups)")
     if steps is not None:
+        steps = _count(steps, "steps")
         if n is not None and n != steps:
             raise ShapeError(f"steps={steps} but the inputs have {n} steps")
-        n = int(steps)
+        n = steps
     if n is None:
         raise InvalidArgumentError("the run length is unknown: pass steps= (translation, constant hyperparameters)")
     v = None if ydot0 is None else _vec(ydot0, "ydot0", y.shape[0])
@@ -200,7 +239,8 @@ class PaperStream:
     ``PaperStream(kind, y0, ydot0=None)``; ``step(drive, lr=..., momentum=..., dampening=...,
     weight_decay=...)`` returns y_{n+1} (groups,). The drive and hyperparameters are those of
     :func:`paper` for one step. Feeding the same inputs step by step gives bit-for-bit the rows
-    of :func:`paper`. A failed step (bad value, NaN drive) leaves the state unchanged.
+    of :func:`paper`. A failed step leaves the state unchanged (values, ``steps``, ``time``),
+    whatever failed: a bad value, a NaN drive, or a result that would overflow float64.
 
     Attributes: ``y`` (current charges), ``ydot`` (current rate per unit of model time; without
     momentum the first-order right-hand side at the end of the last step), ``steps``, ``time``
@@ -458,6 +498,13 @@ def _broadcast(values: Mapping[str, Any]) -> tuple[list[np.ndarray], tuple[int, 
     except ValueError as exc:
         raise ShapeError(f"{', '.join(values)} do not broadcast together ({exc})") from None
     shape = b[0].shape
+    size = int(np.prod(shape, dtype=object))
+    if size > max(MAX_UNBACKED_VALUES, *(a.size for a in arrays)):
+        # e.g. (10**5, 1) against (1, 10**5): 10**10 values no input holds (80 GB per column).
+        raise InvalidArgumentError(
+            f"{', '.join(values)} broadcast to shape {shape}, {size} values, more than any input holds "
+            f"and more than {MAX_UNBACKED_VALUES}"
+        )
     return [np.ascontiguousarray(a.reshape(-1)) for a in b], shape
 
 
@@ -514,15 +561,16 @@ def regime(*, lr: float, momentum: float, dampening: float = 0.0, weight_decay: 
 
 def times(*, lr: Any, momentum: Any = 0.0, dampening: Any = 0.0, steps: int | None = None) -> np.ndarray:
     """The model time t_n (n = 0 … steps) of the closed forms: Σ_{k<n} η_k(1−d_k) with momentum,
-    Σ_{k<n} η_k without (dampening is ignored when momentum is 0)."""
+    Σ_{k<n} η_k without (dampening is ignored when momentum is 0). The hyperparameters are
+    checked as :func:`paper` checks them; the sum runs in order, as the streams' ``time``."""
     hyper = {"lr": lr, "momentum": momentum, "dampening": dampening}
     n = _hyper_steps(hyper)
     if steps is not None:
+        steps = _count(steps, "steps")
         if n is not None and n != steps:
             raise ShapeError(f"steps={steps} but the hyperparameters have {n} steps")
-        n = int(steps)
+        n = steps
     if n is None:
         raise InvalidArgumentError("pass steps= or a per-step hyperparameter array")
-    lr_a, m_a, d_a = (np.broadcast_to(a, (n,)) for a in _hypers(hyper, n))
-    h = np.where(m_a > 0, lr_a * (1.0 - d_a), lr_a)
-    return np.concatenate([[0.0], np.cumsum(h)])
+    lr_a, m_a, d_a = _hypers(hyper, n)
+    return _native.theory_times(lr_a, m_a, d_a, n)

@@ -185,6 +185,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add("DTYPE_CODES", codes)?;
     m.add("MAX_THREADS", pool::MAX_THREADS)?;
+    m.add("MAX_EMPTY_GROUPS", stats::MAX_EMPTY_GROUPS)?;
     m.add_function(wrap_pyfunction!(layout, m)?)?;
     m.add_function(wrap_pyfunction!(group_stats_batch, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;

@@ -3,7 +3,7 @@
 //! every value, so a bad argument becomes an exception of `neural_mechanics.errors`.
 
 use crate::error::Error;
-use crate::theory::{equilibrium, ledger, paper, propagator, Hyper, Kind, Schedule};
+use crate::theory::{self, equilibrium, ledger, paper, propagator, Hyper, Kind, Schedule};
 use numpy::ndarray::{Dimension, Ix1, Ix2};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -61,6 +61,31 @@ impl Arr2<'_> {
     }
 }
 
+/// Run `work` with the GIL released, letting it check for Ctrl-C: its [`theory::Interrupt`]
+/// re-takes the GIL every few milliseconds of work ([`theory::INTERRUPT_EVERY`]) to run Python's signal
+/// handlers, and an exception they raise (KeyboardInterrupt) stops the work and is raised.
+fn interruptible<T, F>(py: Python<'_>, work: F) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce(theory::Interrupt<'_>) -> Result<T, Error> + Send,
+{
+    let mut raised: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut check = || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                raised = Some(err);
+                Err(Error::InvalidArgument("interrupted".into()))
+            }
+        };
+        work(&mut check)
+    });
+    match (result, raised) {
+        (_, Some(err)) => Err(err),
+        (result, None) => Ok(result?),
+    }
+}
+
 /// theory_paper(kind, y0, drive, lr, momentum, dampening, weight_decay, steps, ydot0=None)
 /// --
 ///
@@ -89,11 +114,11 @@ fn theory_paper<'py>(
     };
     let (y0, ydot0) = (y0.values(), ydot0.as_ref().map(F64Array::values));
     let [l, m, d, w] = [&lr, &momentum, &dampening, &weight_decay].map(F64Array::values);
-    let out = py.detach(|| {
+    let out = interruptible(py, |interrupt| {
         let schedule = Schedule::new(steps, l, m, d, w)?;
-        paper::paper(kind, y0, ydot0, drive, &schedule)
+        paper::paper(kind, y0, ydot0, drive, &schedule, interrupt)
     })?;
-    array2(py, out, steps + 1, groups)
+    array2(py, out, steps.saturating_add(1), groups)
 }
 
 /// Streaming closed forms (docs/theory.md §5.1/§5.2): one `step` per optimizer step.
@@ -196,11 +221,11 @@ fn theory_ledger<'py>(
     let udot = update_dot.as_ref().map(|u| u.rows("update_dot", Some(steps), groups)).transpose()?;
     let (y0, buffer_dot0) = (y0.values(), buffer_dot0.as_ref().map(F64Array::values));
     let [l, m, d, w] = [&lr, &momentum, &dampening, &weight_decay].map(F64Array::values);
-    let out = py.detach(|| {
+    let out = interruptible(py, |interrupt| {
         let schedule = Schedule::new(steps, l, m, d, w)?;
-        ledger::ledger(kind, y0, fl, usq, udot, buffer_dot0, &schedule, nesterov)
+        ledger::ledger(kind, y0, fl, usq, udot, buffer_dot0, &schedule, nesterov, interrupt)
     })?;
-    array2(py, out, steps + 1, groups)
+    array2(py, out, steps.saturating_add(1), groups)
 }
 
 /// Streaming exact ledger (docs/theory.md §5.3): one `step` per optimizer step.
@@ -283,8 +308,29 @@ fn theory_ledger_measured<'py>(
     let usq = update_sq.as_ref().map(|a| a.rows("update_sq", Some(steps), groups)).transpose()?;
     let usum = update_sum.as_ref().map(|a| a.rows("update_sum", Some(steps), groups)).transpose()?;
     let (y0, lr) = (y0.values(), lr.values());
-    let out = py.detach(|| ledger::ledger_measured(kind, y0, steps, lr, dot, usq, usum))?;
-    array2(py, out, steps + 1, groups)
+    let out = interruptible(py, |interrupt| ledger::ledger_measured(kind, y0, steps, lr, dot, usq, usum, interrupt))?;
+    array2(py, out, steps.saturating_add(1), groups)
+}
+
+/// theory_times(lr, momentum, dampening, steps)
+/// --
+///
+/// The model time t_n (n = 0 … steps) of the closed forms; hyperparameters as theory_paper's,
+/// checked the same way. Returns (steps + 1,).
+#[pyfunction]
+fn theory_times<'py>(
+    py: Python<'py>,
+    lr: Arr1<'py>,
+    momentum: Arr1<'py>,
+    dampening: Arr1<'py>,
+    steps: usize,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let [l, m, d] = [&lr, &momentum, &dampening].map(F64Array::values);
+    let out = py.detach(|| {
+        let schedule = Schedule::new(steps, l, m, d, &[0.0])?;
+        theory::times(&schedule)
+    })?;
+    Ok(PyArray1::from_vec(py, out))
 }
 
 type Four<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
@@ -351,12 +397,14 @@ fn theory_regime(lr: f64, momentum: f64, dampening: f64, weight_decay: f64, kind
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("THEORY_KINDS", Kind::NAMES.to_vec())?;
     m.add("THEORY_CRITICAL_TOL", propagator::CRITICAL_TOL)?;
+    m.add("THEORY_MAX_UNBACKED_VALUES", theory::MAX_UNBACKED_VALUES)?;
     m.add_function(wrap_pyfunction!(theory_paper, m)?)?;
     m.add_function(wrap_pyfunction!(theory_ledger, m)?)?;
     m.add_function(wrap_pyfunction!(theory_ledger_measured, m)?)?;
     m.add_function(wrap_pyfunction!(theory_equilibrium_sgd, m)?)?;
     m.add_function(wrap_pyfunction!(theory_equilibrium_adamw, m)?)?;
     m.add_function(wrap_pyfunction!(theory_regime, m)?)?;
+    m.add_function(wrap_pyfunction!(theory_times, m)?)?;
     m.add_class::<TheoryPaperStream>()?;
     m.add_class::<TheoryLedgerStream>()?;
     Ok(())

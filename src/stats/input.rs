@@ -143,6 +143,22 @@ impl InPlace for f64 {
     }
 }
 
+/// A byte count for messages: "16.0 TiB", "512 B".
+pub fn fmt_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// A shape as Python prints it: (4, 6), (5,), ().
 pub fn fmt_shape(shape: &[usize]) -> String {
     match shape {
@@ -150,6 +166,12 @@ pub fn fmt_shape(shape: &[usize]) -> String {
         _ => format!("({})", shape.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")),
     }
 }
+
+/// At most this many groups in the result of a tensor that holds no elements (a shape such as
+/// (0, n) reduced by columns): every sum is 0, and nothing the caller holds bounds n, so a shape
+/// like (0, 2**40) would otherwise ask for terabytes of zeros. A tensor with elements has at
+/// most one group per element, so its result is bounded by its own size.
+pub const MAX_EMPTY_GROUPS: usize = 1 << 24;
 
 /// The (outer, groups, seg) view of a tensor: group g is the union over o < outer of the
 /// contiguous segment starting at (o·groups + g)·seg of length seg (see the module documentation).
@@ -165,12 +187,16 @@ impl Layout {
     /// columns) in blocks of `block` columns. A 1-D tensor is viewed as (n, 1, 1), a 2-D one as
     /// (out, in, 1), more dimensions as (out, in, product of the rest).
     pub fn from_shape(shape: &[usize], axis: usize, block: usize) -> Result<Layout> {
+        let too_large = || Error::Shape(format!("shape {} has more elements than memory can address", fmt_shape(shape)));
         let (out, inner, rest) = match shape.len() {
             0 => return Err(Error::Shape("a 0-d tensor has no groups: pass a tensor with at least one dimension".into())),
             1 => (shape[0], 1, 1),
             2 => (shape[0], shape[1], 1),
-            _ => (shape[0], shape[1], shape[2..].iter().product()),
+            _ => (shape[0], shape[1], shape[2..].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_large)?),
         };
+        // Every product of dimensions below must fit (numpy and torch refuse such shapes; the
+        // exported `_native.layout` takes any list).
+        out.checked_mul(inner).and_then(|n| n.checked_mul(rest)).ok_or_else(too_large)?;
         if block == 0 {
             return Err(Error::InvalidArgument("block must be at least 1".into()));
         }
@@ -196,8 +222,14 @@ impl Layout {
         }
     }
 
+    /// Elements the layout covers (saturating: a layout built by [`Layout::from_shape`] never
+    /// overflows; [`Item`] validation refuses one that does).
     pub fn len(&self) -> usize {
-        self.outer * self.groups * self.seg
+        self.checked_len().unwrap_or(usize::MAX)
+    }
+
+    pub fn checked_len(&self) -> Option<usize> {
+        self.outer.checked_mul(self.groups)?.checked_mul(self.seg)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -235,7 +267,16 @@ impl<'a> Item<'a> {
     }
 
     pub(super) fn validate(&self, index: usize) -> Result<()> {
-        let n = self.layout.len();
+        let n = self.layout.checked_len().ok_or_else(|| Error::Shape(format!("tensor {index}: the layout {:?} overflows", self.layout)))?;
+        let groups = self.layout.groups;
+        if n == 0 && groups > MAX_EMPTY_GROUPS {
+            // Checked before anything is allocated: the result would be groups x width zeros.
+            return Err(Error::Shape(format!(
+                "tensor {index}: a tensor with no elements reduced into {groups} groups would give {groups} rows of zeros \
+                 ({}); at most {MAX_EMPTY_GROUPS} groups are allowed for an empty tensor",
+                fmt_bytes(groups as f64 * self.width() as f64 * 8.0)
+            )));
+        }
         let named = [("theta", Some(self.theta)), ("grad", self.grad), ("velocity", self.velocity)];
         for (name, data) in named.iter() {
             if let Some(d) = data {
@@ -259,5 +300,39 @@ impl<'a> Item<'a> {
             return Err(Error::InvalidArgument(format!("tensor {index}: a velocity needs a gradient too")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod size_checks {
+    use super::*;
+
+    #[test]
+    fn an_empty_tensor_cannot_ask_for_an_enormous_result() {
+        // (0, 2**40) by columns and (2**40, 0) by rows: 2**40 groups of zeros (16 TiB) refused
+        // before anything is allocated; a few zero groups are fine.
+        let empty = Data::F32(&[]);
+        for (shape, axis) in [(vec![0, 1usize << 40], 1), (vec![1usize << 40, 0], 0)] {
+            let layout = Layout::from_shape(&shape, axis, 1).unwrap();
+            let item = Item { theta: empty, grad: None, velocity: None, layout };
+            let err = crate::stats::group_stats(&item).unwrap_err();
+            assert!(matches!(&err, Error::Shape(m) if m.contains("1099511627776 groups") && m.contains("16.0 TiB")), "{err}");
+        }
+        let layout = Layout::from_shape(&[0, MAX_EMPTY_GROUPS], 1, 1).unwrap();
+        let out = crate::stats::group_stats(&Item { theta: empty, grad: None, velocity: None, layout }).unwrap();
+        assert_eq!(out.len(), 2 * MAX_EMPTY_GROUPS);
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn shapes_whose_size_overflows_are_refused() {
+        let big = 1usize << 40;
+        assert!(matches!(Layout::from_shape(&[0, big, big, big], 0, 1), Err(Error::Shape(_))));
+        assert!(matches!(Layout::from_shape(&[big, big, 2], 1, 1), Err(Error::Shape(_))));
+        let layout = Layout { outer: big, groups: big, seg: 2 };
+        let item = Item { theta: Data::F32(&[]), grad: None, velocity: None, layout };
+        assert!(matches!(item.validate(0), Err(Error::Shape(_))));
+        assert_eq!(fmt_bytes(512.0), "512 B");
+        assert_eq!(fmt_bytes(1.5 * 1024.0 * 1024.0), "1.5 MiB");
     }
 }

@@ -40,7 +40,7 @@ mod sums;
 mod tests;
 
 pub use bandwidth::read_pass;
-pub use input::{fmt_shape, DType, Data, Item, Layout};
+pub use input::{fmt_bytes, fmt_shape, DType, Data, Item, Layout, MAX_EMPTY_GROUPS};
 pub use sums::Sums;
 
 use crate::error::{Error, Result};
@@ -53,7 +53,7 @@ pub fn group_stats_batch(items: &[Item<'_>]) -> Result<Vec<Vec<f64>>> {
     }
     let tasks = plan::plan(items);
     let partials = plan::run(items, &tasks)?;
-    Ok(plan::merge(items, &tasks, &partials))
+    plan::merge(items, &tasks, &partials)
 }
 
 /// The sums of one item.

@@ -5,7 +5,7 @@
 
 use super::input::{Data, Item, Layout};
 use super::{columns, segments};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pool;
 use rayon::prelude::*;
 
@@ -163,8 +163,20 @@ pub(super) fn run(items: &[Item<'_>], tasks: &[Task]) -> Result<Vec<Partial>> {
 
 /// The tasks' partial sums added up per item, in plan order: one row of `item.width()` sums per
 /// group, row-major.
-pub(super) fn merge(items: &[Item<'_>], tasks: &[Task], partials: &[Partial]) -> Vec<Vec<f64>> {
-    let mut outputs: Vec<Vec<f64>> = items.iter().map(|it| vec![0f64; it.layout.groups * it.width()]).collect();
+///
+/// The outputs are allocated fallibly: a result the allocator refuses is an error naming its
+/// size, never an abort (validation already bounded every item's group count).
+pub(super) fn merge(items: &[Item<'_>], tasks: &[Task], partials: &[Partial]) -> Result<Vec<Vec<f64>>> {
+    let mut outputs: Vec<Vec<f64>> = Vec::with_capacity(items.len());
+    for (i, it) in items.iter().enumerate() {
+        outputs.push(zeros(it.layout.groups.saturating_mul(it.width())).map_err(|bytes| {
+            Error::InvalidArgument(format!(
+                "tensor {i}: cannot allocate the result of {} groups ({})",
+                it.layout.groups,
+                super::input::fmt_bytes(bytes)
+            ))
+        })?);
+    }
     for (task, partial) in tasks.iter().zip(partials) {
         let k = items[task.item].width();
         let dst = &mut outputs[task.item][task.groups.0 * k..task.groups.1 * k];
@@ -175,5 +187,13 @@ pub(super) fn merge(items: &[Item<'_>], tasks: &[Task], partials: &[Partial]) ->
             outputs[r][task.outer.0 * k..task.outer.1 * k].copy_from_slice(&partial.rows);
         }
     }
-    outputs
+    Ok(outputs)
+}
+
+/// `n` zeros, or the bytes they would take if the allocator refuses them.
+pub(crate) fn zeros(n: usize) -> std::result::Result<Vec<f64>, f64> {
+    let mut v: Vec<f64> = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| n as f64 * 8.0)?;
+    v.resize(n, 0.0);
+    Ok(v)
 }

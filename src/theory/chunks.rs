@@ -24,6 +24,24 @@ pub(crate) fn run<const NI: usize, const NO: usize, K>(
 where
     K: Fn([&[f64]; NI], [&mut [f64]; NO]) -> bool + Sync,
 {
+    run_tally(groups, inputs, outputs, kernel, true, |a, b| a && b)
+}
+
+/// [`run`] for kernels that return any summary of their chunk (`T`), combined over the chunks
+/// with `combine` from `identity` (the combinations used, AND and OR, do not depend on the order).
+pub(crate) fn run_tally<const NI: usize, const NO: usize, T, K, C>(
+    groups: usize,
+    inputs: [&[f64]; NI],
+    outputs: [&mut [f64]; NO],
+    kernel: K,
+    identity: T,
+    combine: C,
+) -> Result<T>
+where
+    T: Copy + Send + Sync,
+    K: Fn([&[f64]; NI], [&mut [f64]; NO]) -> T + Sync,
+    C: Fn(T, T) -> T + Sync + Send,
+{
     if groups < PARALLEL_MIN_GROUPS {
         return Ok(kernel(inputs, outputs));
     }
@@ -42,7 +60,7 @@ where
         start += len;
     }
     let pool = pool::pool()?;
-    Ok(pool.install(|| jobs.into_par_iter().map(|(i, o)| kernel(i, o)).reduce(|| true, |a, b| a && b)))
+    Ok(pool.install(|| jobs.into_par_iter().map(|(i, o)| kernel(i, o)).reduce(|| identity, &combine)))
 }
 
 /// Values below the smallest normal float are set to zero: a decaying charge or rate would
@@ -64,47 +82,93 @@ pub(crate) fn non_finite(x: f64) -> bool {
     (x - x) != 0.0
 }
 
-/// True when every value is finite.
-#[inline(always)]
-pub(crate) fn all_finite(a: &[f64]) -> bool {
-    !a.iter().fold(false, |bad, &x| bad | non_finite(x))
+/// Values at most this large in magnitude (2^500 ≈ 3.3e150) are "small": a step of the closed
+/// forms from small values with coefficients of moderate size cannot overflow (see `paper`).
+pub(crate) const SMALL: f64 = f64::from_bits((1023 + 500) << 52);
+
+/// What a pass over values found, per chunk (combined over chunks by OR): a NaN or infinity
+/// (`bad`), a value beyond [`SMALL`] (`big`, NaN and infinity included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct Flags {
+    pub bad: bool,
+    pub big: bool,
 }
 
-/// In place over the state (y, v) with a read-only input d: (y, v) ← f(y, v, d). Returns false
-/// if a result is not finite.
+impl Flags {
+    pub fn or(a: Flags, b: Flags) -> Flags {
+        Flags { bad: a.bad | b.bad, big: a.big | b.big }
+    }
+}
+
+/// True unless |x| ≤ [`SMALL`] (so true for NaN and ±inf): one and-mask and one comparison, so
+/// OR-reductions of it vectorise like [`non_finite`].
 #[inline(always)]
-pub(crate) fn update2<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64]) -> bool
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // deliberately true for NaN
+pub(crate) fn big(x: f64) -> bool {
+    !(x.abs() <= SMALL)
+}
+
+/// Whether any value is beyond [`SMALL`] (NaN and ±inf included: one comparison per value, as
+/// cheap as a finiteness check; the caller tells a non-finite value apart only when this is set).
+#[inline(always)]
+pub(crate) fn scan(a: &[f64]) -> Flags {
+    Flags { bad: false, big: a.iter().fold(false, |large, &x| large | big(x)) }
+}
+
+/// In place over the state (y, v) with a read-only input d: (y, v) ← f(y, v, d), also writing
+/// the new y to `out` when given (the array handed back to the caller). For steps the caller
+/// knows cannot overflow; returns whether a new value is beyond [`SMALL`].
+#[inline(always)]
+pub(crate) fn update<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64], out: Option<&mut [f64]>) -> Flags
 where
     F: Fn(f64, f64, f64) -> (f64, f64),
 {
     let n = y.len();
     let (d, v) = (&d[..n], &mut v[..n]);
-    let mut bad = false;
-    for i in 0..n {
-        let (a, b) = f(y[i], v[i], d[i]);
-        y[i] = a;
-        v[i] = b;
-        bad |= non_finite(a) | non_finite(b);
+    let mut large = false;
+    match out {
+        None => {
+            for i in 0..n {
+                let (a, b) = f(y[i], v[i], d[i]);
+                y[i] = a;
+                v[i] = b;
+                large |= big(a) | big(b);
+            }
+        }
+        Some(out) => {
+            let out = &mut out[..n];
+            for i in 0..n {
+                let (a, b) = f(y[i], v[i], d[i]);
+                y[i] = a;
+                v[i] = b;
+                out[i] = a;
+                large |= big(a) | big(b);
+            }
+        }
     }
-    !bad
+    Flags { bad: false, big: large }
 }
 
-/// As [`update2`], also writing the new y to `out` (the array handed back to the caller, so
-/// that no separate copy pass is needed).
+/// One step of the state (y, v) with a read-only input d, written to (yo, vo) (and the new y to
+/// `out` when given): the old state is left as it was, so a step whose result is not finite can
+/// be dropped. Returns whether a new value is not finite, or beyond [`SMALL`].
 #[inline(always)]
-pub(crate) fn update3<F>(f: F, d: &[f64], y: &mut [f64], v: &mut [f64], out: &mut [f64]) -> bool
+pub(crate) fn step<F>(f: F, d: &[f64], y: &[f64], v: &[f64], yo: &mut [f64], vo: &mut [f64], out: Option<&mut [f64]>) -> Flags
 where
     F: Fn(f64, f64, f64) -> (f64, f64),
 {
-    let n = y.len();
-    let (d, v, out) = (&d[..n], &mut v[..n], &mut out[..n]);
-    let mut bad = false;
+    let n = yo.len();
+    let (d, y, v, vo) = (&d[..n], &y[..n], &v[..n], &mut vo[..n]);
+    let (mut bad, mut large) = (false, false);
     for i in 0..n {
         let (a, b) = f(y[i], v[i], d[i]);
-        y[i] = a;
-        v[i] = b;
-        out[i] = a;
+        yo[i] = a;
+        vo[i] = b;
         bad |= non_finite(a) | non_finite(b);
+        large |= big(a) | big(b);
     }
-    !bad
+    if let Some(out) = out {
+        out[..n].copy_from_slice(&yo[..n]);
+    }
+    Flags { bad, big: large }
 }

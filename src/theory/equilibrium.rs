@@ -34,11 +34,35 @@ fn check(name: &str, value: f64, lo: f64, hi: Option<f64>) -> Result<()> {
     Ok(())
 }
 
+/// Π num / Π den for positive finite factors (a numerator may be 0), never NaN: the plain
+/// products when the result is a normal number, else through logarithms (an intermediate
+/// product that overflows or underflows, e.g. lr = 1e300 with λ = 1e308, gives the right
+/// finite value, or 0 / ∞ where the result itself is out of range).
+fn ratio(num: &[f64], den: &[f64]) -> f64 {
+    if num.contains(&0.0) {
+        return 0.0;
+    }
+    let direct = num.iter().product::<f64>() / den.iter().product::<f64>();
+    if direct.is_normal() {
+        direct
+    } else {
+        (num.iter().map(|x| x.ln()).sum::<f64>() - den.iter().map(|x| x.ln()).sum::<f64>()).exp()
+    }
+}
+
+/// No equilibrium: the norm is never pulled to a finite value (λ = 0) or never moves (η = 0).
+const NONE: Equilibrium = Equilibrium { norm_sq: f64::INFINITY, angular_update: 0.0, effective_lr: 0.0, relaxation_steps: f64::INFINITY };
+
 /// SGD with momentum β, dampening d and coupled weight decay λ (β = 0: plain SGD, where PyTorch
 /// ignores d). grad_sq_unit = E|g̃_A|², the squared gradient at unit norm (|ĝ_A| = |g̃_A|/|θ_A|).
 ///   |θ*|⁴ = η(1−d)E|g̃|²/(2λ(1−β)),  angle √(2ηλ(1−d)/(1+β)),  η/|θ*|²,  (1−β)/(4ηλ(1−d)).
-/// λ = 0 has no equilibrium: the norm grows forever (norm_sq = ∞, angle 0, relaxation ∞).
+/// No equilibrium when λ = 0 or η(1−d) = 0 (nothing pulls the norm to a finite value, or no step
+/// moves θ): norm_sq = ∞, angle 0, effective_lr 0, relaxation ∞. With E|g̃|² = 0 the norm decays
+/// to 0 (norm_sq 0, effective_lr ∞). No output is ever NaN.
 pub fn sgd(lr: f64, weight_decay: f64, grad_sq_unit: f64, momentum: f64, dampening: f64) -> Result<Equilibrium> {
+    // −0.0 is 0 (x + 0.0 changes no other value): a signed zero must not give −∞.
+    let (lr, weight_decay, grad_sq_unit, momentum, dampening) =
+        (lr + 0.0, weight_decay + 0.0, grad_sq_unit + 0.0, momentum + 0.0, dampening + 0.0);
     check("lr", lr, 0.0, None)?;
     check("weight_decay", weight_decay, 0.0, None)?;
     check("grad_sq_unit", grad_sq_unit, 0.0, None)?;
@@ -48,30 +72,37 @@ pub fn sgd(lr: f64, weight_decay: f64, grad_sq_unit: f64, momentum: f64, dampeni
         return Err(Error::InvalidArgument(format!("dampening must be in [0, 1], got {dampening}")));
     }
     let keep = if momentum == 0.0 { 1.0 } else { 1.0 - dampening };
-    let norm_sq = (lr * keep * grad_sq_unit / (2.0 * weight_decay * (1.0 - momentum))).sqrt();
-    let rate = lr * weight_decay * keep;
+    if lr == 0.0 || keep == 0.0 || weight_decay == 0.0 {
+        return Ok(NONE);
+    }
+    let norm_sq = ratio(&[lr, keep, grad_sq_unit], &[2.0, weight_decay, 1.0 - momentum]).sqrt();
     Ok(Equilibrium {
         norm_sq,
-        angular_update: (2.0 * rate / (1.0 + momentum)).sqrt(),
+        angular_update: ratio(&[2.0, lr, weight_decay, keep], &[1.0 + momentum]).sqrt(),
         effective_lr: lr / norm_sq,
-        relaxation_steps: (1.0 - momentum) / (4.0 * rate),
+        relaxation_steps: ratio(&[1.0 - momentum], &[4.0, lr, weight_decay, keep]),
     })
 }
 
 /// AdamW (decoupled λ, first-moment β1). update_sq = E|u_A|², the squared norm of Adam's step
 /// direction (≈ |A|(1−β1)/(1+β1) when noise dominates: the first moment averages the noise down).
 ///   |θ*|² = ηE|u|²(1+β1)/(2λ(1−β1)),  angle √(2ηλ(1−β1)/(1+β1)),  η/|θ*|,  1/(2ηλ).
+/// No equilibrium when η = 0 or λ = 0 (as [`sgd`]); E|u|² = 0 gives norm_sq 0, effective_lr ∞.
 pub fn adamw(lr: f64, weight_decay: f64, update_sq: f64, beta1: f64) -> Result<Equilibrium> {
+    let (lr, weight_decay, update_sq, beta1) = (lr + 0.0, weight_decay + 0.0, update_sq + 0.0, beta1 + 0.0);
     check("lr", lr, 0.0, None)?;
     check("weight_decay", weight_decay, 0.0, None)?;
     check("update_sq", update_sq, 0.0, None)?;
     check("beta1", beta1, 0.0, Some(1.0))?;
-    let norm_sq = lr * update_sq * (1.0 + beta1) / (2.0 * weight_decay * (1.0 - beta1));
+    if lr == 0.0 || weight_decay == 0.0 {
+        return Ok(NONE);
+    }
+    let norm_sq = ratio(&[lr, update_sq, 1.0 + beta1], &[2.0, weight_decay, 1.0 - beta1]);
     Ok(Equilibrium {
         norm_sq,
-        angular_update: (2.0 * lr * weight_decay * (1.0 - beta1) / (1.0 + beta1)).sqrt(),
+        angular_update: ratio(&[2.0, lr, weight_decay, 1.0 - beta1], &[1.0 + beta1]).sqrt(),
         effective_lr: lr / norm_sq.sqrt(),
-        relaxation_steps: 1.0 / (2.0 * lr * weight_decay),
+        relaxation_steps: ratio(&[1.0], &[2.0, lr, weight_decay]),
     })
 }
 
@@ -128,5 +159,36 @@ mod tests {
         assert!(sgd(0.1, 1e-3, 1.0, 1.0, 0.0).is_err());
         assert!(matches!(adamw(0.1, f64::NAN, 1.0, 0.9), Err(Error::NonFinite(_))));
         assert_eq!(sgd(0.1, 0.0, 1.0, 0.0, 0.0).unwrap().norm_sq, f64::INFINITY);
+    }
+
+    #[test]
+    fn edges_are_limits_never_nan() {
+        // lr = 0, λ = 0, both, −0.0, dampening 1 with momentum, zero noise: no NaN, no −∞.
+        let grid = [0.0, -0.0, 5e-324, 1e-300, 0.1, 1e300, f64::MAX];
+        for &lr in &grid {
+            for &wd in &grid {
+                for &g in &grid {
+                    for &(m, d) in &[(0.0, 0.0), (0.9, 0.0), (0.9, 1.0), (0.5, 0.3), (1.0 - f64::EPSILON, 0.0)] {
+                        let e = sgd(lr, wd, g, m, d).unwrap();
+                        let a = adamw(lr, wd, g, m).unwrap();
+                        for x in [
+                            e.norm_sq,
+                            e.angular_update,
+                            e.effective_lr,
+                            e.relaxation_steps,
+                            a.norm_sq,
+                            a.angular_update,
+                            a.effective_lr,
+                            a.relaxation_steps,
+                        ] {
+                            assert!(!x.is_nan() && x >= 0.0, "lr {lr} wd {wd} g {g} m {m} d {d}: {e:?} {a:?}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(sgd(0.0, 1e-3, 1.0, 0.0, 0.0).unwrap(), NONE);
+        assert_eq!(sgd(0.1, -0.0, 1.0, 0.0, 0.0).unwrap(), NONE);
+        assert_eq!(adamw(0.0, 0.1, 1.0, 0.9).unwrap(), NONE);
     }
 }

@@ -22,7 +22,7 @@
 //! run such a schedule with the optimizer-agnostic identity.)
 
 use super::chunks;
-use super::{check_finite, check_len, Hyper, Kind, Schedule};
+use super::{check_finite, check_len, result_buffer, Hyper, Interrupt, Kind, Schedule, Ticker};
 use crate::error::{Error, Result};
 
 /// The per-step coefficients of the ledger update (see the module documentation); one set for
@@ -197,7 +197,8 @@ fn ledger_kernel(k: &Coeffs, y: &[f64], m: &[f64], s: &[f64], u: &[f64], e: &[f6
 }
 
 /// Batch ledger over a whole run: inputs (steps, groups) row-major; returns (steps+1, groups).
-/// Runs [`LedgerState`] step by step, so both forms agree to the last bit.
+/// Runs [`LedgerState`] step by step, so both forms agree to the last bit. `interrupt` is
+/// called every few milliseconds of work ([`super::INTERRUPT_EVERY`]); its error stops the run.
 #[allow(clippy::too_many_arguments)]
 pub fn ledger(
     kind: Kind,
@@ -208,6 +209,7 @@ pub fn ledger(
     buffer_dot0: Option<&[f64]>,
     schedule: &Schedule,
     nesterov: bool,
+    mut interrupt: Interrupt<'_>,
 ) -> Result<Vec<f64>> {
     let groups = y0.len();
     let steps = schedule.steps();
@@ -218,9 +220,34 @@ pub fn ledger(
     if let Some(e) = update_dot {
         check_len("update_dot", e, steps, groups)?;
     }
+    if nesterov {
+        // Checked on the values given (one per step, or one for all) rather than step by step:
+        // a run with no groups does not step at all.
+        let bad_m = schedule.values("momentum").iter().find(|&&m| m <= 0.0).map(|m| format!("momentum {m}"));
+        let bad_d = schedule.values("dampening").iter().find(|&&d| d != 0.0).map(|d| format!("dampening {d}"));
+        if let Some(got) = bad_m.or(bad_d) {
+            return Err(Error::InvalidArgument(format!(
+                "nesterov requires momentum > 0 and dampening = 0 (as torch.optim.SGD), got {got}"
+            )));
+        }
+    }
+    if kind.is_quadratic() && steps > 0 {
+        // Also checked by every step; here so that a run with no groups is refused the same way.
+        if update_sq.is_none() {
+            return Err(Error::InvalidArgument(format!("update_sq is required for {} charges", kind.name())));
+        }
+        if nesterov && update_dot.is_none() {
+            return Err(Error::InvalidArgument(format!("update_dot (⟨u_n, b_n⟩) is required with nesterov for {} charges", kind.name())));
+        }
+    }
+    let rows = steps.checked_add(1).ok_or_else(|| Error::InvalidArgument(format!("steps={steps} is too large")))?;
+    let mut out = result_buffer("ledger", rows, groups, true)?;
     let mut state = LedgerState::new(kind, y0, buffer_dot0)?;
-    let mut out = Vec::with_capacity((steps + 1) * groups);
-    out.extend_from_slice(y0);
+    if groups == 0 {
+        return Ok(out);
+    }
+    out[..groups].copy_from_slice(y0);
+    let mut ticker = Ticker::new(groups, &mut interrupt);
     for n in 0..steps {
         let r = n * groups..(n + 1) * groups;
         let inputs = LedgerInputs {
@@ -228,7 +255,9 @@ pub fn ledger(
             update_sq: update_sq.map(|u| &u[r.clone()]),
             update_dot: update_dot.map(|e| &e[r.clone()]),
         };
-        out.extend_from_slice(state.step(inputs, schedule.at(n), nesterov)?);
+        let y = state.step(inputs, schedule.at(n), nesterov)?;
+        out[(n + 1) * groups..(n + 2) * groups].copy_from_slice(y);
+        ticker.tick()?;
     }
     Ok(out)
 }
@@ -236,6 +265,7 @@ pub fn ledger(
 /// The optimizer-agnostic identity (θ_{n+1} = θ_n − η_n u_n) from measured quantities:
 /// scale/rescale y_{n+1} = y_n − 2η_n⟨θ_n,u_n⟩ + η_n²|u_n|² (needs `dot` and `update_sq`);
 /// translation y_{n+1} = y_n − η_n⟨1,u_n⟩ (needs `update_sum`). `lr`: one value or one per step.
+#[allow(clippy::too_many_arguments)]
 pub fn ledger_measured(
     kind: Kind,
     y0: &[f64],
@@ -244,6 +274,7 @@ pub fn ledger_measured(
     dot: Option<&[f64]>,
     update_sq: Option<&[f64]>,
     update_sum: Option<&[f64]>,
+    mut interrupt: Interrupt<'_>,
 ) -> Result<Vec<f64>> {
     let groups = y0.len();
     check_finite("y0", y0, groups)?;
@@ -262,21 +293,25 @@ pub fn ledger_measured(
         need("update_sum", update_sum)?;
         (update_sum.unwrap_or_default(), &[])
     };
-    let mut out = Vec::with_capacity((steps + 1) * groups);
-    out.extend_from_slice(y0);
+    let rows = steps.checked_add(1).ok_or_else(|| Error::InvalidArgument(format!("steps={steps} is too large")))?;
+    let mut out = result_buffer("ledger_measured", rows, groups, true)?;
+    if groups == 0 {
+        return Ok(out);
+    }
+    out[..groups].copy_from_slice(y0);
+    let mut ticker = Ticker::new(groups, &mut interrupt);
     for n in 0..steps {
         let eta = schedule.at(n).lr;
         let (prev, next) = (n * groups, (n + 1) * groups);
         for g in 0..groups {
             let y = out[prev + g];
-            let y1 = if kind.is_quadratic() {
+            out[next + g] = if kind.is_quadratic() {
                 y - 2.0 * eta * linear[prev + g] + eta * eta * quad_sq[prev + g]
             } else {
                 y - eta * linear[prev + g]
             };
-            out.push(y1);
         }
-        debug_assert_eq!(out.len(), next + groups);
+        ticker.tick()?;
     }
     check_finite("the ledger", &out, groups)?;
     Ok(out)
@@ -345,7 +380,7 @@ mod tests {
             let Simulated { xs, flux: fl, update_sq: us, update_dot: es, lrs } = simulate(beta, damp, 0.01, nesterov, steps);
             let (m, d, w) = ([beta], [damp], [0.01]);
             let sched = Schedule::new(steps, &lrs, &m, &d, &w).unwrap();
-            let ys = ledger(Kind::Scale, &xs[..1], &fl, Some(&us), Some(&es), None, &sched, nesterov).unwrap();
+            let ys = ledger(Kind::Scale, &xs[..1], &fl, Some(&us), Some(&es), None, &sched, nesterov, &mut crate::theory::never).unwrap();
             for n in 0..=steps {
                 assert!((ys[n] - xs[n]).abs() <= 1e-13 * xs[n], "{beta} {damp} {nesterov} step {n}: {} {}", ys[n], xs[n]);
             }
@@ -364,5 +399,12 @@ mod tests {
         assert!(matches!(st.step(nan, hp, false), Err(Error::NonFinite(_))));
         assert_eq!(st.steps(), 0);
         assert_eq!(st.y(), &[1.0]);
+        // No steps, per-step arrays of length 0 beside constants: an error, never an index panic.
+        let empty = Schedule::new(0, &[0.1], &[], &[0.5], &[0.0]).unwrap();
+        let never = &mut crate::theory::never;
+        assert!(matches!(
+            ledger(Kind::Scale, &[1.0], &[], Some(&[]), Some(&[]), None, &empty, true, never),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -188,7 +188,22 @@ pub fn second_order(kind: Kind, hp: Hyper) -> Result<Step> {
     let e = (-a).exp();
     let (s, c) = sinc_cos(mu);
     let q = q_integral(a, mu, w);
-    Ok(Step { first_order: false, cf, w2: w / (h * h), g: h * e * s, gp: e * (c - a * s), p: h * h * q, h })
+    // ω² = w/h²; below h ≈ 1.5e-154 the square h² is no longer a normal number (and is 0 below
+    // 2.2e-162), so ω² is then computed without it (kλ/(h(1+β)), equal up to rounding).
+    let hh = h * h;
+    let w2 = if hh.is_normal() { w / hh } else { stiffness(kind) * hp.weight_decay / (h * (1.0 + beta)) };
+    let step = Step { first_order: false, cf, w2, g: h * e * s, gp: e * (c - a * s), p: hh * q, h };
+    if [step.cf, step.w2, step.g, step.gp, step.p].iter().any(|x| !x.is_finite()) {
+        // λ/h beyond float64 (lr ≈ 1e-308 and below), or h² beyond it (lr ≈ 1e154 and above):
+        // a clear refusal rather than a NaN state.
+        let which = if hp.lr < 1.0 { "small" } else { "large" };
+        return Err(Error::InvalidArgument(format!(
+            "lr = {:e} is too {which} for the closed form in float64 (its step coefficients ω² = kλ/(lr(1−d)(1+β)) \
+             and P ≈ (lr(1−d))² overflow)",
+            hp.lr
+        )));
+    }
+    Ok(step)
 }
 
 /// The step for these hyperparameters: second order when β > 0, first order when β = 0.
@@ -341,5 +356,28 @@ mod tests {
         assert!(second_order(Kind::Scale, Hyper::new(0.1, 0.9, 1.0, 0.0)).is_err());
         let f = first_order(Kind::Scale, hp(0.1, 0.0, 0.0));
         assert_eq!(f.p, 0.1);
+    }
+
+    #[test]
+    fn tiny_learning_rates_give_finite_coefficients() {
+        // Below lr ≈ 1.5e-154 the square lr² is subnormal, below 2.2e-162 it is 0: ω² = w/h²
+        // was then infinite and the closed form NaN. Every coefficient is finite down to the
+        // smallest double (ω² overflows only where λ/lr does).
+        for &lr in &[1e-150, 1e-155, 1e-161, 1e-170, 1e-250, 1e-300] {
+            for kind in [Kind::Scale, Kind::Translation] {
+                let s = second_order(kind, hp(lr, 0.9, 1e-3)).unwrap();
+                for x in [s.w2, s.g, s.gp, s.p, s.cf, s.h] {
+                    assert!(x.is_finite(), "lr {lr}: {s:?}");
+                }
+                let expected = stiffness(kind) * 1e-3 / (lr * 1.9);
+                assert!((s.w2 - expected).abs() <= 1e-12 * expected, "lr {lr}: {} vs {expected}", s.w2);
+            }
+        }
+        // Where ω² itself overflows: refused, never a non-finite coefficient.
+        assert!(matches!(second_order(Kind::Scale, hp(5e-324, 0.9, 1e-3)), Err(Error::InvalidArgument(m)) if m.contains("too small")));
+        assert!(second_order(Kind::Scale, hp(5e-324, 0.9, 0.0)).is_ok());
+        assert!(
+            matches!(second_order(Kind::Translation, hp(1e300, 5e-324, 0.0)), Err(Error::InvalidArgument(m)) if m.contains("too large"))
+        );
     }
 }

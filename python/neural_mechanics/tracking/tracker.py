@@ -42,11 +42,43 @@ class Tracker:
         log_figures: bool = True,
         class_axis: int = 1,
     ):
+        import operator
+        import os
+
         import torch
 
-        for name, value in (("every", every), ("record_every", record_every), ("log_every", log_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+        from ..errors import RunIOError
+
+        # Every argument is checked here, when it is given, not at the first spill or forward.
+        def integer(name: str, value: Any, least: int) -> int:
+            """Any integer type (int, np.int64: whatever has __index__), never a bool or a float."""
+            try:
+                n = operator.index(value) if not isinstance(value, bool) else None
+            except TypeError:
+                n = None
+            if n is None or n < least:
+                raise InvalidArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
+            return n
+
+        every = integer("every", every, 1)
+        record_every = integer("record_every", record_every, 1)
+        log_every = integer("log_every", log_every, 1)
+        if memory_limit is not None:
+            memory_limit = integer("memory_limit", memory_limit, Run.MIN_MEMORY_LIMIT)
+        if spill_dir is not None:
+            if isinstance(spill_dir, bytes) or not isinstance(spill_dir, (str, os.PathLike)):
+                raise InvalidArgumentError(f"spill_dir must be a folder path (str or os.PathLike) or None, got {spill_dir!r}")
+            spill_dir = os.fspath(spill_dir)
+            if not isinstance(spill_dir, str) or not spill_dir:
+                raise InvalidArgumentError(f"spill_dir must be a folder path, got {spill_dir!r}")
+            if os.path.exists(spill_dir) and not os.path.isdir(spill_dir):
+                raise InvalidArgumentError(f"spill_dir {spill_dir!r} exists and is not a folder")
+            try:
+                os.makedirs(spill_dir, exist_ok=True)
+            except OSError as exc:
+                raise RunIOError(f"spill_dir {spill_dir!r}: cannot create the folder ({exc})") from None
+            if not os.access(spill_dir, os.W_OK | os.X_OK):
+                raise RunIOError(f"spill_dir {spill_dir!r}: the folder is not writable")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         # torch.distributed (DDP / FSDP2): None for an ordinary model. DDP: track the wrapped module.
