@@ -323,7 +323,7 @@ def test_coverage_is_logged_at_set_up_and_in_repr(caplog):
     # the summary lists them, with the reason as sentences
     s = run.summary()
     row = s[s.verdict == "not covered"]
-    assert list(row.layer) == ["inp.1", "bn"] and row.reason.iloc[0].startswith("weight: No scale/rescale") and "bias: No scale/rescale" in row.reason.iloc[0]
+    assert list(row.layer) == ["inp.1", "bn"] and row.reason.iloc[0].startswith("weight: No scale or rescale group") and "bias: No scale or rescale group" in row.reason.iloc[0]
 
 
 def test_coverage_names_parameters_outside_the_optimizer_and_layers_by_their_module():
