@@ -121,7 +121,7 @@ def test_the_default_gpt_has_every_pattern_the_report_draws():
 
 def test_learned_positions_and_grouped_query_attention():
     cfg = GPTConfig(vocab=20, width=16, heads=4, kv_heads=2, hidden=16, context=8, layers=1, positions="learned")
-    _, found, _ = _find(cfg)
+    model, found, _ = _find(cfg)
     A = "blocks.0.attn"
     # per-dimension Q/K; a key row is read by the two query heads that share it
     qk = _layer(found, "rescale", f"{A}.q_proj")
@@ -130,6 +130,24 @@ def test_learned_positions_and_grouped_query_attention():
     # the token table's columns against the position table's (a signed translation)
     signed = [g for g in _layer(found, "translation", "tok") if "against pos" in g.label]
     assert len(signed) == cfg.width and signed[0].parts[1][0] == "pos.weight" and signed[0].parts[1][2] == -1
+    # the report's panels follow the key/value heads: one head's 4 Q/K groups (each read by 2 query heads), its 4 V/O groups
+    run = _StillRun(found)
+    panels = {p["key"]: p for p in models_gpt.transformer_panels(model, list(found.values()), run)}
+    assert len(panels["qk"]["groups"]) == len(panels["vo"]["groups"]) == 4
+    assert "key/value head" in panels["qk"]["title"] and "query heads" in panels["qk"]["title"]
+
+
+class _StillRun:
+    """The least of a run transformer_panels reads: groups and a measured column (nothing moved)."""
+
+    def __init__(self, found):
+        keys = list(found)
+        self.groups = type("G", (), {"symmetry": np.array([k[0] for k in keys], dtype=object),
+                                     "layer": np.array([k[1] for k in keys], dtype=object),
+                                     "index": np.array([k[2] for k in keys])})()
+
+    def array(self, column):
+        return np.zeros((2, len(self.groups.symmetry)))
 
 
 def test_configs_and_recipes_refuse_nonsense():

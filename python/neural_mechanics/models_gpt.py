@@ -282,8 +282,7 @@ def transformer_panels(model: CharGPT, symmetries: Any, run: Any, block: int = 0
     """What the report's transformer figure draws for a run of ``model``: one panel per pattern
     of docs/theory.md §2b, each ``{"key", "symmetry", "layer", "groups" (the groups' indices, or
     None for every group of the layer), "title"}``. Q/K and V/O show one head of block ``block``:
-    the head whose Q/K charges moved most over the run (its V/O panel shows the key/value head it
-    reads)."""
+    the (key/value) head whose Q/K charges moved most over the run."""
     cfg = model.cfg
     dh, kv = cfg.head_width, cfg.kv_heads or cfg.heads
     attn = f"blocks.{block}.attn"
@@ -291,25 +290,27 @@ def transformer_panels(model: CharGPT, symmetries: Any, run: Any, block: int = 0
     for g in symmetries:
         by_layer.setdefault((g.symmetry, g.layer), []).append(g)
 
-    def head_of(g: Any) -> int:
-        return int(g.parts[0][1][0]) // dh  # the incoming side's first row: (row,) of q or v
+    def kv_head(g: Any, proj: str) -> int:
+        """The key/value head of a Q/K (``proj="k_proj"``) or V/O (``"v_proj"``) group: its row
+        of that projection over the head width (one head per row block, GQA or not)."""
+        return int(next(p[1][0] for p in g.parts if p[0] == f"{attn}.{proj}.weight")) // dh
 
-    qk = by_layer.get(("rescale", f"{attn}.q_proj"), [])
     heads: dict[int, list[int]] = {}
-    for g in qk:
-        heads.setdefault(head_of(g), []).append(int(g.index))
+    for g in by_layer.get(("rescale", f"{attn}.q_proj"), []):
+        heads.setdefault(kv_head(g, "k_proj"), []).append(int(g.index))
     panels: list[dict[str, Any]] = []
     if heads:
         h = max(sorted(heads), key=lambda k: _moved(run, "rescale", f"{attn}.q_proj", heads[k]))
-        rotary = cfg.positions == "rope"
-        what = f"rotary pairs {{r, r+{dh // 2}}}" if rotary else "per dimension r"
+        rep = cfg.heads // kv
+        name = f"head {h} (of {kv}, moved most)" if rep == 1 else \
+            f"key/value head {h} (of {kv}, moved most; query heads {h * rep}–{h * rep + rep - 1})"
+        what = f"rotary pairs {{r, r+{dh // 2}}}" if cfg.positions == "rope" else "per dimension r"
         panels.append({"key": "qk", "symmetry": "rescale", "layer": f"{attn}.q_proj", "groups": heads[h],
-                       "title": f"Q/K rescale, {attn} head {h} (of {cfg.heads}, moved most): |Q_r|² − |K_r|², {what}"})
-        v_head = h // (cfg.heads // kv)
-        vo = [int(g.index) for g in by_layer.get(("rescale", f"{attn}.v_proj"), []) if head_of(g) == v_head]
+                       "title": f"Q/K rescale, {attn} {name}: |Q_r|² − |K_r|², {what}"})
+        vo = [int(g.index) for g in by_layer.get(("rescale", f"{attn}.v_proj"), []) if kv_head(g, "v_proj") == h]
         if vo:
             panels.append({"key": "vo", "symmetry": "rescale", "layer": f"{attn}.v_proj", "groups": vo,
-                           "title": f"V/O rescale, {attn} {'head' if kv == cfg.heads else 'key/value head'} {v_head}: "
+                           "title": f"V/O rescale, {attn} {'head' if rep == 1 else 'key/value head'} {h}: "
                                     "|V_r|² − |O[:, r]|² per dimension r"})
     more = [
         ("gain", "rescale", f"blocks.{block}.attn_norm",
