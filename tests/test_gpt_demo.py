@@ -244,6 +244,7 @@ def test_model_names_and_aliases():
     (["--model", "gpt", "--data", "digits"], "--data is for the image classifiers"),
     (["--model", "mlp", "--text", "x.txt"], "--text is for the GPT"),
     (["--model", "gpt", "--text", "no-such-file.txt"], "no such file"),
+    (["--model", "mlp,gpt", "--text", "no-such-file.txt"], "no such file"),  # before the classifier trains
     (["--steps", "1"], "at least 2"),
 ])  # fmt: skip
 def test_user_errors_are_one_line_and_exit_2(argv, says, tmp_path, capsys):

@@ -86,28 +86,32 @@ def demo(
         raise InvalidArgumentError(f"--data is for the image classifiers ({', '.join(IMAGE_MODELS)}), and none of them is trained")
     if text is not None and not gpts:
         raise InvalidArgumentError(f"--text is for the GPT ({', '.join(GPT_MODELS)}), and it is not trained")
-    runs: dict[str, Any] = {}
-    lines: dict[str, str] = {}
+    # Every source is read before anything trains: a bad --text fails at once, not after the classifiers.
+    source = corpus = None
     if images:
-        from . import models as zoo
-
         if isinstance(data, data_sources.DataSource):
             source = data
         elif data is None or isinstance(data, (str, os.PathLike)):
             source = data_sources.load(data, image_size=image_size)
         else:
             source = data_sources.from_dataset(data)
+    if gpts:
+        corpus = text if isinstance(text, data_sources.TextSource) else data_sources.load_text(text)
+    runs: dict[str, Any] = {}
+    lines: dict[str, str] = {}
+    if source is not None:
+        from . import models as zoo
+
         recipe = zoo.Recipe(steps=steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS))
         line = f"Data: {source!r}." + (f" {source.credit}." if source.credit else "")
         for name in images:
             runs[name] = zoo.train(name, source, recipe, progress=progress).run
             lines[name] = line
-    if gpts:
+    if corpus is not None:
         import dataclasses
 
         from . import models_gpt
 
-        corpus = text if isinstance(text, data_sources.TextSource) else data_sources.load_text(text)
         n_steps = steps if steps is not None else (GPT_QUICK_STEPS if quick else GPT_DEFAULT_STEPS)
         line = (f"Data: {corpus!r}; the first {len(corpus.train):,} characters train, the last {len(corpus.val):,} validate."
                 + (f" {corpus.credit}." if corpus.credit else ""))
