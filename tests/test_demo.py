@@ -135,6 +135,15 @@ def test_report_from_saved_runs_redraws_what_the_demo_drew(report, tmp_path):
     assert "## Training" in body and redrawn.endswith(body)
 
 
+def test_a_report_folder_stands_for_its_runs(report, tmp_path, capsys):
+    from neural_mechanics.report import load_runs
+
+    assert list(load_runs([report])) == sorted(cli.DEFAULT_MODELS)  # `neural-mechanics report nm-report`
+    assert list(load_runs([report / "runs"])) == sorted(cli.DEFAULT_MODELS)
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 2  # an empty folder: one line, exit 2
+    assert capsys.readouterr().err.startswith("neural-mechanics: error: ") and not (tmp_path / "out").exists()
+
+
 def test_report_of_one_run(report, tmp_path, capsys):
     assert cli.main(["report", str(report / "runs" / "vgg_bn.nmrun"), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     r = sub.add_parser("report", help="draw the report's figures and tables from saved runs, without training")
-    r.add_argument("runs", nargs="+", help="saved run files (.nmrun), e.g. nm-report/runs/*.nmrun")
+    r.add_argument("runs", nargs="+", help="saved run files (.nmrun), e.g. nm-report/runs/*.nmrun, or a report folder (its runs/)")
     r.add_argument("--out", default="nm-report-redrawn", help="report folder (default: nm-report-redrawn)")
     r.set_defaults(func=_cmd_report)
     return parser

@@ -51,6 +51,7 @@ __all__ = [
     "Block",
     "write_report",
     "load_runs",
+    "run_files",
     "summary_table",
     "summary_blocks",
     "training_table",
@@ -487,10 +488,28 @@ _VERDICT_HELP = (
 )
 
 
+def run_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """``paths`` with every folder replaced by the runs it holds: its ``*.nmrun`` files, or those
+    of its ``runs/`` folder (a report folder), sorted by name."""
+    from .errors import InvalidArgumentError
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(p.glob("*.nmrun")) or sorted((p / "runs").glob("*.nmrun"))
+        if not found:
+            raise InvalidArgumentError(f"{p}: no saved runs (*.nmrun) in it or in its runs/ folder")
+        files += found
+    return files
+
+
 def load_runs(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """Saved runs by name (the file's stem, made unique)."""
+    """Saved runs by name (the file's stem, made unique); a folder stands for the runs it holds
+    (:func:`run_files`: a report folder gives its ``runs/*.nmrun``)."""
     runs: dict[str, Any] = {}
-    for p in paths:
+    for p in run_files(paths):
         name = base = Path(p).stem
         k = 2
         while name in runs:
