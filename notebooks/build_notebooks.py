@@ -270,7 +270,156 @@ tracker.run.summary()"""
     ]
 
 
-NOTEBOOKS: dict[str, Callable[[], list]] = {"quickstart": quickstart, "paper_figures": paper_figures, "equilibrium": equilibrium, "live": live}
+def transformers() -> list:
+    return [
+        new_markdown_cell(
+            "# Transformers: the attention-era symmetries while a small GPT learns\n\n"
+            "A character-level GPT (`neural_mechanics.models_gpt.CharGPT`: pre-norm RMSNorm, rotary positions, a gated "
+            "SwiGLU MLP, an untied LM head) learns Python's own documentation, the text of `help()` "
+            "(`pydoc_data.topics`, in every Python: nothing to download). Its architecture has symmetries the paper's "
+            "convolutional networks do not (docs/theory.md §2b): queries against keys and values against the output "
+            "projection per head dimension, each norm's gain against the columns that read it, the LM head's columns "
+            "before softmax, the whole residual stream. `nm.find_symmetries` finds them by itself, `nm.track` measures "
+            "each group's charge at every step, and under SGD the exact ledger and the paper's closed forms predict it."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell(
+            """\
+from neural_mechanics import data_sources, models_gpt, plots, report_transformer
+from neural_mechanics.models_gpt import CharGPT, GPTConfig, lm_loss
+
+corpus = data_sources.pydoc_topics()       # or data_sources.text_file("your.txt")
+print(corpus)
+print(corpus.credit)
+torch.manual_seed(0)
+model = CharGPT(GPTConfig(vocab=corpus.vocab_size))   # width 64, 2 blocks, 4 heads of 16, rotary, context 64
+x, y = next(data_sources.text_batches(corpus.train, 32, model.cfg.context))
+model(x).shape                              # (batch, time, vocabulary): the classes are on the last axis"""
+        ),
+        new_markdown_cell(
+            "## What discovery finds\n\n"
+            "The logits are `(B, T, V)`, so the classes are on the last axis: `class_axis=-1`. Every group is listed "
+            "with its layer; `skipped` names parameters no group covers (none here), and `notes` what is not claimed "
+            "and why."
+        ),
+        new_code_cell(
+            """\
+sym = nm.find_symmetries(model, x, class_axis=-1)
+print(sym.skipped or "every parameter is in some group")
+for note in sym.notes:
+    print("not claimed:", note)
+sym.summary()"""
+        ),
+        new_markdown_cell(
+            "## The symmetries, one by one (docs/theory.md §2b)\n\n"
+            "- **Q/K rescale, per head dimension.** An attention logit is q·k = Σ_r q_r k_r: multiplying query row r by "
+            "α and key row r by 1/α changes no logit. Charge |Q_r|² − |K_r|². Rotary positions rotate dimensions r and "
+            "r + d_h/2 together, so only the pair is a symmetry (a single row is not): the groups are pairs "
+            "(`units 0, 8 with ...k_proj`).\n"
+            "- **V/O rescale, per head dimension.** A head's output is linear in its values: value row r × α and the output "
+            "projection's column r × 1/α cancel. Charge |V_r|² − |O_{:,r}|².\n"
+            "- **Norm gain against the next columns.** RMSNorm's output γ_j x̂_j is read only by linear maps (q, k and v "
+            "together; gate and up together; the final norm by the LM head): γ_j × α and column j of every reader × 1/α. "
+            "Charge γ_j² − Σ|W_{:,j}|².\n"
+            "- **Gated MLP.** down(silu(gate·x) ⊙ up·x): up row i × α against down column i × 1/α. Never the gate's row: "
+            "SiLU is not positively homogeneous.\n"
+            "- **LM-head column translation.** Adding c to every entry of column j of the head adds c·h_j to every logit "
+            "alike, which softmax ignores. Charge Σ_v W_head[v, j].\n"
+            "- **Residual-stream scale.** In a pre-norm model every reader of the stream normalises it first, so scaling "
+            "every writer (the token table, each attention and MLP output projection) by α changes nothing but RMSNorm's "
+            "ε term, which breaks it slightly (as BatchNorm's ε does, docs/theory.md §3).\n\n"
+            "The per-dimension Q/K and V/O charges are the diagonal of a per-head GL(d_h) symmetry; its off-diagonal part "
+            "is not tracked (§2b)."
+        ),
+        new_code_cell(
+            """\
+qk = next(g for g in sym if g.layer == "blocks.0.attn.q_proj")
+vo = next(g for g in sym if g.layer == "blocks.0.attn.v_proj")
+for g in (qk, vo):
+    print(g.symmetry, g.layer, repr(g.label))
+    for name, index, sign in g.parts:
+        print(f"   {sign:+d}  {name}{list(index)}")"""
+        ),
+        new_markdown_cell(
+            "## Train, tracked: SGD with momentum\n\n"
+            "Under `torch.optim.SGD` the exact ledger (docs/theory.md §5.3) accounts for every charge to float32 rounding "
+            "and the paper's closed forms with momentum (§5.2) predict it to O(η). The learning rate drops ×0.1 at 75% of "
+            "the steps, as in the demo."
+        ),
+        new_code_cell(
+            """\
+STEPS = 40 if QUICK else 400
+opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=5e-4)
+sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.75 * STEPS)], gamma=0.1)
+batches = data_sources.text_batches(corpus.train, 32, model.cfg.context, seed=0)
+
+with nm.track(model, opt, sym) as tracker:   # the groups found above (or symmetries=None and class_axis=-1)
+    for step in range(STEPS):
+        x, y = next(batches)
+        loss = lm_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    run = tracker.run
+print(f"validation loss {data_sources.evaluate_lm(model, corpus.val, model.cfg.context):.3f} nats per character")
+run"""
+        ),
+        new_code_cell("run.summary()"),
+        new_markdown_cell(
+            "## Q/K and V/O charges against theory\n\n"
+            "Measured solid, the paper's closed form dashed with circles, the exact ledger dotted with crosses (the legend "
+            "gives each theory's largest error over the groups drawn; the eight groups of the layer that moved most)."
+        ),
+        new_code_cell(
+            """\
+fig, axes = plots.new_figure(2, 1, width=5.6, height=4.3)
+plots.plot_charges(run, "rescale", "blocks.0.attn.q_proj", groups=8, ax=axes[0],
+                   title="Q/K of blocks.0: |Q_r|² − |K_r|² per rotary pair\\n(the 8 of 32 groups that moved most)")
+plots.plot_charges(run, "rescale", "blocks.0.attn.v_proj", groups=8, ax=axes[1],
+                   title="V/O of blocks.0: |V_r|² − |O[:, r]|² per dimension\\n(the 8 of 64 groups that moved most)")
+fig"""
+        ),
+        new_markdown_cell(
+            "## Every pattern at once\n\n"
+            "`models_gpt.transformer_panels` says what the report's transformer figure draws (one head's Q/K and V/O "
+            "groups, the norm gains, the gated MLP, the final norm against the head, the head's columns); kept in "
+            "`run.info`, it is saved with the run, so `neural-mechanics report` redraws the same figure."
+        ),
+        new_code_cell(
+            """\
+run.info["panels"] = models_gpt.transformer_panels(model, sym, run)
+report_transformer.transformer_figure(run)"""
+        ),
+        new_markdown_cell(
+            "## AdamW: what the charges do, and what is not a theory\n\n"
+            "The transformer's usual optimizer. The symmetries still hold (the verdicts' residuals are float32 "
+            "rounding), but no closed form predicts the charges here: `exact` re-adds the measured update, a bookkeeping "
+            "check (verdict `bookkeeping only`), and `paper` is NaN unless the tracker applies the paper's form to the "
+            "optimizer's update. `models_gpt.train_gpt` is the demo's training function (recipe, tracking, losses, a "
+            "sample of text, the panels)."
+        ),
+        new_code_cell(
+            """\
+import dataclasses
+
+recipe = dataclasses.replace(models_gpt.GPT_RECIPES["gpt_adamw"], steps=STEPS)
+adamw = models_gpt.train_gpt("gpt_adamw", corpus, recipe, progress=False)
+print(recipe.describe())
+print(f"train loss {adamw.train_loss:.3f}, validation loss {adamw.val_loss:.3f}; sampled:")
+print(adamw.sample)
+adamw.run.summary()[["symmetry", "layer", "groups", "verdict", "exact_max", "paper_max", "residual_median"]]"""
+        ),
+        new_code_cell("report_transformer.transformer_figure(adamw.run)"),
+        new_markdown_cell(
+            "From the shell, `neural-mechanics demo --model gpt` trains both runs (AdamW, then SGD) and writes the report "
+            "with these figures and a table per pattern; `neural-mechanics demo` adds the digit classifiers."
+        ),
+    ]
+
+
+NOTEBOOKS: dict[str, Callable[[], list]] = {"quickstart": quickstart, "paper_figures": paper_figures, "equilibrium": equilibrium, "live": live,
+                                            "transformers": transformers}
 
 
 def render(name: str) -> str:

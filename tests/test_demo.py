@@ -1,4 +1,6 @@
-"""The demo in quick mode writes the whole report; `report` redraws it from the saved runs."""
+"""The demo in quick mode writes the whole report (the three digit classifiers and the GPT under
+AdamW and SGD); `report` redraws it from the saved runs. The GPT's own tests (model, text, CLI):
+test_gpt_demo.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import neural_mechanics as nm
 from neural_mechanics import cli, data_sources, models
 from neural_mechanics.errors import InvalidArgumentError, ShapeError
 
-STEPS = 60  # enough for the lr step (at 75%) and for every charge to move; a few seconds
+STEPS = 60  # enough for the lr step (at 75%) and for every charge to move; a few seconds per run
+GPT_RUNS = cli.GPT_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,9 @@ def test_every_expected_file_exists(report):
         "vgg_bn": ["charges_translation", "charges_scale", "charges_rescale", "errors", "residuals", "equilibrium"],
         "vgg": ["charges_translation", "charges_rescale", "errors", "residuals"],
         "mlp": ["charges_translation", "charges_rescale", "errors", "residuals"],
+        # the transformer figure (docs/theory.md §2b patterns) first; the SGD run has an equilibrium panel
+        "gpt_adamw": ["transformer", "charges_translation", "charges_scale", "charges_rescale", "errors", "residuals", "forecast"],
+        "gpt_sgd": ["transformer", "charges_translation", "charges_scale", "charges_rescale", "errors", "residuals", "equilibrium", "forecast"],
     }
     for model, figs in per_model.items():
         expected += [f"{model}/{f}.png" for f in figs] + [f"{model}/summary.md", f"{model}/summary.html"]
@@ -64,8 +70,37 @@ def test_summary_has_all_three_symmetries_and_exact_errors_within_1e_5(report):
     for name in cli.DEFAULT_MODELS:
         run = nm.load_run(report / "runs" / f"{name}.nmrun")
         assert len(run.step_index) == STEPS + 1
-        assert run.errors("exact").max() <= 1e-5, name
-        assert np.isfinite(run.errors("paper")).all()
+        assert run.errors("exact").max() <= 1e-5, name  # AdamW: the bookkeeping of its measured update
+        if run.optimizer == "SGD":
+            assert np.isfinite(run.errors("paper")).all(), name
+
+
+def test_the_gpt_runs_cover_every_transformer_pattern(report):
+    index = (report / "index.md").read_text()
+    for name in GPT_RUNS:
+        run = nm.load_run(report / "runs" / f"{name}.nmrun")
+        layers = {(s, str(layer)) for s, layer in zip(run.groups.symmetry, run.groups.layer)}
+        # Q/K (rotary pairs), V/O, norm gain / next columns, gated MLP, final norm / LM head, LM-head columns, the stream
+        assert {("rescale", "blocks.0.attn.q_proj"), ("rescale", "blocks.0.attn.v_proj"), ("rescale", "blocks.0.attn_norm"),
+                ("rescale", "blocks.1.mlp.up_proj"), ("rescale", "norm"), ("translation", "head"), ("scale", "tok")} <= layers
+        patterns = {p for _, _, p in run.info["patterns"]}
+        assert {"Q/K rescale, rotary pairs", "V/O rescale", "norm gain / next columns", "LM-head column translation"} <= patterns
+        assert "other" not in patterns
+        assert [p["key"] for p in run.info["panels"]] == ["qk", "vo", "gain", "mlp", "final", "lm_head"]
+        assert run.coverage["uncovered"] == {}  # the gate is covered by the norm's columns; what is not claimed is said
+        assert any("SiLU" in s for s in run.info["not_claimed"])
+        assert f"![{name} transformer]({name}/transformer.png)" in index
+        if name == "gpt_sgd":  # the ledger and the paper's closed form
+            assert run.exact_kind == "ledger" and np.nanmax(run.errors("exact")) <= 1e-5
+            assert np.nanmax(run.errors("paper")) < 1e-2
+        else:  # AdamW: bookkeeping, no closed form in this tracker (NaN) or the paper's form of the update
+            assert run.exact_kind == "bookkeeping" and run.optimizer == "AdamW"
+    # the pattern tables, the samples and both training tables are on the page
+    assert index.count("the transformer's symmetries by pattern") == 2
+    assert index.count("Sampled from gpt_") == 2
+    headers = [line for line in index.splitlines() if line.startswith("| model | ")]
+    assert any("test accuracy" in h for h in headers) and any("validation loss" in h for h in headers)
+    assert not any("test accuracy" in h and "validation loss" in h for h in headers)  # one table per kind of run
 
 
 def test_markdown_tables_are_well_formed(report):
@@ -98,6 +133,15 @@ def test_report_from_saved_runs_redraws_what_the_demo_drew(report, tmp_path):
     demo_page, redrawn = (report / "index.md").read_text(), (tmp_path / "index.md").read_text()
     body = demo_page[demo_page.index("Data: "):].replace(demo_page[demo_page.index("Saved runs: "):].split("\n\n")[0] + "\n\n", "")
     assert "## Training" in body and redrawn.endswith(body)
+
+
+def test_a_report_folder_stands_for_its_runs(report, tmp_path, capsys):
+    from neural_mechanics.report import load_runs
+
+    assert list(load_runs([report])) == sorted(cli.DEFAULT_MODELS)  # `neural-mechanics report nm-report`
+    assert list(load_runs([report / "runs"])) == sorted(cli.DEFAULT_MODELS)
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 2  # an empty folder: one line, exit 2
+    assert capsys.readouterr().err.startswith("neural-mechanics: error: ") and not (tmp_path / "out").exists()
 
 
 def test_report_of_one_run(report, tmp_path, capsys):

@@ -23,7 +23,7 @@ def _check(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_three_notebooks_are_there():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "paper_figures", "equilibrium"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "paper_figures", "equilibrium", "transformers"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

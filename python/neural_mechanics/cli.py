@@ -1,9 +1,13 @@
 """Command line: ``neural-mechanics demo`` (train, track, report) and ``neural-mechanics report``
 (redraw a report from saved runs). Also :func:`demo`, the same as a Python function.
 
-Every user error (a bad option value, unreadable or malformed data, a bad run file, a folder that
-cannot be written) ends the command with one line on stderr, ``neural-mechanics: error: ...``,
-and exit code 2, without a traceback; Ctrl-C exits with 130."""
+The demo trains the three image classifiers of ``models`` on the packaged digits and the
+character-level GPT of ``models_gpt`` on Python's documentation twice (AdamW, then SGD with
+momentum); ``--model`` picks some of them.
+
+Every user error (a bad option value, an unknown model, unreadable data, a bad run file, a folder
+that cannot be written) ends the command with one line on stderr, ``neural-mechanics: error:
+...``, and exit code 2, without a traceback; Ctrl-C exits with 130."""
 
 from __future__ import annotations
 
@@ -17,9 +21,35 @@ from typing import Any
 
 from .errors import InvalidArgumentError, NeuralMechanicsError
 
+# Steps per run: the image classifiers, and the GPT (each of its two runs).
 QUICK_STEPS = 150
 DEFAULT_STEPS = 1500
-DEFAULT_MODELS = ("vgg_bn", "vgg", "mlp")
+GPT_QUICK_STEPS = 60
+GPT_DEFAULT_STEPS = 400
+IMAGE_MODELS = ("vgg_bn", "vgg", "mlp")
+GPT_MODELS = ("gpt_adamw", "gpt_sgd")  # models_gpt.GPT_RECIPES: the same GPT, two optimizers
+DEFAULT_MODELS = IMAGE_MODELS + GPT_MODELS
+# Names --model also takes for several runs at once.
+MODEL_ALIASES: dict[str, tuple[str, ...]] = {"gpt": GPT_MODELS, "digits": IMAGE_MODELS, "all": DEFAULT_MODELS}
+
+
+def resolve_models(names: Sequence[str] | str) -> tuple[str, ...]:
+    """The runs that ``names`` ask for, in the demo's order, each once: model names
+    (``vgg_bn``, ``vgg``, ``mlp``, ``gpt_adamw``, ``gpt_sgd``), aliases (``gpt``: both GPT
+    runs; ``digits``: the three classifiers; ``all``) and comma-separated lists of them."""
+    items = [names] if isinstance(names, str) else list(names)
+    wanted: set[str] = set()
+    for item in items:
+        for name in filter(None, (part.strip() for part in str(item).split(","))):
+            if name in MODEL_ALIASES:
+                wanted.update(MODEL_ALIASES[name])
+            elif name in DEFAULT_MODELS:
+                wanted.add(name)
+            else:
+                raise InvalidArgumentError(f"unknown model {name!r}; one of {', '.join(DEFAULT_MODELS)}, or {', '.join(MODEL_ALIASES)}")
+    if not wanted:
+        raise InvalidArgumentError("no model to train")
+    return tuple(m for m in DEFAULT_MODELS if m in wanted)
 
 
 def demo(
@@ -28,41 +58,75 @@ def demo(
     steps: int | None = None,
     quick: bool = False,
     data: Any = None,
-    models: Sequence[str] = DEFAULT_MODELS,
+    models: Sequence[str] | str = DEFAULT_MODELS,
     progress: bool = True,
     image_size: int = 8,
+    text: Any = None,
     trust_data: bool = False,
 ) -> Path:
-    """Train the reference models on ``data`` with the reference SGD recipe, tracked, and write
-    the report folder ``out``; returns the path of its index.html.
+    """Train the demo's models, tracked, and write the report folder ``out``; returns the path of
+    its index.html.
 
-    ``data``: None (the packaged digits), an ImageFolder directory, a .pt file, a
-    ``data_sources.DataSource`` or any torch Dataset. ``steps``: per model (default 1500, or 150
-    with ``quick``). ``trust_data``: load a .pt file that holds more than tensors (a pickled
-    Dataset), which runs code from the file (see ``data_sources.load``).
+    ``models``: see :func:`resolve_models` (default: all five runs). The image classifiers train
+    on ``data`` with the reference SGD recipe (``models.Recipe``); ``data``: None (the packaged
+    digits), an ImageFolder directory, a .pt file, a ``data_sources.DataSource`` or any torch
+    Dataset. The GPT trains on ``text``: None (Python's documentation, ``pydoc_data.topics``), a
+    UTF-8 file or a ``data_sources.TextSource``, with the recipes of ``models_gpt.GPT_RECIPES``.
+    ``steps``: per run (default 1500 for the classifiers and 400 for the GPT; 150 and 60 with
+    ``quick``). ``trust_data``: load a .pt file that holds more than tensors (a pickled Dataset),
+    which runs code from the file (see ``data_sources.load``).
     """
     from . import data_sources
-    from . import models as zoo
     from .report import write_report
 
-    n_steps = steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS)
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
-        raise InvalidArgumentError(f"steps must be an integer of at least 2, got {n_steps!r}")
+    names = resolve_models(models)
+    images = [m for m in names if m in IMAGE_MODELS]
+    gpts = [m for m in names if m in GPT_MODELS]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
+        raise InvalidArgumentError(f"steps must be an integer of at least 2, got {steps!r}")
+    if data is not None and not images:
+        raise InvalidArgumentError(f"--data is for the image classifiers ({', '.join(IMAGE_MODELS)}), and none of them is trained")
+    if text is not None and not gpts:
+        raise InvalidArgumentError(f"--text is for the GPT ({', '.join(GPT_MODELS)}), and it is not trained")
     image_size = data_sources.check_image_size(image_size)
-    if isinstance(data, data_sources.DataSource):
-        source = data
-    elif data is None or isinstance(data, (str, os.PathLike)):
-        source = data_sources.load(data, image_size=image_size, trust=trust_data)
-    else:
-        source = data_sources.from_dataset(data)
-    recipe = zoo.Recipe(steps=n_steps)
-    trained = [zoo.train(name, source, recipe, progress=progress) for name in models]
-    data_line = f"Data: {source!r}." + (f" {source.credit}." if source.credit else "")
-    for order, t in enumerate(trained):
+    # Every source is read before anything trains: a bad --text fails at once, not after the classifiers.
+    source = corpus = None
+    if images:
+        if isinstance(data, data_sources.DataSource):
+            source = data
+        elif data is None or isinstance(data, (str, os.PathLike)):
+            source = data_sources.load(data, image_size=image_size, trust=trust_data)
+        else:
+            source = data_sources.from_dataset(data)
+    if gpts:
+        corpus = text if isinstance(text, data_sources.TextSource) else data_sources.load_text(text)
+    runs: dict[str, Any] = {}
+    lines: dict[str, str] = {}
+    if source is not None:
+        from . import models as zoo
+
+        recipe = zoo.Recipe(steps=steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS))
+        line = f"Data: {source!r}." + (f" {source.credit}." if source.credit else "")
+        for name in images:
+            runs[name] = zoo.train(name, source, recipe, progress=progress).run
+            lines[name] = line
+    if corpus is not None:
+        import dataclasses
+
+        from . import models_gpt
+
+        n_steps = steps if steps is not None else (GPT_QUICK_STEPS if quick else GPT_DEFAULT_STEPS)
+        line = (f"Data: {corpus!r}; the first {len(corpus.train):,} characters train, the last {len(corpus.val):,} validate."
+                + (f" {corpus.credit}." if corpus.credit else ""))
+        for name in gpts:
+            recipe_gpt = dataclasses.replace(models_gpt.GPT_RECIPES[name], steps=n_steps)
+            runs[name] = models_gpt.train_gpt(name, corpus, recipe_gpt, progress=progress).run
+            lines[name] = line
+    for order, (name, run) in enumerate(runs.items()):
         # What the report prints above the figures, saved with each run, so that
         # `neural-mechanics report runs/*.nmrun` redraws the same page in the same order.
-        t.run.info.update(order=order, data=data_line)
-    return write_report({t.name: t.run for t in trained}, out, title="neural-mechanics demo")
+        run.info.update(order=order, data=lines[name])
+    return write_report(runs, out, title="neural-mechanics demo")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -75,8 +139,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         quick=args.quick,
         data=args.data,
+        models=args.model,
         progress=not args.no_progress,
         image_size=8 if args.image_size is None else args.image_size,
+        text=args.text,
         trust_data=args.trust_data,
     )
     print(f"\nReport written in {time.perf_counter() - start:.0f} s: {index.resolve()}")
@@ -141,15 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train the reference models (tracked) and write a report folder")
+    d = sub.add_parser("demo", help="train the reference models and a small GPT (tracked) and write a report folder")
     d.add_argument("--out", default="nm-report", help="report folder (default: nm-report)")
-    d.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per model (tests, a first look)")
-    d.add_argument("--steps", type=_integer(2), default=None, help=f"steps per model, at least 2 (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
     d.add_argument(
-        "--data",
-        default=None,
-        help="an ImageFolder directory or a .pt file holding (inputs, labels) tensors; default: the packaged digits",
+        "--model",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        metavar="NAME",
+        help=f"which runs to train: {', '.join(DEFAULT_MODELS)}, or gpt (both GPT runs), digits (the three classifiers), "
+        "all; space- or comma-separated (default: all)",
     )
+    d.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per classifier, {GPT_QUICK_STEPS} per GPT run (tests, a first look)")
+    d.add_argument("--steps", type=_integer(2), default=None,
+                   help=f"steps per run (default {DEFAULT_STEPS} per classifier, {GPT_DEFAULT_STEPS} per GPT run)")
+    d.add_argument("--data", default=None, help="the classifiers' data: an ImageFolder directory or a .pt file (a Dataset or (inputs, labels)); default: the packaged digits")
     d.add_argument(
         "--trust-data",
         action="store_true",
@@ -162,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"images of --data are resized to this square, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default 8)",
     )
+    d.add_argument("--text", default=None, help="the GPT's text: a UTF-8 file; default: Python's documentation (the standard library's pydoc_data.topics)")
     d.add_argument("--threads", type=_integer(1, 4096), default=None, help="torch intra-op threads (default 1: fastest for these small models)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 
     r = sub.add_parser("report", help="draw the report's figures and tables from saved runs, without training")
-    r.add_argument("runs", nargs="+", help="saved run files (.nmrun), e.g. nm-report/runs/*.nmrun")
+    r.add_argument("runs", nargs="+", help="saved run files (.nmrun), e.g. nm-report/runs/*.nmrun, or a report folder (its runs/)")
     r.add_argument("--out", default="nm-report-redrawn", help="report folder (default: nm-report-redrawn)")
     r.set_defaults(func=_cmd_report)
     return parser
@@ -182,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     except (NeuralMechanicsError, OSError) as exc:
         # The library's errors are about the input; an OSError here is a file or folder that
-        # cannot be read or written (--out, --data, a run file).
+        # cannot be read or written (--out, --data, --text, a run file).
         sys.stderr.write(f"neural-mechanics: error: {' '.join(str(exc).split()) or type(exc).__name__}\n")
         return 2
     except KeyboardInterrupt:

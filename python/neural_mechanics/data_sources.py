@@ -26,6 +26,12 @@ A ``.pt`` file is loaded with ``torch.load(weights_only=True)``: tensors, tuples
 only, no code runs. A file that needs more (a pickled Dataset class) loads only with
 ``trust=True`` (the command line's ``--trust-data``): unpickling such a file can run any code
 its author put in it.
+
+The demo's transformer reads text instead: a :class:`TextSource` holds a character vocabulary and
+the train and validation characters as token ids. :func:`pydoc_topics` is Python's own
+documentation (``neural_mechanics.datasets.load_pydoc_topics``, in every Python, no download);
+:func:`text` any string, :func:`text_file` a UTF-8 file (``--text``). :func:`text_batches` draws
+random windows of the train ids forever, :func:`evaluate_lm` the mean loss on fixed windows.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .datasets import DIGITS_CREDIT, load_digits
+from .datasets import DIGITS_CREDIT, load_digits, load_pydoc_topics, pydoc_topics_credit
 from .errors import InvalidArgumentError, ShapeError
 
 #: Labels must lie in [0, MAX_CLASSES): the classifier has one output per class.
@@ -339,3 +345,134 @@ def evaluate(model: Any, dataset: Any, batch_size: int = 512) -> float:
             correct += int((model(x).argmax(1) == y).sum())
     model.train(was_training)
     return correct / len(dataset)
+
+
+# -- text, for the character-level GPT (models_gpt) ---------------------------------------------
+@dataclass
+class TextSource:
+    """A character-level corpus: the vocabulary (every distinct character, sorted) and the train
+    and validation text as int64 token ids (torch tensors), split once, deterministically."""
+
+    name: str
+    chars: str  # the vocabulary: token i is chars[i]
+    train: Any  # torch.Tensor (n_train,) int64
+    val: Any  # torch.Tensor (n_val,) int64
+    credit: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> Any:
+        """Token ids of ``text`` (int64 tensor); a character outside the vocabulary is an error."""
+        import torch
+
+        index = {c: i for i, c in enumerate(self.chars)}
+        missing = sorted(set(text) - index.keys())
+        if missing:
+            raise InvalidArgumentError(f"characters outside the vocabulary of {self.name}: {missing[:10]!r}")
+        return torch.tensor([index[c] for c in text], dtype=torch.int64)
+
+    def decode(self, ids: Any) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def __repr__(self) -> str:
+        return (f"TextSource({self.name!r}: {len(self.train):,} train / {len(self.val):,} validation characters, "
+                f"vocabulary of {self.vocab_size})")
+
+
+# A text must leave at least this many characters on each side of the split (a batch window of
+# the demo's context, and then some).
+MIN_TEXT_CHARS = 256
+
+
+def text(corpus: str, *, name: str = "text", val_fraction: float = 0.1, credit: str = "") -> TextSource:
+    """A :class:`TextSource` from a string: the vocabulary is its distinct characters (sorted by
+    code point); the first ``1 − val_fraction`` of the text trains, the rest validates (a
+    contiguous split, so that no validation window overlaps a train window)."""
+    import numpy as np
+    import torch
+
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidArgumentError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = int(round(len(corpus) * val_fraction))
+    if min(len(corpus) - n_val, n_val) < MIN_TEXT_CHARS:
+        raise InvalidArgumentError(
+            f"{name}: {len(corpus):,} characters are too few: each of train and validation needs at least {MIN_TEXT_CHARS}"
+        )
+    chars = "".join(sorted(set(corpus)))
+    # One table lookup per character (code points index a small array), not a Python dict loop.
+    codes = np.frombuffer(corpus.encode("utf-32-le"), dtype=np.uint32)
+    lookup = np.zeros(int(codes.max()) + 1, dtype=np.int64)
+    lookup[[ord(c) for c in chars]] = np.arange(len(chars))
+    ids = torch.from_numpy(lookup[codes])
+    split = len(corpus) - n_val
+    return TextSource(name, chars, ids[:split].clone(), ids[split:].clone(), credit=credit)
+
+
+def pydoc_topics(val_fraction: float = 0.1) -> TextSource:
+    """Python's documentation topics (``pydoc_data.topics``, sorted by key, about 465 KB): the
+    demo's default text. The last ``val_fraction`` of the characters validates."""
+    return text(load_pydoc_topics(), name="pydoc_data.topics", val_fraction=val_fraction, credit=pydoc_topics_credit())
+
+
+def text_file(path: str | os.PathLike[str], *, val_fraction: float = 0.1) -> TextSource:
+    """A UTF-8 text file as a :class:`TextSource` (``--text``)."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise InvalidArgumentError(f"--text {p!r}: no such file")
+    try:
+        with open(p, encoding="utf-8") as f:
+            corpus = f.read()
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"--text {p!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return text(corpus, name=os.path.basename(p), val_fraction=val_fraction)
+
+
+def load_text(spec: str | os.PathLike[str] | None) -> TextSource:
+    """A text source from a command-line ``--text`` value: None → :func:`pydoc_topics`; else a
+    UTF-8 file."""
+    if spec is None or str(spec) == "pydoc":
+        return pydoc_topics()
+    return text_file(spec)
+
+
+def _windows(ids: Any, starts: Any, context: int) -> tuple[Any, Any]:
+    import torch
+
+    offsets = torch.arange(context + 1)
+    block = ids[starts[:, None] + offsets]  # (B, context + 1)
+    return block[:, :-1], block[:, 1:]
+
+
+def text_batches(ids: Any, batch_size: int, context: int, *, seed: int = 0) -> Iterator[tuple[Any, Any]]:
+    """Random windows of ``ids`` forever: ``(inputs, targets)`` of shape (batch_size, context),
+    the targets shifted by one character; reproducible from ``seed``."""
+    import torch
+
+    if len(ids) < context + 1:
+        raise InvalidArgumentError(f"{len(ids)} tokens are fewer than one window of {context} + 1")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield _windows(ids, torch.randint(0, len(ids) - context, (batch_size,), generator=g), context)
+
+
+def evaluate_lm(model: Any, ids: Any, context: int, *, windows: int = 64, batch_size: int = 32) -> float:
+    """Mean cross-entropy (nats per character) of ``model`` on ``windows`` fixed windows of
+    ``ids`` (evenly spaced, so every call sees the same ones; eval mode, then the model's mode is
+    restored)."""
+    import torch
+    import torch.nn.functional as F
+
+    starts = torch.linspace(0, len(ids) - context - 1, windows).long()
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows, batch_size):
+            x, y = _windows(ids, starts[i : i + batch_size], context)
+            logits = model(x)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+            count += y.numel()
+    model.train(was_training)
+    return total / count

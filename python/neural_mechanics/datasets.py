@@ -1,8 +1,10 @@
-"""Small real data shipped inside the package (no download at run time)."""
+"""Small real data that needs no download: the digits shipped inside the package, and a text
+corpus that every Python ships (the standard library's ``pydoc_data.topics``)."""
 
 from __future__ import annotations
 
 import gzip
+import platform
 from importlib import resources
 from typing import Any
 
@@ -11,6 +13,13 @@ import numpy as np
 DIGITS_CREDIT = (
     "UCI Optical Recognition of Handwritten Digits (E. Alpaydin, C. Kaynak, 1998), CC BY 4.0, "
     "as distributed by scikit-learn"
+)
+
+# Python's documentation: the text of the topics ``help()`` shows ("assert", "for", "typesseq",
+# ...), generated from the Python documentation at each release; not shipped in this package.
+PYDOC_TOPICS_CREDIT = (
+    "Python's documentation topics (the standard library's pydoc_data.topics, Python {version}), "
+    "Copyright © Python Software Foundation, PSF License Version 2"
 )
 
 
@@ -42,3 +51,27 @@ def load_digits(*, normalize: bool = True, flatten: bool = False) -> tuple[Any, 
         x = (x - x.mean()) / x.std()
     x = x.reshape(-1, 64) if flatten else x.unsqueeze(1)
     return x, torch.from_numpy(labels)
+
+
+def load_pydoc_topics() -> str:
+    """The text of every topic of ``pydoc_data.topics`` (the pages ``help("for")`` shows),
+    concatenated in sorted key order: about 465 KB of English prose, grammar and code, the same
+    on every machine running the same Python release (it changes a little between releases).
+
+    Source: see ``PYDOC_TOPICS_CREDIT`` and ``data/PYDOC_TOPICS_SOURCE.md``. Raises
+    ``InvalidArgumentError`` where a Python distribution leaves the module out.
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some distributions strip the documentation from the stdlib
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"this Python ({platform.python_version()}) has no pydoc_data.topics ({exc}); pass a text file of your own instead"
+        ) from None
+    return "".join(topics[key] for key in sorted(topics))
+
+
+def pydoc_topics_credit() -> str:
+    """``PYDOC_TOPICS_CREDIT`` for the running Python."""
+    return PYDOC_TOPICS_CREDIT.format(version=platform.python_version())

@@ -6,6 +6,7 @@ Layout of a report folder (``write_report``)::
     summary.md, summary.html      per model and layer: groups, errors of both theories, residuals;
                                   then the equilibrium of the scale groups
     exact_dynamics.png            the paper's "exact dynamics" figure (translation, scale, rescale)
+    <model>/transformer.png       (transformers) one panel per symmetry pattern of docs/theory.md §2b
     <model>/charges_<sym>.png     measured charges against theory, one per symmetry of the model
     <model>/errors.png            error of the exact ledger and of the paper's closed form
     <model>/residuals.png         gradient-constraint residuals per layer
@@ -14,14 +15,17 @@ Layout of a report folder (``write_report``)::
     <model>/summary.md, .html     that model's part of summary.md
     runs/<model>.nmrun            the saved runs (``neural_mechanics.load_run``)
 
-Everything except the training table is computed from the runs alone, so
-``neural-mechanics report runs/*.nmrun`` rebuilds the same figures and the same summary.
+Everything is computed from the runs alone (what they recorded of their training, in
+``run.info``, included), so ``neural-mechanics report runs/*.nmrun`` rebuilds the same figures and
+the same pages.
 
 This module renders and writes; it computes nothing of its own. The figures come from
 ``plots``, the equilibrium tables from ``equilibrium`` (whose functions ``equilibrium_series``,
 ``equilibrium_table``, ``equilibrium_summary``, ``grad_sq_unit`` and ``last_phase`` lived here
-before and are still importable from here). Import direction, one way: ``report`` → ``plots``
-→ ``equilibrium`` → ``theory``, and ``report`` → ``run``; nothing below imports ``report``.
+before and are still importable from here), the transformer section from
+``report_transformer``. Import direction, one way: ``report`` → ``report_transformer`` →
+``plots`` → ``equilibrium`` → ``theory``, and ``report`` → ``run``; nothing below imports
+``report``.
 """
 
 from __future__ import annotations
@@ -38,17 +42,20 @@ import numpy as np
 from . import plots
 from .equilibrium import equilibrium_series, equilibrium_summary, equilibrium_table, grad_sq_unit, has_equilibrium, last_phase
 from .forecast import panel_forecasts
+from .report_transformer import has_transformer_panels, not_claimed, pattern_table, transformer_figure
 from .run import load_run
-from .verdicts import EPS_MAX, HOLDS, NO_GRADIENT_REL, ROUNDING, coverage_line, uncovered_table
+from .verdicts import EPS_MAX, HOLDS, NO_GRADIENT_REL, ROUNDING, coverage_line, exact_is_bookkeeping, uncovered_table
 
 __all__ = [
     "SYMMETRIES",
     "Block",
     "write_report",
     "load_runs",
+    "run_files",
     "summary_table",
     "summary_blocks",
     "training_table",
+    "training_tables",
     "uncovered_summary",
     "ordered",
     "run_figures",
@@ -99,12 +106,26 @@ def ordered(runs: dict[str, Any]) -> dict[str, Any]:
 
 def training_table(runs: dict[str, Any]) -> Any:
     """One row per run that recorded how it was trained (``run.info["training"]``, (column,
-    value) pairs that ``models.train`` writes), in the runs' order; an empty DataFrame if none
-    did."""
+    value) pairs that ``models.train`` and ``models_gpt.train_gpt`` write), in the runs' order;
+    an empty DataFrame if none did. Columns a run does not have are NaN in its row."""
     import pandas as pd
 
     rows = [dict(map(tuple, run.info["training"])) for run in runs.values() if getattr(run, "info", {}).get("training")]
     return pd.DataFrame(rows)
+
+
+def training_tables(runs: dict[str, Any]) -> list[Any]:
+    """:func:`training_table` split by the columns the runs recorded (the image classifiers'
+    accuracies, the GPT's losses), one table per set of columns, in order of first appearance."""
+    import pandas as pd
+
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for run in runs.values():
+        pairs = getattr(run, "info", {}).get("training")
+        if pairs:
+            row = dict(map(tuple, pairs))
+            by_columns.setdefault(tuple(row), []).append(row)
+    return [pd.DataFrame(rows) for rows in by_columns.values()]
 
 
 def uncovered_summary(run: Any) -> Any:
@@ -230,9 +251,12 @@ def _save(fig: Any, path: Path) -> Path:
 def exact_dynamics_panels(runs: dict[str, Any]) -> list[tuple[Any, str, str | None]]:
     """Which run and layer each panel of the paper's figure comes from: translation and scale
     from the first run with BatchNorm (scale groups), rescale from the first run without it (its
-    rescale groups run conv to conv); falling back to any run that has the symmetry."""
-    with_scale = [r for r in runs.values() if (r.groups.symmetry == "scale").any()]
-    without = [r for r in runs.values() if not (r.groups.symmetry == "scale").any()]
+    rescale groups run conv to conv); falling back to any run that has the symmetry. Runs whose
+    ``exact`` is the ledger of torch.optim.SGD come before the others (for another optimizer it
+    only re-adds the measured update: docs/theory.md §5.3)."""
+    candidates = sorted(runs.values(), key=exact_is_bookkeeping)  # stable: the runs' order otherwise
+    with_scale = [r for r in candidates if (r.groups.symmetry == "scale").any()]
+    without = [r for r in candidates if not (r.groups.symmetry == "scale").any()]
     preferred = {"translation": with_scale + without, "scale": with_scale, "rescale": without + with_scale}
     panels: list[tuple[Any, str, str | None]] = []
     for sym in SYMMETRIES:
@@ -247,6 +271,8 @@ def run_figures(run: Any, folder: Path, *, groups: int = 8) -> dict[str, Path]:
     """Every per-run figure into ``folder``; name → path."""
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
+    if has_transformer_panels(run):  # first: the transformer's own patterns (docs/theory.md §2b)
+        out["transformer"] = _save(transformer_figure(run, groups=groups), folder / "transformer.png")
     for sym in SYMMETRIES:
         if (run.groups.symmetry == sym).any():
             out[f"charges_{sym}"] = _save(plots.plot_charges(run, sym, groups=groups), folder / f"charges_{sym}.png")
@@ -268,10 +294,18 @@ def run_blocks(name: str, run: Any, figures: dict[str, Path], base: Path) -> lis
     optimizer = describe() if describe is not None else (run.optimizer or "unknown")
     blocks = [Block("h2", f"Model {name}"), Block("p", f"{run!r}. Optimizer: {optimizer}. Tracked: {covered}.")]
     blocks.append(Block("table", _rounded_summary(run.summary())))
+    patterns = pattern_table(run)
+    if len(patterns):
+        blocks.append(Block("h3", f"{name}: the transformer's symmetries by pattern (docs/theory.md §2b)"))
+        blocks.append(Block("p", _PATTERN_HELP))
+        blocks.append(Block("table", patterns))
     uncovered = uncovered_summary(run)
     if len(uncovered):
         blocks.append(Block("h3", f"{name}: parameters no group covers"))
         blocks.append(Block("table", uncovered))
+    if left_out := not_claimed(run):
+        blocks.append(Block("p", f"Not claimed in {name} (every parameter above is in some group; these symmetries or parts "
+                                 "are not): " + "; ".join(left_out) + "."))
     eq = equilibrium_summary(run)
     if len(eq):
         blocks.append(Block("h3", f"{name}: equilibrium of the scale groups (docs/theory.md §5.4)"))
@@ -296,6 +330,44 @@ def _rounded_summary(s: Any) -> Any:
 
 
 # -- the whole report ----------------------------------------------------------------------------------
+class _Finished:
+    """A finished run read once: each column, error table and the summary are computed on first
+    use and handed out as copies (``Run.array`` assembles every column on each call, and a
+    report reads a few hundred columns). Anything else is the run's own."""
+
+    def __init__(self, run: Any):
+        self._run = run
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def _get(self, kind: str, key: str, make: Any) -> Any:
+        if (kind, key) not in self._cache:
+            self._cache[kind, key] = make()
+        return self._cache[kind, key].copy()
+
+    def array(self, column: str) -> np.ndarray:
+        return self._get("array", column, lambda: self._run.array(column))
+
+    def errors(self, which: str) -> np.ndarray:
+        return self._get("errors", which, lambda: self._run.errors(which))
+
+    def summary(self) -> Any:
+        return self._get("summary", "", self._run.summary)
+
+    @property
+    def step_index(self) -> np.ndarray:
+        return self._get("index", "step", lambda: self._run.step_index)
+
+    @property
+    def time_index(self) -> np.ndarray:
+        return self._get("index", "time", lambda: self._run.time_index)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._run, name)
+
+    def __repr__(self) -> str:
+        return repr(self._run)
+
+
 def write_report(
     runs: dict[str, Any],
     out: str | os.PathLike[str],
@@ -314,7 +386,7 @@ def write_report(
     """
     from . import plots
 
-    runs = ordered(runs)
+    runs = {name: _Finished(run) for name, run in ordered(runs).items()}
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     blocks: list[Block] = [Block("h1", title), *intro, *training_blocks(runs)]
@@ -346,13 +418,23 @@ def write_report(
 
 
 def training_blocks(runs: dict[str, Any]) -> list[Block]:
-    """Data, recipe and training table, from what the runs recorded (``run.info``): the demo and a
-    report redrawn from its saved runs write the same blocks."""
+    """Data, model, recipe and training tables, then any text the models generated, from what
+    the runs recorded (``run.info``): the demo and a report redrawn from its saved runs write the
+    same blocks."""
     infos = [getattr(run, "info", {}) for run in runs.values()]
-    blocks = [Block("p", text) for text in dict.fromkeys(str(i[k]) for i in infos for k in ("data", "recipe") if i.get(k))]
-    table = training_table(runs)
-    if len(table):
-        blocks += [Block("h2", "Training"), Block("table", table)]
+    keys = ("data", "architecture", "recipe")
+    blocks = [Block("p", text) for text in dict.fromkeys(str(i[k]) for i in infos for k in keys if i.get(k))]
+    tables = training_tables(runs)
+    if tables:
+        blocks.append(Block("h2", "Training"))
+        blocks += [Block("table", t) for t in tables]
+    for name, run in runs.items():
+        sample = getattr(run, "info", {}).get("sample")
+        if isinstance(sample, dict) and sample.get("text"):
+            prompt = str(sample.get("prompt", ""))
+            blocks.append(Block("p", f"Sampled from {name} after training (temperature {float(sample.get('temperature', 1.0)):g}), "
+                                     f"from the prompt {prompt!r}:"))
+            blocks.append(Block("code", str(sample["text"])))
     return blocks
 
 
@@ -372,6 +454,13 @@ def summary_blocks(runs: dict[str, Any]) -> list[Block]:
                    Block("table", pd.concat(eq, ignore_index=True))]
     return blocks
 
+
+_PATTERN_HELP = (
+    "The rows of the summary above grouped by the symmetry pattern they come from: the layers, their groups, the "
+    "verdicts, the largest error of the exact ledger (for optimizers other than SGD: the measured update re-added, "
+    "bookkeeping) and of the paper's closed form, the median over the layers of each layer's median paper error, and "
+    "the largest of the layers' median residuals."
+)
 
 _EQUILIBRIUM_HELP = (
     "Predicted |θ*|² = √(η(1−d)E|g̃|²/(2λ(1−β))) with E|g̃|² = |ĝ|²·|θ|² averaged over the second half of the last "
@@ -399,10 +488,28 @@ _VERDICT_HELP = (
 )
 
 
+def run_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """``paths`` with every folder replaced by the runs it holds: its ``*.nmrun`` files, or those
+    of its ``runs/`` folder (a report folder), sorted by name."""
+    from .errors import InvalidArgumentError
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(p.glob("*.nmrun")) or sorted((p / "runs").glob("*.nmrun"))
+        if not found:
+            raise InvalidArgumentError(f"{p}: no saved runs (*.nmrun) in it or in its runs/ folder")
+        files += found
+    return files
+
+
 def load_runs(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """Saved runs by name (the file's stem, made unique)."""
+    """Saved runs by name (the file's stem, made unique); a folder stands for the runs it holds
+    (:func:`run_files`: a report folder gives its ``runs/*.nmrun``)."""
     runs: dict[str, Any] = {}
-    for p in paths:
+    for p in run_files(paths):
         name = base = Path(p).stem
         k = 2
         while name in runs:
