@@ -245,7 +245,7 @@ def test_model_names_and_aliases():
     (["--model", "mlp", "--text", "x.txt"], "--text is for the GPT"),
     (["--model", "gpt", "--text", "no-such-file.txt"], "no such file"),
     (["--model", "mlp,gpt", "--text", "no-such-file.txt"], "no such file"),  # before the classifier trains
-    (["--steps", "1"], "at least 2"),
+    (["--steps", "1"], "from 2 up"),
 ])  # fmt: skip
 def test_user_errors_are_one_line_and_exit_2(argv, says, tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "out"), "--no-progress", *argv]) == 2
