@@ -311,7 +311,11 @@ class Run:
             if mask.all():
                 continue
             if mask.any():
-                _native.save_run(chunk, json.dumps({"kind": FILE_KIND + " chunk"}), [(k, np.ascontiguousarray(v[mask])) for k, v in arrays.items()])
+                # One column at a time: no second copy of the chunk in memory.
+                writer = _native.RunWriter(chunk)
+                for k in list(arrays):
+                    writer.add([(k, np.ascontiguousarray(arrays.pop(k)[mask]))])
+                writer.finish(json.dumps({"kind": FILE_KIND + " chunk"}))
             else:
                 os.unlink(chunk)
             self._chunk_rows[i] = int(mask.sum())
@@ -614,16 +618,19 @@ class Run:
         ``verdicts``: thresholds stated there and in the reason), median and max error of
         ``exact`` and ``paper``, median and max constraint residual, the momentum regime and why a
         theory is NaN where it is. Then one row per module whose trainable parameters no group
-        covers (verdict "not covered", the reason per parameter)."""
+        covers (verdict "not covered", the reason per parameter). ``residual_max`` is read from the
+        per-layer aggregates, so it covers every recorded step even where ``max_bytes`` thinned
+        the per-group rows; medians and errors come from the stored rows."""
         import pandas as pd
 
         from .verdicts import layer_verdict, uncovered_by_module, uncovered_table
 
         exact, paper = self.errors("exact"), self.errors("paper")
         residual, paper_col = self.array("residual"), self.array("paper")
+        layer_residual = self.layer_array("residual")
         g = self.groups
         rows = []
-        for sym, layer in dict.fromkeys(zip(g.symmetry, g.layer)):
+        for pair, (sym, layer) in enumerate(zip(self.layers.symmetry, self.layers.layer)):
             mask = (g.symmetry == sym) & (g.layer == layer)
             v = layer_verdict(self, sym, layer, residual=residual, paper=paper_col)
             has_paper = bool(np.isfinite(paper_col[:, mask]).any())
@@ -639,7 +646,7 @@ class Run:
                     "paper_median": _nan_stat(np.nanmedian, paper[:, mask]),
                     "paper_max": _nan_stat(np.nanmax, paper[:, mask]),
                     "residual_median": v.residual_median,
-                    "residual_max": _nan_stat(np.nanmax, residual[:, mask]),
+                    "residual_max": _nan_stat(np.nanmax, layer_residual[:, pair]),
                     "regime": (" -> ".join(self.regimes.get(sym, [])) or "n/a") if has_paper else "n/a",
                     "note": self.paper_notes.get((sym, layer), self.exact_note),
                     "reason": v.reason,
@@ -745,7 +752,9 @@ class Run:
                 for block in self._blocks(chunks, mem, final):
                     for c in self.absent_hyperparameters():
                         block[c] = np.full_like(block[c], np.nan)  # Adam has no momentum: NaN, not 0.0
-                    writer.add([(prefix + k, np.ascontiguousarray(block[k])) for k in ("steps", "time", *names)])
+                    for k in ("steps", "time", *names):  # one column at a time (a copy of a strided view at most)
+                        writer.add([(prefix + k, np.ascontiguousarray(block[k]))])
+                    del block  # before the next chunk is read: one chunk in memory at a time
             writer.finish(meta)
         except BaseException:
             writer.abort()

@@ -70,7 +70,7 @@ struct RunWriter {
 #[pymethods]
 impl RunWriter {
     #[new]
-    #[pyo3(signature = (path, level = runfile::DEFAULT_LEVEL))]
+    #[pyo3(signature = (path, level = 1))] // runfile::DEFAULT_LEVEL (a literal, so the signature shows it)
     fn new(path: PathBuf, level: u8) -> PyResult<Self> {
         Ok(RunWriter { inner: Some(runfile::Writer::create(&path, level)?) })
     }
