@@ -111,7 +111,7 @@ def test_thinning_keeps_the_budget_dense_early_every_lr_change_first_and_last(tm
     back = load_run(path)
     pd.testing.assert_frame_equal(back.to_pandas(), run.to_pandas())
     pd.testing.assert_frame_equal(back.to_pandas(per="layer"), run.to_pandas(per="layer"))
-    assert back.recorded_steps == 1000 and back.max_bytes == budget
+    assert back.recorded_steps == 1000 and back.max_bytes == budget and back.thinned and not full.thinned
     # The summary still sees every step where it can (residual_max from the aggregates); the
     # figures draw the kept rows.
     pd.testing.assert_series_equal(back.summary()["residual_max"], full.summary()["residual_max"])

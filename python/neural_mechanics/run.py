@@ -216,13 +216,15 @@ class Run:
         self._layer_chunk_rows: list[int] = []
         self._tail_off_stride = False  # the last stored row is off the stride: the next one replaces it
         self.recorded_steps = 0  # rows committed, kept or thinned
+        self._spilled_last_step: int | None = None  # the step of the last spilled row
 
     @staticmethod
     def rows_for_memory(groups: int, limit_bytes: int) -> int:
-        """How many rows of ``groups`` groups a memory limit of ``limit_bytes`` holds in memory: a
-        quarter of it, the rest being room for the per-layer aggregates (a quarter of that) and
-        for reading one spilled chunk back while thinning or saving (docs/tracking.md)."""
-        return max(1, int(limit_bytes) // 4 // _row_bytes(groups, len(_Rows.NAMES)))
+        """How many rows of ``groups`` groups a memory limit of ``limit_bytes`` holds in memory: an
+        eighth of it, the rest being room for the per-layer aggregates (a quarter of that), for
+        reading one spilled chunk back while thinning or saving (the chunk and its compressed
+        bytes), for the codec's buffers and for the allocator's slack (docs/tracking.md)."""
+        return max(1, int(limit_bytes) // 8 // _row_bytes(groups, len(_Rows.NAMES)))
 
     def _rows_in_budget(self, layer_rows: int) -> int:
         """Per-group rows that fit in ``max_bytes`` next to ``layer_rows`` rows of aggregates."""
@@ -360,6 +362,7 @@ class Run:
     def _spill(self) -> None:
         """Move the in-memory rows to a new chunk file (the same format as a saved run)."""
         self._chunk_rows.append(self._mem.n)
+        self._spilled_last_step = int(self._mem.steps[self._mem.n - 1])
         self._spill_store(self._mem, self.chunks, "chunk")
         self._tail_off_stride = False  # the last row is on disk now: it stays
 
@@ -447,7 +450,7 @@ class Run:
         if self._mem.n:
             return int(self._mem.steps[self._mem.n - 1])
         if self.chunks:
-            return int(dict(_native.load_run(self.chunks[-1])[1])["steps"][-1])
+            return self._spilled_last_step  # thinning never drops a run's last row
         return None
 
     def array(self, column: str) -> np.ndarray:
@@ -485,9 +488,15 @@ class Run:
         return self._layer_table()[0]
 
     @property
+    def layer_time_index(self) -> np.ndarray:
+        """The model time t_n of every row of the per-layer aggregates."""
+        return self._layer_table()[1]
+
+    @property
     def thinned(self) -> bool:
-        """Whether the byte budget (``max_bytes``) dropped some per-group rows."""
-        return self._thinning is not None and (self._thinning.stride > 1 or self.recorded_steps > self._mem.n + sum(self._chunk_rows))
+        """Whether the byte budget (``max_bytes``) dropped some per-group rows: fewer stored rows
+        than recorded steps (the per-layer aggregates have one per recorded step)."""
+        return self._layer_rows.n + sum(self._layer_chunk_rows) > self._mem.n + sum(self._chunk_rows)
 
     def to_pandas(self, per: str = "group") -> Any:
         """The long table: one row per (step, group) (docs/tracking.md, "What each row means").
