@@ -212,3 +212,65 @@ def test_track_checks_max_bytes_when_given(bad):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     with pytest.raises(InvalidArgumentError, match="max_bytes must be a positive integer"):
         nm.track(model, torch.optim.SGD(model.parameters(), lr=0.1), max_bytes=bad)
+
+
+def _v2_file(header: dict, payload: bytes) -> bytes:
+    """A version-2 run file around ``payload`` and ``header``, framed and checksummed."""
+    body = b"NMRUN\0\r\n" + (2).to_bytes(4, "little") + bytes(12) + payload + bytes(-len(payload) % 8)
+    h = json.dumps(header).encode()
+    body += h + bytes(-len(h) % 8) + len(h).to_bytes(8, "little")
+    mask, mult, s = 2**64 - 1, 0x0000_0100_0000_01B3, 0xCBF2_9CE4_8422_2325
+    for w in np.frombuffer(body, dtype="<u8").tolist():
+        s = ((s ^ w) * mult) & mask
+        s = ((s << 29) | (s >> 35)) & mask
+    s = (s * mult) & mask
+    return body + (s ^ (s >> 31)).to_bytes(8, "little")
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path):
+    import zlib
+
+    payload = zlib.compress(bytes(8 * 4096), 9)[2:-4]  # raw deflate of 4096 zero words
+    block = {"offset": 24, "nbytes": len(payload), "codec": "deflate"}
+    ok = {"format_version": 2, "producer": "x", "meta": {}, "arrays": [{"name": "a", "elem": "f64", "shape": [64, 64], "blocks": [dict(block, rows=64)]}]}
+    (tmp_path / "ok").write_bytes(_v2_file(ok, payload))
+    assert _native.load_run(str(tmp_path / "ok"))[1][0][1].shape == (64, 64)
+    bomb = json.loads(json.dumps(ok))
+    bomb["arrays"][0]["shape"] = [10**9, 64]
+    bomb["arrays"][0]["blocks"][0]["rows"] = 10**9  # 512 GB from a few hundred bytes
+    (tmp_path / "bomb").write_bytes(_v2_file(bomb, payload))
+    with pytest.raises(RunFormatError, match="more than"):
+        load_run(tmp_path / "bomb")
+
+
+def test_a_tracked_run_under_a_budget_keeps_exact_rows_and_every_step_per_layer():
+    """A real tracked MLP with a step schedule: under max_bytes the kept rows are the rows the
+    unbudgeted run recorded, bit for bit, and the per-layer table is the same at every step."""
+    torch = pytest.importorskip("torch")
+    import neural_mechanics as nm
+
+    def train(max_bytes):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=120, gamma=0.1)
+        x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+        with nm.track(model, opt, max_bytes=max_bytes) as tracker:
+            for _ in range(200):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                sched.step()
+        return tracker.run
+
+    full = train(None)
+    groups = len(full.groups)
+    budget = 201 * (len(LAYER_FIELDS) * len(full.layers) * 8 + 16) + 30 * (len(COLUMNS) * groups * 8 + 16)
+    thin = train(budget)
+    assert thin.thinned and not full.thinned and len(thin.step_index) <= 31
+    kept = thin.step_index
+    assert 0 in kept and 120 in kept and kept[-2] == 199  # first, the lr drop, last (then the final row)
+    at = np.searchsorted(full.step_index, kept)
+    for c in COLUMNS:
+        np.testing.assert_array_equal(thin.array(c), full.array(c)[at])
+    pd.testing.assert_frame_equal(thin.to_pandas(per="layer"), full.to_pandas(per="layer"))

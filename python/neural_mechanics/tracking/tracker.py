@@ -401,8 +401,9 @@ def track(
         reducer: where the per-step reductions run: "auto" (the Rust kernel for CPU parameters,
             the parameters' device otherwise, results read one step later), "rust", "torch",
             "torch-sync".
-        memory_limit: bytes of recorded rows kept in memory; older rows spill to ``spill_dir``
-            (a temporary folder by default). None keeps everything in memory.
+        memory_limit: bytes the run's records may take in memory (rows, per-layer aggregates,
+            and what saving reads back); older rows spill to ``spill_dir`` (a temporary folder by
+            default). None keeps everything in memory.
         max_bytes: the byte budget of the saved run's per-group rows and per-layer aggregates
             (before compression), e.g. ``2**30``: past it the stored steps are thinned, dense
             early and sparser later, the first and last step and every learning-rate change kept;
