@@ -9,7 +9,8 @@ Each size runs in a fresh process (no torch imported), so that its peak resident
 before the run was made, while recording and saving, against the memory limit. The rows are
 synthetic, made through the Run API as the tracker makes them (``reserve_row`` / ``commit_row``):
 charges drifting slowly from step to step, the per-step columns drawn from a pool of random rows
-(random mantissas, as measured gradients have), hyperparameters constant, a learning-rate drop
+(random mantissas, as measured gradients have) scaled by a factor that changes every step (so
+no step repeats another), hyperparameters constant, a learning-rate drop
 at 60% of the steps. Compression ratios are those of this data; a real run's charges drift as
 slowly, its gradients are as random.
 
@@ -65,7 +66,9 @@ CHILD = textwrap.dedent(
     t0 = time.perf_counter()
     for k in range(steps):
         row = run.reserve_row()
-        row[...] = pool[k % 16]
+        # The pool, scaled a little differently at every step: no two steps repeat (deflate would
+        # find a repeat within its 32 KB window in the small per-layer arrays).
+        np.multiply(pool[k % 16], 1.0 + 1e-9 * k, out=row)
         charge *= 1.0 + 1e-6 * pool[(k + 1) % 16, 0]
         row[col["lr"]] = 0.1 if k < 0.6 * steps else 0.01
         row[col["momentum"]], row[col["dampening"]], row[col["weight_decay"]] = 0.9, 0.0, 5e-4
