@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod pool;
+pub mod runcodec;
 pub mod runfile;
 pub mod stats;
 pub mod theory;

@@ -316,6 +316,8 @@ def plot_errors(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str | No
             drawn.add(which)
             worst = np.nanmax(np.where(np.isfinite(err[:, mask]), err[:, mask], np.nan), axis=1)
             ax.plot(xs, np.maximum(worst, LOG_FLOOR), color=SYMMETRY_COLOR[sym], ls=ls, lw=1.4, label=f"{_theory_name(which, bookkeeping)}, {sym}")
+            if getattr(run, "thinned", False):
+                _every_step_errors(ax, run, which, sym, x, ls)
     _mark_lr_changes(ax, run, np.concatenate([[np.nan], xs]))
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -330,6 +332,18 @@ def plot_errors(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str | No
     ax.grid(alpha=0.25, which="major")
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
     return fig
+
+
+def _every_step_errors(ax: Any, run: Any, which: str, sym: str, x: str, ls: Any) -> None:
+    """On a run whose per-group rows were thinned (``max_bytes``): the worst error of every
+    recorded step, from the per-layer aggregates (divided by each group's magnitude so far, so at
+    least the error of the stored rows; docs/tracking.md, "Storage"), drawn thin behind."""
+    steps = run.layer_step_index
+    xs = steps.astype(float) if x == "step" else run.layer_time_index
+    pairs = run.layers.symmetry == sym
+    with _quiet_nan_warnings(), np.errstate(all="ignore"):
+        worst = np.nanmax(run.layer_array(f"{which}_error_max")[:, pairs], axis=1)
+    ax.plot(xs[1:], np.maximum(worst[1:], LOG_FLOOR), color=SYMMETRY_COLOR[sym], ls=ls, lw=0.6, alpha=0.5, label="_nolegend_")
 
 
 # Residuals are noisy step to step: long runs are drawn as at most this many bins.

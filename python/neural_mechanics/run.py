@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _native
 from .errors import InvalidArgumentError, RunFormatError, RunIOError, UnknownColumnError
+from .storage import LayerAggregator, LayerIndex, Thinning, layer_fields
 
 FILE_KIND = "neural-mechanics run"
 
@@ -43,6 +44,11 @@ SUMMARY_COLUMNS = ("symmetry", "layer", "module", "groups", "verdict", "exact_me
 HYPER_COLUMNS = COLUMNS[:4]
 STEP_COLUMNS = COLUMNS[4:]
 assert HYPER_COLUMNS == ("lr", "momentum", "dampening", "weight_decay")
+# The per-layer aggregates of a row, in order (neural_mechanics.storage.layer_fields): one per
+# column, then the derived fields. ``Run.to_pandas(per="layer")`` has one column per field.
+LAYER_FIELDS: tuple[str, ...] = tuple(f for f, _ in layer_fields(COLUMNS, HYPER_COLUMNS))
+# Saved runs store the per-layer aggregates as arrays named LAYERS_PREFIX + field.
+LAYERS_PREFIX = "layers."
 
 
 @dataclass
@@ -100,12 +106,14 @@ class _Rows:
     """Recorded rows in preallocated blocks: steps (n,), time (n,), and (n, groups) per column.
 
     The columns are views into one (capacity, columns, groups) array, so that a whole row is
-    written once, in place: ``reserve`` then ``commit`` (the tracker's per-step path).
+    written once, in place: ``reserve`` then ``commit`` (the tracker's per-step path). The
+    per-layer aggregates use the same store, with LAYER_FIELDS as columns and pairs as groups.
     """
 
     NAMES = COLUMNS
 
-    def __init__(self, groups: int, capacity: int = 64, limit: int | None = None):
+    def __init__(self, groups: int, capacity: int = 64, limit: int | None = None, names: tuple[str, ...] = COLUMNS):
+        self.NAMES = names
         self.groups = groups
         self.limit = limit  # never grow past this many rows (the run spills there)
         self.n = 0
@@ -186,6 +194,11 @@ class Run:
     max_rows_in_memory: int | None = None
     spill_dir: str | None = None
     chunks: list[str] = field(default_factory=list)  # chunk files, oldest first
+    # The byte budget of the per-group rows (module ``storage``): None keeps every recorded row;
+    # otherwise the stored rows plus the per-layer aggregates stay within ``max_bytes`` before
+    # compression, by thinning the rows (dense early, sparser later).
+    max_bytes: int | None = None
+    layer_chunks: list[str] = field(default_factory=list)  # spilled per-layer aggregates, oldest first
 
     def __post_init__(self) -> None:
         # Start small and grow by doubling up to the limit: a large memory limit is a ceiling,
@@ -193,22 +206,45 @@ class Run:
         limit = None if self.max_rows_in_memory is None else max(1, self.max_rows_in_memory)
         self._mem = _Rows(len(self.groups), min(limit or 64, 64), limit)
         self.spill_folder: str | None = None
+        self.layers = LayerIndex(self.groups.symmetry, self.groups.layer)
+        self._aggregator = LayerAggregator(self.layers, COLUMNS, HYPER_COLUMNS)
+        # The aggregates get a quarter of the rows' memory (they are a few hundred bytes a step).
+        layer_limit = None if limit is None else max(64, limit * _row_bytes(len(self.groups), len(COLUMNS)) // (4 * _row_bytes(len(self.layers), len(LAYER_FIELDS))))
+        self._layer_rows = _Rows(len(self.layers), min(layer_limit or 64, 64), layer_limit, names=LAYER_FIELDS)
+        self._thinning: Thinning | None = None if self.max_bytes is None else Thinning(self._rows_in_budget(0))
+        self._chunk_rows: list[int] = []  # rows in each chunk of ``chunks``
+        self._layer_chunk_rows: list[int] = []
+        self._tail_off_stride = False  # the last stored row is off the stride: the next one replaces it
+        self.recorded_steps = 0  # rows committed, kept or thinned
+        self._spilled_last_step: int | None = None  # the step of the last spilled row
 
     @staticmethod
     def rows_for_memory(groups: int, limit_bytes: int) -> int:
-        """How many rows of ``groups`` groups fit in ``limit_bytes`` of live memory."""
-        return max(1, int(limit_bytes) // (max(groups, 1) * len(_Rows.NAMES) * 8 + 16))
+        """How many rows of ``groups`` groups a memory limit of ``limit_bytes`` holds in memory: an
+        eighth of it, the rest being room for the per-layer aggregates (a quarter of that), for
+        reading one spilled chunk back while thinning or saving (the chunk and its compressed
+        bytes), for the codec's buffers and for the allocator's slack (docs/tracking.md)."""
+        return max(1, int(limit_bytes) // 8 // _row_bytes(groups, len(_Rows.NAMES)))
+
+    def _rows_in_budget(self, layer_rows: int) -> int:
+        """Per-group rows that fit in ``max_bytes`` next to ``layer_rows`` rows of aggregates."""
+        if self.max_bytes is None:
+            return 2**62
+        left = self.max_bytes - layer_rows * _row_bytes(len(self.layers), len(LAYER_FIELDS))
+        return max(2, left // _row_bytes(len(self.groups), len(COLUMNS)))
 
     # -- recording ---------------------------------------------------------------------------
     def append(self, step: int, time: float, values: dict[str, Any]) -> None:
         """One row: ``values`` maps every name of COLUMNS to a (groups,) array (or a scalar)."""
-        self._mem.append(int(step), float(time), values)
-        self._spill_if_full()
+        stored = self.reserve_row()
+        for j, c in enumerate(COLUMNS):
+            stored[j] = values[c]  # a copy: callers may reuse their arrays; scalars broadcast
+        self.commit_row(step, time)
 
     def append_row(self, step: int, time: float, row: np.ndarray) -> None:
         """One row as a (len(COLUMNS), groups) array in COLUMNS order."""
-        self._mem.append_row(int(step), float(time), row)
-        self._spill_if_full()
+        self.reserve_row()[...] = row
+        self.commit_row(step, time)
 
     def reserve_row(self) -> np.ndarray:
         """The next row's storage, a (len(COLUMNS), groups) C-contiguous view into the run, for
@@ -217,12 +253,86 @@ class Run:
         return self._mem.reserve()
 
     def commit_row(self, step: int, time: float) -> None:
-        self._mem.commit(int(step), float(time))
+        """Keep the reserved row: its per-layer aggregates always, the row itself as the byte
+        budget allows (``max_bytes``, module ``storage``)."""
+        step, time = int(step), float(time)
+        mem = self._mem
+        row = mem.block[mem.n]
+        self._aggregator.compute(row, self._layer_rows.reserve())
+        self._layer_rows.commit(step, time)
+        if self.max_rows_in_memory is not None and self._layer_rows.n >= self._layer_rows.limit:  # type: ignore[operator]
+            self._spill_layers()
+        self.recorded_steps += 1
+        if self._thinning is None:
+            mem.commit(step, time)
+        else:
+            kept = self._thinning.classify(step, row[0])  # row[0]: the lr column
+            if self._tail_off_stride and mem.n > 0:
+                # The last stored row left the stride: this row takes its place (the last row of
+                # a run is always stored, so a row off the stride waits there until the next).
+                mem.block[mem.n - 1] = row
+                mem.steps[mem.n - 1], mem.time[mem.n - 1] = step, time
+            else:
+                mem.commit(step, time)
+            self._tail_off_stride = not kept
+            self._thinning.max_rows = self._rows_in_budget(self._layer_rows.n + sum(self._layer_chunk_rows))
+            if mem.n + sum(self._chunk_rows) > self._thinning.max_rows:
+                self._thin_out()
         self._spill_if_full()
 
     def _spill_if_full(self) -> None:
         if self.max_rows_in_memory is not None and self._mem.n >= self.max_rows_in_memory:
             self._spill()
+
+    def _thin_out(self) -> None:
+        """Double the stride until the stored rows fit the budget, dropping the rows that leave it
+        (in memory and in spilled chunks); the dense start and the protected rows (first,
+        learning-rate changes) give way only when they alone exceed the budget."""
+        thin = self._thinning
+        assert thin is not None
+        for _ in range(128):
+            stored = self._mem.n + sum(self._chunk_rows)
+            if stored <= thin.max_rows:
+                return
+            span = (self._last_step() or 0) - (thin.first or 0)
+            if thin.stride * (thin.gap or 1) > span:
+                thin.give_up_more()
+            else:
+                thin.stride *= 2
+            self._filter_rows(thin.keep_mask)
+
+    def _filter_rows(self, keep: Any) -> None:
+        """Drop the stored rows whose steps ``keep`` (steps -> bool mask) refuses; the run's last
+        stored row always stays."""
+        mem = self._mem
+        for i, chunk in enumerate(list(self.chunks)):
+            arrays = dict(_native.load_run(chunk)[1])
+            mask = keep(arrays["steps"])
+            if i == len(self.chunks) - 1 and mem.n == 0 and len(mask):
+                mask[-1] = True
+            if mask.all():
+                continue
+            if mask.any():
+                # One column at a time: no second copy of the chunk in memory.
+                writer = _native.RunWriter(chunk)
+                for k in list(arrays):
+                    writer.add([(k, np.ascontiguousarray(arrays.pop(k)[mask]))])
+                writer.finish(json.dumps({"kind": FILE_KIND + " chunk"}))
+            else:
+                os.unlink(chunk)
+            self._chunk_rows[i] = int(mask.sum())
+        emptied = [i for i, n in enumerate(self._chunk_rows) if n == 0]
+        self.chunks = [c for i, c in enumerate(self.chunks) if i not in emptied]
+        self._chunk_rows = [n for n in self._chunk_rows if n]
+        if mem.n:
+            mask = keep(mem.steps[: mem.n])
+            mask[-1] = True
+            idx = np.flatnonzero(mask)
+            for j, i in enumerate(idx.tolist()):  # in place, row by row: no second block in memory
+                if i != j:
+                    mem.block[j] = mem.block[i]
+            mem.steps[: len(idx)], mem.time[: len(idx)] = mem.steps[idx], mem.time[idx]
+            mem.n = len(idx)
 
     def _claim_spill_folder(self) -> str:
         """This run's own spill folder, made at the first spill: a new folder (``nmrun-spill-*``,
@@ -251,11 +361,23 @@ class Run:
 
     def _spill(self) -> None:
         """Move the in-memory rows to a new chunk file (the same format as a saved run)."""
-        path = os.path.join(self._claim_spill_folder(), f"chunk-{len(self.chunks):06d}.nmrun")
-        arrays = [(k, np.ascontiguousarray(v)) for k, v in self._mem.arrays().items()]
+        self._chunk_rows.append(self._mem.n)
+        self._spilled_last_step = int(self._mem.steps[self._mem.n - 1])
+        self._spill_store(self._mem, self.chunks, "chunk")
+        self._tail_off_stride = False  # the last row is on disk now: it stays
+
+    def _spill_layers(self) -> None:
+        self._layer_chunk_rows.append(self._layer_rows.n)
+        self._spill_store(self._layer_rows, self.layer_chunks, "layers")
+
+    def _spill_store(self, store: _Rows, chunks: list[str], name: str) -> None:
+        # Numbered past every chunk made so far (thinning may have removed some).
+        number = int(os.path.basename(chunks[-1]).split("-")[1].split(".")[0]) + 1 if chunks else 0
+        path = os.path.join(self._claim_spill_folder(), f"{name}-{number:06d}.nmrun")
+        arrays = [(k, np.ascontiguousarray(v)) for k, v in store.arrays().items()]
         _native.save_run(path, json.dumps({"kind": FILE_KIND + " chunk"}), arrays)
-        self.chunks.append(path)
-        self._mem.n = 0
+        chunks.append(path)
+        store.n = 0
 
     def note_regime(self, symmetry: str, regime: str) -> None:
         seen = self.regimes.setdefault(symmetry, [])
@@ -263,20 +385,45 @@ class Run:
             seen.append(regime)
 
     # -- views -------------------------------------------------------------------------------
+    def _final_block(self) -> dict[str, Any] | None:
+        """The final row n = N as a one-row block, if the run has one past its last stored row."""
+        last = self._last_step()
+        if self.final is None or (last is not None and self.final["step"] <= last):
+            return None
+        n = len(self.groups)
+        final: dict[str, Any] = {c: np.asarray(self.final.get(c, np.full(n, np.nan)), dtype=np.float64)[None, :] for c in COLUMNS}
+        final.update(steps=np.array([self.final["step"]]), time=np.array([self.final["time"]]))
+        return final
+
+    def _final_layer_block(self) -> dict[str, Any] | None:
+        """The final row's per-layer aggregates, as a one-row block (computed when read)."""
+        final = self._final_block()
+        if final is None:
+            return None
+        out = np.empty((len(LAYER_FIELDS), len(self.layers)))
+        self._aggregator.compute(np.stack([final[c][0] for c in COLUMNS]), out, update=False)
+        block: dict[str, Any] = {f: out[j][None, :] for j, f in enumerate(LAYER_FIELDS)}
+        block.update(steps=final["steps"], time=final["time"])
+        return block
+
     def _rows(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """(steps, time, columns) with the final row appended; columns are (rows, groups)."""
-        blocks = [dict(_native.load_run(chunk)[1]) for chunk in self.chunks]
-        blocks.append(self._mem.arrays())
-        last = self._last_step()
-        if self.final is not None and (last is None or self.final["step"] > last):
-            n = len(self.groups)
-            final: dict[str, Any] = {c: np.asarray(self.final.get(c, np.full(n, np.nan)), dtype=np.float64)[None, :] for c in COLUMNS}
-            final.update(steps=np.array([self.final["step"]]), time=np.array([self.final["time"]]))
+        return self._concat(self.chunks, self._mem, self._final_block(), COLUMNS)
+
+    def _layer_table(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(steps, time, fields): the per-layer aggregates of every recorded step and of the final
+        row, each field (rows, pairs) in ``self.layers`` order."""
+        return self._concat(self.layer_chunks, self._layer_rows, self._final_layer_block(), LAYER_FIELDS)
+
+    def _concat(self, chunks: list[str], mem: _Rows, final: dict[str, Any] | None, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        blocks = [dict(_native.load_run(chunk)[1]) for chunk in chunks]
+        blocks.append(mem.arrays())
+        if final is not None:
             blocks.append(final)
-        cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("steps", "time", *COLUMNS)}
+        cat = {k: np.concatenate([b[k] for b in blocks]) for k in ("steps", "time", *names)}
         for c in self.absent_hyperparameters():
             cat[c] = np.full_like(cat[c], np.nan)  # Adam has no momentum: NaN, not 0.0
-        return cat["steps"], cat["time"], {c: cat[c] for c in COLUMNS}
+        return cat["steps"], cat["time"], {c: cat[c] for c in names}
 
     def absent_hyperparameters(self) -> tuple[str, ...]:
         """The hyperparameter columns the optimizer does not have (Adam: momentum, dampening):
@@ -303,7 +450,7 @@ class Run:
         if self._mem.n:
             return int(self._mem.steps[self._mem.n - 1])
         if self.chunks:
-            return int(dict(_native.load_run(self.chunks[-1])[1])["steps"][-1])
+            return self._spilled_last_step  # thinning never drops a run's last row
         return None
 
     def array(self, column: str) -> np.ndarray:
@@ -328,8 +475,35 @@ class Run:
         scale = np.where(scale > 0, scale, 1.0)
         return np.abs(c[which] - c["measured"]) / scale
 
-    def to_pandas(self) -> Any:
+    def layer_array(self, field: str) -> np.ndarray:
+        """One per-layer aggregate as a (rows, pairs) array, a row per recorded step (thinned or
+        not) and the final row; pairs in ``run.layers`` order (see LAYER_FIELDS)."""
+        if field not in LAYER_FIELDS:
+            raise UnknownColumnError(f"unknown per-layer field {field!r}; one of {LAYER_FIELDS}")
+        return self._layer_table()[2][field]
+
+    @property
+    def layer_step_index(self) -> np.ndarray:
+        """The steps of the per-layer aggregates: every recorded step, then the final row's."""
+        return self._layer_table()[0]
+
+    @property
+    def layer_time_index(self) -> np.ndarray:
+        """The model time t_n of every row of the per-layer aggregates."""
+        return self._layer_table()[1]
+
+    @property
+    def thinned(self) -> bool:
+        """Whether the byte budget (``max_bytes``) dropped some per-group rows: fewer stored rows
+        than recorded steps (the per-layer aggregates have one per recorded step)."""
+        return self._layer_rows.n + sum(self._layer_chunk_rows) > self._mem.n + sum(self._chunk_rows)
+
+    def to_pandas(self, per: str = "group") -> Any:
         """The long table: one row per (step, group) (docs/tracking.md, "What each row means").
+
+        ``per="layer"``: one row per (step, layer, symmetry) at every recorded step, even where
+        the per-group rows were thinned (``max_bytes``): the per-layer aggregates (LAYER_FIELDS;
+        docs/tracking.md, "Storage", says how each field aggregates the layer's groups).
 
         ``grad_sq``, ``update_sq`` and ``flux`` of a rescale group are differences, incoming side
         minus outgoing side (|u_A1|² − |u_A2|² for ``update_sq``): they can be negative. Columns of
@@ -338,6 +512,10 @@ class Run:
         """
         import pandas as pd
 
+        if per == "layer":
+            return self._layer_frame()
+        if per != "group":
+            raise InvalidArgumentError(f"per must be 'group' or 'layer', got {per!r}")
         steps, time, c = self._rows()
         n_rows, n = len(steps), len(self.groups)
         table = {
@@ -352,6 +530,26 @@ class Run:
             table[col] = c[col].reshape(-1)
         frame = pd.DataFrame(table)
         for col in ("symmetry", "layer", "label"):
+            frame[col] = frame[col].astype("category")
+        return frame
+
+    def _layer_frame(self) -> Any:
+        import pandas as pd
+
+        steps, time, f = self._layer_table()
+        n_rows, n = len(steps), len(self.layers)
+        table: dict[str, Any] = {
+            "step": np.repeat(steps, n),
+            "time": np.repeat(time, n),
+            "symmetry": np.tile(self.layers.symmetry, n_rows),
+            "layer": np.tile(self.layers.layer, n_rows),
+            "groups": np.tile(self.layers.groups, n_rows),
+        }
+        for name in LAYER_FIELDS:
+            table[name] = f[name].reshape(-1)
+        frame = pd.DataFrame(table)
+        frame["residual_groups"] = frame["residual_groups"].astype(np.int64)
+        for col in ("symmetry", "layer"):
             frame[col] = frame[col].astype("category")
         return frame
 
@@ -429,16 +627,19 @@ class Run:
         ``verdicts``: thresholds stated there and in the reason), median and max error of
         ``exact`` and ``paper``, median and max constraint residual, the momentum regime and why a
         theory is NaN where it is. Then one row per module whose trainable parameters no group
-        covers (verdict "not covered", the reason per parameter)."""
+        covers (verdict "not covered", the reason per parameter). ``residual_max`` is read from the
+        per-layer aggregates, so it covers every recorded step even where ``max_bytes`` thinned
+        the per-group rows; medians and errors come from the stored rows."""
         import pandas as pd
 
         from .verdicts import layer_verdict, uncovered_by_module, uncovered_table
 
         exact, paper = self.errors("exact"), self.errors("paper")
         residual, paper_col = self.array("residual"), self.array("paper")
+        layer_residual = self.layer_array("residual")
         g = self.groups
         rows = []
-        for sym, layer in dict.fromkeys(zip(g.symmetry, g.layer)):
+        for pair, (sym, layer) in enumerate(zip(self.layers.symmetry, self.layers.layer)):
             mask = (g.symmetry == sym) & (g.layer == layer)
             v = layer_verdict(self, sym, layer, residual=residual, paper=paper_col)
             has_paper = bool(np.isfinite(paper_col[:, mask]).any())
@@ -454,7 +655,7 @@ class Run:
                     "paper_median": _nan_stat(np.nanmedian, paper[:, mask]),
                     "paper_max": _nan_stat(np.nanmax, paper[:, mask]),
                     "residual_median": v.residual_median,
-                    "residual_max": _nan_stat(np.nanmax, residual[:, mask]),
+                    "residual_max": _nan_stat(np.nanmax, layer_residual[:, pair]),
                     "regime": (" -> ".join(self.regimes.get(sym, [])) or "n/a") if has_paper else "n/a",
                     "note": self.paper_notes.get((sym, layer), self.exact_note),
                     "reason": v.reason,
@@ -527,26 +728,57 @@ class Run:
             "hyperparameters": _json_safe(self.hyperparameters),
             "exact_kind": self.exact_kind,
             "info": _json_safe(self.info),
+            "storage": {
+                "max_bytes": self.max_bytes,
+                "recorded_steps": self.recorded_steps,
+                "thinning": None if self._thinning is None else self._thinning.describe(),
+            },
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the run to ``path`` atomically (a crash mid-save leaves any previous file intact).
 
-        One file (format version ``neural_mechanics._native.RUN_FORMAT_VERSION``, checksummed)
-        holding the groups, notes, hyperparameters per step and every column, final row
-        included. Reload with :func:`load_run`, in any process, without torch. A run that
-        spilled to disk is read back whole to be saved: thin very long runs with the tracker's
-        ``record_every``.
+        One file (format version ``neural_mechanics._native.RUN_FORMAT_VERSION``, checksummed,
+        compressed losslessly: every float comes back bit for bit) holding the groups, notes,
+        hyperparameters per step, every column of the stored per-group rows (thinned to the
+        run's ``max_bytes``), final row included, and the per-layer aggregates of every recorded
+        step. Reload with :func:`load_run`, in any process, without torch. The file is written
+        block by block: a run that spilled to disk is read back one chunk at a time, so saving
+        stays within the run's memory limit.
 
         ``path`` must not exist or be a regular file: a symbolic link (save to its target's real
         path, ``os.path.realpath``), a folder, a device, a FIFO or a socket is refused with
         :class:`RunIOError` and left untouched.
         """
         target = Path(_fspath(path, "path"))
-        steps, time, cols = self._rows()
-        arrays = [("steps", steps), ("time", time)] + [(c, np.ascontiguousarray(cols[c])) for c in COLUMNS]
-        _native.save_run(os.fspath(target), json.dumps(self._meta()), arrays)
+        meta = json.dumps(self._meta())
+        writer = _native.RunWriter(os.fspath(target))
+        try:
+            for prefix, chunks, mem, final, names in (
+                ("", self.chunks, self._mem, self._final_block(), COLUMNS),
+                (LAYERS_PREFIX, self.layer_chunks, self._layer_rows, self._final_layer_block(), LAYER_FIELDS),
+            ):
+                for block in self._blocks(chunks, mem, final):
+                    for c in self.absent_hyperparameters():
+                        block[c] = np.full_like(block[c], np.nan)  # Adam has no momentum: NaN, not 0.0
+                    for k in ("steps", "time", *names):  # one column at a time (a copy of a strided view at most)
+                        writer.add([(prefix + k, np.ascontiguousarray(block[k]))])
+                    del block  # before the next chunk is read: one chunk in memory at a time
+            writer.finish(meta)
+        except BaseException:
+            writer.abort()
+            raise
         return target
+
+    def _blocks(self, chunks: list[str], mem: _Rows, final: dict[str, Any] | None) -> Any:
+        """The stored blocks one at a time: each spilled chunk (read when reached), the rows in
+        memory, the final row."""
+        for chunk in chunks:
+            yield dict(_native.load_run(chunk)[1])
+        if mem.n:
+            yield mem.arrays()
+        if final is not None:
+            yield final
 
     def __repr__(self) -> str:
         n_rows = len(self.step_index)
@@ -571,6 +803,11 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def _row_bytes(groups: int, columns: int) -> int:
+    """Bytes of one stored row: ``columns`` float64 per group, plus its step and time."""
+    return max(groups, 1) * columns * 8 + 16
 
 
 def _nan_stat(fn: Any, a: np.ndarray) -> float:
@@ -669,6 +906,7 @@ def _read_meta(meta: Any, where: str) -> dict[str, Any]:
         "hyperparameters": [v.dict_(h, "hyperparameters") for h in v.list_(meta.get("hyperparameters", []), "hyperparameters")],
         "exact_kind": v.str_(meta.get("exact_kind", ""), "exact_kind"),
         "info": v.dict_(meta.get("info", {}), "info"),
+        "storage": v.dict_(meta.get("storage", {}), "storage"),
     }
 
 
@@ -720,12 +958,44 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         layer_label=np.array(g["layer_label"], dtype=object) if "layer_label" in g else None,
         normalizer=np.array(g["normalizer"], dtype=object) if "normalizer" in g else None,
     )
+    storage = fields.pop("storage")
     rows, data = _read_arrays(arrays, len(groups), where)
     run = Run(groups=groups, **fields)
-    mem = _Rows(len(groups), max(1, rows))
-    mem.n = rows
-    mem.steps[:rows], mem.time[:rows] = data["steps"], data["time"]
-    for c in _Rows.NAMES:
-        mem.cols[c][:rows] = data[c]
-    run._mem = mem
+    max_bytes = storage.get("max_bytes")
+    run.max_bytes = max_bytes if type(max_bytes) is int and max_bytes > 0 else None
+    run._mem = _filled(_Rows(len(groups), max(1, rows)), rows, data, "")
+    layer_rows = _read_layer_arrays(data, len(run.layers), where)
+    if layer_rows is None:
+        # A file saved before the aggregates existed: computed from its rows (final row included).
+        for n in range(rows):
+            run._aggregator.compute(np.stack([data[c][n] for c in COLUMNS]), run._layer_rows.reserve())
+            run._layer_rows.commit(int(data["steps"][n]), float(data["time"][n]))
+    else:
+        run._layer_rows = _filled(_Rows(len(run.layers), max(1, layer_rows), names=LAYER_FIELDS), layer_rows, data, LAYERS_PREFIX)
+    recorded = storage.get("recorded_steps")
+    run.recorded_steps = recorded if type(recorded) is int and recorded >= 0 else run._layer_rows.n
     return run
+
+
+def _filled(store: _Rows, rows: int, data: dict[str, np.ndarray], prefix: str) -> _Rows:
+    store.n = rows
+    store.steps[:rows], store.time[:rows] = data[prefix + "steps"][:rows], data[prefix + "time"][:rows]
+    for c in store.NAMES:
+        store.cols[c][:rows] = data[prefix + c][:rows]
+    return store
+
+
+def _read_layer_arrays(data: dict[str, np.ndarray], pairs: int, where: str) -> int | None:
+    """The rows of a saved run's per-layer aggregates (every field (rows, pairs) float64, steps
+    int64 and time float64 (rows,)), or None for a file saved without them."""
+    if LAYERS_PREFIX + "steps" not in data:
+        return None
+    steps = data[LAYERS_PREFIX + "steps"]
+    rows = steps.shape[0] if steps.ndim == 1 else -1
+    for name in ("steps", "time", *LAYER_FIELDS):
+        a = data.get(LAYERS_PREFIX + name)
+        dtype, shape = (np.int64, (rows,)) if name == "steps" else (np.float64, (rows,) if name == "time" else (rows, pairs))
+        if a is None or a.dtype != dtype or a.shape != shape:
+            got = "missing" if a is None else f"{a.dtype} of shape {a.shape}"
+            raise RunFormatError(f"{where}: malformed run file: per-layer array {name!r} is {got}; expected {np.dtype(dtype)} of shape {shape}")
+    return rows

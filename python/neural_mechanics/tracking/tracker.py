@@ -13,6 +13,7 @@ from typing import Any
 from .. import _native
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
+from ..storage import check_max_bytes
 from ..verdicts import coverage_line
 from .distributed import RunOnRankZero, attach
 from .paths import SgdPath, UpdatePath, read_hyper
@@ -36,6 +37,7 @@ class Tracker:
         reducer: str = "auto",
         memory_limit: int | None = 256 * 2**20,
         spill_dir: str | None = None,
+        max_bytes: int | None = None,
         log_to: Any = None,
         log_every: int = 50,
         log_histograms: bool = False,
@@ -65,6 +67,7 @@ class Tracker:
         log_every = integer("log_every", log_every, 1)
         if memory_limit is not None:
             memory_limit = integer("memory_limit", memory_limit, Run.MIN_MEMORY_LIMIT)
+        self._max_bytes = check_max_bytes(max_bytes)
         if spill_dir is not None:
             if isinstance(spill_dir, bytes) or not isinstance(spill_dir, (str, os.PathLike)):
                 raise InvalidArgumentError(f"spill_dir must be a folder path (str or os.PathLike) or None, got {spill_dir!r}")
@@ -155,6 +158,7 @@ class Tracker:
             skipped=skipped,
             max_rows_in_memory=None if self._memory_limit is None else Run.rows_for_memory(len(info), self._memory_limit),
             spill_dir=self._spill_dir,
+            max_bytes=self._max_bytes,
             coverage=_coverage(named, kept, skipped),
             hyperparameters=[_plain_hyper(g) for g in self.optimizer.param_groups],
             exact_kind="ledger" if self._sgd else "bookkeeping",
@@ -376,6 +380,7 @@ def track(
     reducer: str = "auto",
     memory_limit: int | None = 256 * 2**20,
     spill_dir: str | None = None,
+    max_bytes: int | None = None,
     log_to: Any = None,
     log_every: int = 50,
     log_histograms: bool = False,
@@ -396,8 +401,14 @@ def track(
         reducer: where the per-step reductions run: "auto" (the Rust kernel for CPU parameters,
             the parameters' device otherwise, results read one step later), "rust", "torch",
             "torch-sync".
-        memory_limit: bytes of recorded rows kept in memory; older rows spill to ``spill_dir``
-            (a temporary folder by default). None keeps everything in memory.
+        memory_limit: bytes the run's records may take in memory (rows, per-layer aggregates,
+            and what saving reads back); older rows spill to ``spill_dir`` (a temporary folder by
+            default). None keeps everything in memory.
+        max_bytes: the byte budget of the saved run's per-group rows and per-layer aggregates
+            (before compression), e.g. ``2**30``: past it the stored steps are thinned, dense
+            early and sparser later, the first and last step and every learning-rate change kept;
+            the per-layer aggregates (``run.to_pandas(per="layer")``) keep every recorded step.
+            None (the default) keeps every recorded row (docs/tracking.md, "Storage").
         log_to: a TensorBoard ``SummaryWriter``, a wandb run, a Lightning logger, "tensorboard",
             "wandb", or a list of them: per-layer scalars every ``log_every`` steps, the summary
             table and the report's figures at close (``log_figures``), per-neuron histograms of
@@ -416,6 +427,7 @@ def track(
         reducer=reducer,
         memory_limit=memory_limit,
         spill_dir=spill_dir,
+        max_bytes=max_bytes,
         log_to=log_to,
         log_every=log_every,
         log_histograms=log_histograms,
