@@ -249,7 +249,8 @@ def _colors(n: int) -> list[Any]:
 
 def _theory_name(theory: str, bookkeeping: bool) -> str:
     if theory == "paper":
-        return "paper closed form"
+        # Any optimizer but torch.optim.SGD: the paper's form driven by its update (docs/theory.md §5.5).
+        return "paper's form on the optimizer's update" if bookkeeping else "paper closed form"
     return "exact: measured update re-added (bookkeeping)" if bookkeeping else "exact ledger"
 
 
