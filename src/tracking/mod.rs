@@ -25,7 +25,10 @@ pub use plan::Plan;
 pub use tracker::{ParamGroupHyper, StepReport, Tracker, UpdateRule};
 
 /// The fields of one recorded row of a run, in order: the row is (ROW_FIELDS, groups). The
-/// Python `Run` stores rows in this layout (`neural_mechanics.run.COLUMNS`).
+/// Python `Run` stores rows in this layout (`neural_mechanics.run.COLUMNS`). After `residual`:
+/// the ledger split of the step (`decay`, `drive`, `breaking`, docs/theory.md §5.5) and, for
+/// scale groups, the live equilibrium (`effective_lr`, `angular_update` and their §5.4 values,
+/// §5.6). New fields go at the end: saved runs without them load them as NaN.
 pub const ROW_FIELDS: [&str; 20] = [
     "lr",
     "momentum",
