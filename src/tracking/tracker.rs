@@ -561,4 +561,36 @@ mod tests {
         t.step_update(0, &[0.0; 24], 8, Some(&[0.0; 2]), &h, None).unwrap();
         assert!((t.time() - 0.1).abs() < 1e-15);
     }
+    #[test]
+    fn another_optimizer_gets_the_paper_form_on_its_update_and_the_split() {
+        // One scale group (two parts) and one translation group; AdamW-like decoupled decay.
+        let mut t = Tracker::new(plan(), false, 1);
+        assert!(matches!(t.set_update_rule(UpdateRule { decoupled: true, beta1: 1.0 }), Err(Error::InvalidArgument(_))));
+        t.set_update_rule(UpdateRule { decoupled: true, beta1: 0.9 }).unwrap();
+        let h = [ParamGroupHyper { lr: 0.1, momentum: 0.0, dampening: 0.0, weight_decay: 0.5, nesterov: false }];
+        // Per row: Σθ, Σθ², Σĝ, Σĝ², Σθĝ, Σd², Σθd, Σĝd.
+        let rows = [
+            1.0, 2.0, 0.1, 0.5, 0.0, 0.02, 0.1, 0.0, /* */ -1.0, 3.0, 0.2, 0.5, 0.0, 0.03, 0.15, 0.0, /* */ 0.5, 1.0, 0.0, 0.3,
+            0.1, 0.0, 0.0, 0.0,
+        ];
+        let mut out = vec![f64::NAN; ROW_FIELDS.len() * 2];
+        t.step_update(0, &rows, 8, Some(&[0.05, 0.0]), &h, Some(&mut out)).unwrap();
+        let at = |out: &[f64], field: &str, g: usize| out[ROW_FIELDS.iter().position(|f| *f == field).unwrap() * 2 + g];
+        // The split adds up to the change −2⟨θ, d⟩ + |d|² (scale) and −⟨1, d⟩ (translation).
+        let split = |out: &[f64], g: usize| at(out, "decay", g) + at(out, "drive", g) + at(out, "breaking", g);
+        assert!((split(&out, 0) - (-2.0 * 0.25 + 0.05)).abs() < 1e-15);
+        assert!((split(&out, 1) + 0.05).abs() < 1e-15);
+        assert!((at(&out, "decay", 0) - ((1.0 - 0.05f64).powi(2) - 1.0) * 5.0).abs() < 1e-15);
+        // The angle of the step and the AdamW equilibrium (scale only).
+        let (x, td, dd) = (5.0f64, 0.25, 0.05);
+        let angle = (dd - td * td / x).sqrt().atan2((x - td) / x.sqrt());
+        assert!((at(&out, "angular_update", 0) - angle).abs() < 1e-15);
+        assert!((at(&out, "angular_update_eq", 0) - (2.0 * 0.1 * 0.5 * 0.1 / 1.9f64).sqrt()).abs() < 1e-15);
+        assert_eq!(at(&out, "effective_lr", 0), 0.1 / x.sqrt());
+        assert!(at(&out, "angular_update", 1).is_nan() && at(&out, "effective_lr_eq", 1).is_nan());
+        // The paper's form runs (first order, t = Σ η): translation decays as e^{−λt}.
+        t.step_update(1, &rows, 8, Some(&[0.05, 0.0]), &h, Some(&mut out)).unwrap();
+        assert!((at(&out, "paper", 1) - 0.5 * (-0.5f64 * 0.1).exp()).abs() < 1e-15);
+        assert!(at(&out, "paper", 0).is_finite());
+    }
 }
