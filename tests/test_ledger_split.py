@@ -235,3 +235,13 @@ def test_runs_saved_before_the_new_columns_load_them_as_nan(runs, tmp_path):
     for c in ADDED_COLUMNS:
         np.testing.assert_array_equal(again.array(c), run.array(c))
     assert json.loads(meta)["kind"] == "neural-mechanics run"
+
+
+def test_the_forecast_reads_the_recorded_angle_and_effective_lr(runs):
+    from neural_mechanics.forecast import observed
+
+    run = runs[("adamw", "bn", "float32")]
+    s = run.groups.symmetry == "scale"
+    for q in ("angular_update", "effective_lr"):
+        np.testing.assert_array_equal(observed(run, q)[:-1, s], run.array(q)[:-1, s])
+        assert np.isnan(observed(run, q)[:, ~s]).all()
