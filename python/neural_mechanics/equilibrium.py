@@ -29,6 +29,9 @@ __all__ = [
     "equilibrium_series",
     "equilibrium_table",
     "equilibrium_summary",
+    "EQUILIBRIUM_TOLERANCE",
+    "equilibrium_ratios",
+    "equilibrium_reached",
 ]
 
 
@@ -223,3 +226,79 @@ def equilibrium_summary(run: Any, window: float = 0.5) -> Any:
             }
         )
     return pd.DataFrame(rows)
+
+
+# -- equilibrium, live: the run's own per-step columns (docs/theory.md §5.6) ------------------
+
+#: A scale group is at its §5.4 equilibrium when its measured angular update and effective
+#: learning rate, averaged over the trailing window, are within this relative tolerance of their
+#: predicted equilibrium values (the run's columns ``angular_update_eq``, ``effective_lr_eq``).
+EQUILIBRIUM_TOLERANCE = 0.1
+
+
+def _window_rows(rows: int) -> int:
+    """The trailing window of the live equilibrium: 1/10 of the run, between 5 and 50 rows."""
+    return max(5, min(50, rows // 10))
+
+
+def _trailing_mean(a: np.ndarray, w: int) -> np.ndarray:
+    """The mean of the last ``w`` finite values of every column at every row, (rows, groups);
+    NaN until ``w`` rows have passed or where the window holds no finite value."""
+    finite = np.isfinite(a)
+    csum = np.cumsum(np.where(finite, a, 0.0), axis=0)
+    ccount = np.cumsum(finite, axis=0)
+    lag = lambda c: np.vstack([np.zeros((w, c.shape[1])), c[:-w]]) if len(c) > w else np.zeros_like(c)  # noqa: E731
+    with np.errstate(all="ignore"):
+        mean = (csum - lag(csum)) / (ccount - lag(ccount))
+    mean[: w - 1] = np.nan
+    return mean
+
+
+def equilibrium_ratios(run: Any, window: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, angle ratio, effective-lr ratio) per step row and group: measured over predicted
+    equilibrium, each over the trailing ``window`` rows (default 1/10 of the run, 5 to 50).
+
+    The angle is an RMS angle (§5.4 predicts the RMS), the prediction's noise averaged where it
+    enters linearly (E|g̃|² under SGD, E|u|² under AdamW: the window mean of 1/effective_lr_eq²).
+    NaN for groups without a prediction (not scale, λ = 0, coupled decay under a preconditioner)
+    and for runs saved before the columns existed."""
+    steps = np.asarray(run.step_index)
+    angle, angle_eq = run.array("angular_update"), run.array("angular_update_eq")
+    lr, lr_eq = run.array("effective_lr"), run.array("effective_lr_eq")
+    rows = np.isfinite(angle).any(axis=1) if angle.size else np.zeros(0, dtype=bool)  # step rows (not the final one)
+    steps, angle, angle_eq, lr, lr_eq = steps[rows], angle[rows], angle_eq[rows], lr[rows], lr_eq[rows]
+    w = _window_rows(len(steps)) if window is None else max(1, int(window))
+    with np.errstate(all="ignore"):
+        angle_ratio = np.sqrt(_trailing_mean(angle**2, w) / _trailing_mean(angle_eq**2, w))
+        lr_ratio = _trailing_mean(lr, w) * np.sqrt(_trailing_mean(1.0 / lr_eq**2, w))
+    return steps, angle_ratio, lr_ratio
+
+
+def equilibrium_reached(run: Any, layer: str, tolerance: float = EQUILIBRIUM_TOLERANCE, window: int | None = None) -> tuple[str, float]:
+    """Whether ``layer``'s scale groups have reached the §5.4 equilibrium, in words, and the
+    step from which they stay there (NaN if they have not, or no prediction exists).
+
+    At each step row the layer's ratios are the medians over its scale groups of
+    :func:`equilibrium_ratios`; the layer has reached equilibrium at the first step from which
+    both stay within ``tolerance`` of 1 to the end of the run."""
+    mask = np.asarray((run.groups.symmetry == "scale") & (run.groups.layer == layer))
+    if not mask.any():
+        return "", float("nan")
+    steps, angle, lr = equilibrium_ratios(run, window)
+    angle, lr = angle[:, mask], lr[:, mask]
+    if not (np.isfinite(angle).any() and np.isfinite(lr).any()):
+        return "n/a: no equilibrium predicted (weight decay 0, coupled decay under a preconditioner, or mixed param_groups)", float("nan")
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows before the window fills
+            a, lr_med = np.nanmedian(angle, axis=1), np.nanmedian(lr, axis=1)
+    inside = (np.abs(a - 1) <= tolerance) & (np.abs(lr_med - 1) <= tolerance)
+    tol = f"within {tolerance:.0%}"
+    if not inside[-1]:
+        return (f"not reached ({tol}): angular update {a[-1]:.2f}×, effective lr {lr_med[-1]:.2f}× the equilibrium "
+                f"at step {int(steps[-1])}"), float("nan")
+    first = len(inside) - int(np.argmin(inside[::-1])) if not inside.all() else 0
+    step = int(steps[first])
+    return f"reached ({tol}) at step {step}, after {step - int(steps[0])} steps", float(step)

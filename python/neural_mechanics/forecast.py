@@ -87,8 +87,10 @@ def _adaptive(run: Any) -> bool:
 def observed(run: Any, quantity: str) -> np.ndarray:
     """What the run measured of ``quantity`` at every row, (rows, groups): ``charge`` is the
     ``measured`` column; ``norm``, ``effective_lr`` and ``angular_update`` (scale groups only, NaN
-    elsewhere) follow from it and the step's lr and update by :func:`scale_quantities`. For
-    Adam-style runs the update is Adam's direction with the decoupled decay taken out (§5.7)."""
+    elsewhere) are the run's own columns (§5.6: ``effective_lr``, and ``angular_update`` the
+    angle of the step itself) where it records them, else follow from it and the step's lr and
+    update by :func:`scale_quantities`. For Adam-style runs the update is Adam's direction with
+    the decoupled decay taken out (§5.7)."""
     if quantity not in QUANTITIES:
         raise InvalidArgumentError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
     x = _column(run, "measured")
@@ -100,8 +102,21 @@ def observed(run: Any, quantity: str) -> np.ndarray:
     if adaptive:
         u2 = _adam_direction_sq(np.asarray(run.step_index), x, u2, _ffill(_column(run, "weight_decay")), lr)
     out = scale_quantities(x, lr, u2, adaptive=adaptive)[quantity]
+    # The run's own columns where it records them (docs/theory.md §5.6: the angle of the step
+    # itself, not η|u|/|θ|); runs saved before them hold NaN there and keep the derived values.
+    recorded = _recorded(run, quantity)
+    if recorded is not None:
+        out = np.where(np.isfinite(recorded), recorded, out)
     out[:, ~np.asarray(run.groups.symmetry == "scale")] = np.nan
     return out
+
+
+def _recorded(run: Any, name: str) -> np.ndarray | None:
+    """The run's column ``name``, or None where the run has no such column."""
+    try:
+        return np.array(run.array(name), dtype=np.float64)
+    except (UnknownColumnError, KeyError):
+        return None
 
 
 # -- reading a run ----------------------------------------------------------------------------------

@@ -189,8 +189,8 @@ def plot_charges(
 
     ``layer``: default :func:`default_layer` (for translation, the classifier feeding the loss);
     ``groups``: the maximum number of groups drawn (those that moved most), None for all; ``x``:
-    "step" or "time" (t = Σ η(1−d)). A theory that is NaN throughout (``paper`` for optimizers
-    other than SGD) is neither drawn nor in the legend; the legend gives each drawn theory's
+    "step" or "time" (t = Σ η(1−d)). A theory that is NaN throughout (``paper`` for groups in
+    param_groups with different hyperparameters) is neither drawn nor in the legend; the legend gives each drawn theory's
     largest error over the groups drawn, and the title the layer's verdict (module
     ``verdicts``). The markers keep a theory visible where it lies on the measured line.
     Lines drawn: 1 per group plus 1 per group and drawn theory, plus one grey line per
@@ -249,7 +249,8 @@ def _colors(n: int) -> list[Any]:
 
 def _theory_name(theory: str, bookkeeping: bool) -> str:
     if theory == "paper":
-        return "paper closed form"
+        # Any optimizer but torch.optim.SGD: the paper's form driven by its update (docs/theory.md §5.5).
+        return "paper's form on the optimizer's update" if bookkeeping else "paper closed form"
     return "exact: measured update re-added (bookkeeping)" if bookkeeping else "exact ledger"
 
 
@@ -295,9 +296,10 @@ def plot_errors(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str | No
     the maximum over the groups of each symmetry, log scale; a Figure.
 
     Error = |prediction − measured| / (max over the run of the group's magnitude). Lines drawn:
-    one per symmetry and theory that has a value (``paper`` is NaN for optimizers other than
-    SGD), plus one grey line per learning-rate change. For such optimizers ``exact`` only
-    re-adds the measured update: the figure then says it is a bookkeeping check, not a test of
+    one per symmetry and theory that has a value (for optimizers other than SGD ``paper`` is the
+    paper's form on their update, docs/theory.md §5.5), plus one grey line per learning-rate
+    change. For such optimizers ``exact`` only re-adds the measured update: without a ``paper``
+    line the figure then says it is a bookkeeping check, not a test of
     a theory.
     """
     fig, ax = _new_axes(ax)

@@ -38,9 +38,13 @@ FILE_KIND = "neural-mechanics run"
 # the optimizer's hyperparameters of step n for each group (its first part's param_group), then
 # the per-step values, one float64 per group.
 COLUMNS: tuple[str, ...] = tuple(_native.ROW_FIELDS)
+# Columns added after the first release (the ledger split, docs/theory.md §5.5; the live
+# equilibrium, §5.6): a run saved before them loads them as NaN (the file format is one of named
+# arrays, so no version bump: newer files stay readable by older releases, which ignore them).
+ADDED_COLUMNS: tuple[str, ...] = ("decay", "drive", "breaking", "effective_lr", "angular_update", "effective_lr_eq", "angular_update_eq")
 # The columns of ``Run.summary()``, in order.
 SUMMARY_COLUMNS = ("symmetry", "layer", "module", "groups", "verdict", "exact_median", "exact_max", "paper_median", "paper_max",
-                   "residual_median", "residual_max", "regime", "note", "reason")
+                   "residual_median", "residual_max", "regime", "note", "reason", "equilibrium", "equilibrium_step")
 HYPER_COLUMNS = COLUMNS[:4]
 STEP_COLUMNS = COLUMNS[4:]
 assert HYPER_COLUMNS == ("lr", "momentum", "dampening", "weight_decay")
@@ -168,7 +172,7 @@ class Run:
     groups: GroupInfo
     optimizer: str = ""
     #: The smallest memory limit the tracker accepts (bytes): 1 MiB. Rows spill whole, so a limit
-    #: below one row's size (13 columns x 8 bytes per group) still keeps one row in memory.
+    #: below one row's size (20 columns x 8 bytes per group) still keeps one row in memory.
     MIN_MEMORY_LIMIT = 2**20
     # layer notes: (symmetry, layer) -> why the paper column is NaN there
     paper_notes: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -626,12 +630,17 @@ class Run:
         """Per (symmetry, layer): the layer's module, groups, a verdict and its reason (module
         ``verdicts``: thresholds stated there and in the reason), median and max error of
         ``exact`` and ``paper``, median and max constraint residual, the momentum regime and why a
-        theory is NaN where it is. Then one row per module whose trainable parameters no group
-        covers (verdict "not covered", the reason per parameter). ``residual_max`` is read from the
-        per-layer aggregates, so it covers every recorded step even where ``max_bytes`` thinned
-        the per-group rows; medians and errors come from the stored rows."""
+        theory is NaN where it is, and for scale layers whether they have reached the §5.4
+        equilibrium (``equilibrium``: within ``equilibrium.EQUILIBRIUM_TOLERANCE`` of the
+        predicted angular update and effective learning rate, and from which step:
+        ``equilibrium_step``; docs/theory.md §5.6). Then one row per module whose trainable
+        parameters no group covers (verdict "not covered", the reason per parameter).
+        ``residual_max`` is read from the per-layer aggregates, so it covers every recorded step
+        even where ``max_bytes`` thinned the per-group rows; medians and errors come from the
+        stored rows."""
         import pandas as pd
 
+        from .equilibrium import equilibrium_reached
         from .verdicts import layer_verdict, uncovered_by_module, uncovered_table
 
         exact, paper = self.errors("exact"), self.errors("paper")
@@ -643,6 +652,7 @@ class Run:
             mask = (g.symmetry == sym) & (g.layer == layer)
             v = layer_verdict(self, sym, layer, residual=residual, paper=paper_col)
             has_paper = bool(np.isfinite(paper_col[:, mask]).any())
+            reached, reached_step = equilibrium_reached(self, layer) if sym == "scale" else ("", float("nan"))
             rows.append(
                 {
                     "symmetry": sym,
@@ -659,6 +669,8 @@ class Run:
                     "regime": (" -> ".join(self.regimes.get(sym, [])) or "n/a") if has_paper else "n/a",
                     "note": self.paper_notes.get((sym, layer), self.exact_note),
                     "reason": v.reason,
+                    "equilibrium": reached,
+                    "equilibrium_step": reached_step,
                 }
             )
         for module, reason in uncovered_by_module(uncovered_table(self.coverage, self.skipped)):
@@ -914,6 +926,10 @@ def _read_arrays(arrays: list[tuple[str, np.ndarray]], groups: int, where: str) 
     """The run's arrays, each of exactly its expected dtype and shape: steps (rows,) int64,
     time (rows,) float64, every column (rows, groups) float64 (never broadcast)."""
     data = dict(arrays)
+    rows = data["steps"].shape[0] if "steps" in data and data["steps"].ndim == 1 else -1
+    for c in ADDED_COLUMNS:  # saved before the column existed: NaN (an unknown, not a zero)
+        if c not in data and rows >= 0:
+            data[c] = np.full((rows, groups), np.nan)
     missing = [c for c in ("steps", "time", *COLUMNS) if c not in data]
     if missing:
         raise RunFormatError(f"{where}: run file lacks the arrays {missing}")

@@ -3,7 +3,7 @@
 use crate::error::Error;
 use crate::tracking::plan::{PlanArrays, FIELDS, FIELD_NAMES};
 use crate::tracking::tracker::FinalRow;
-use crate::tracking::{ParamGroupHyper, Plan, StepReport, Tracker, ROW_FIELDS};
+use crate::tracking::{ParamGroupHyper, Plan, StepReport, Tracker, UpdateRule, ROW_FIELDS};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -110,8 +110,10 @@ fn report(r: StepReport) -> Report {
     (r.time, r.notes, r.regimes)
 }
 
-/// TrackerCore(plan, *, sgd, every): one run's per-step state (clock, held drive, theory
-/// streams) and the one call per optimizer step that turns the fused sums into the run's row.
+/// TrackerCore(plan, *, sgd, every, decoupled=False, beta1=0.0): one run's per-step state
+/// (clock, held drive, theory streams) and the one call per optimizer step that turns the fused
+/// sums into the run's row. `decoupled`, `beta1`: how an optimizer other than torch.optim.SGD
+/// is read (its weight decay decoupled, as AdamW's; Adam's β1), docs/theory.md §5.5–§5.6.
 /// See crate::tracking and docs/architecture.md ("Data flow of one tracked step").
 #[pyclass(module = "neural_mechanics._native", name = "TrackerCore")]
 struct TrackerCore {
@@ -121,9 +123,11 @@ struct TrackerCore {
 #[pymethods]
 impl TrackerCore {
     #[new]
-    #[pyo3(signature = (plan, *, sgd, every))]
-    fn new(plan: PyPlan<'_>, sgd: bool, every: usize) -> PyResult<Self> {
-        Ok(TrackerCore { inner: Tracker::new(Plan::new(plan.arrays())?, sgd, every.max(1)) })
+    #[pyo3(signature = (plan, *, sgd, every, decoupled = false, beta1 = 0.0))]
+    fn new(plan: PyPlan<'_>, sgd: bool, every: usize, decoupled: bool, beta1: f64) -> PyResult<Self> {
+        let mut inner = Tracker::new(Plan::new(plan.arrays())?, sgd, every.max(1));
+        inner.set_update_rule(UpdateRule { decoupled, beta1 })?;
+        Ok(TrackerCore { inner })
     }
 
     /// step_sgd(step, rows, extra, hyper, out=None) -> (time, notes, regimes): one measured
@@ -146,9 +150,10 @@ impl TrackerCore {
         Ok(report(py.detach(|| inner.step_sgd(step, rows, k, extra, &hyper, out))?))
     }
 
-    /// step_update(rows, extra, hyper, out=None) -> (time, notes, regimes): one measured step
-    /// of any other optimizer, from the sums of (θ_n, ĝ_n, θ_n − θ_{n+1}).
-    #[pyo3(signature = (rows, extra, hyper, out = None))]
+    /// step_update(rows, extra, hyper, out=None, *, step=0) -> (time, notes, regimes): one
+    /// measured step of any other optimizer, from the sums of (θ_n, ĝ_n, θ_n − θ_{n+1});
+    /// `step` names the step in notes.
+    #[pyo3(signature = (rows, extra, hyper, out = None, *, step = 0))]
     fn step_update(
         &mut self,
         py: Python<'_>,
@@ -156,13 +161,14 @@ impl TrackerCore {
         extra: Option<PyReadonlyArray2<'_, f64>>,
         hyper: Vec<PyHyper>,
         mut out: Option<PyReadwriteArray2<'_, f64>>,
+        step: usize,
     ) -> PyResult<Report> {
         let (rows, k) = block(&rows, "rows")?;
         let extra = extra.as_ref().map(|e| block(e, "extra").map(|b| b.0)).transpose()?;
         let out = row(&mut out)?;
         let hyper = hypers(&hyper);
         let inner = &mut self.inner;
-        Ok(report(py.detach(|| inner.step_update(rows, k, extra, &hyper, out))?))
+        Ok(report(py.detach(|| inner.step_update(step, rows, k, extra, &hyper, out))?))
     }
 
     /// skip(step, hyper) -> notes: a step that is not measured.

@@ -22,11 +22,14 @@ pub mod plan;
 pub mod tracker;
 
 pub use plan::Plan;
-pub use tracker::{ParamGroupHyper, StepReport, Tracker};
+pub use tracker::{ParamGroupHyper, StepReport, Tracker, UpdateRule};
 
 /// The fields of one recorded row of a run, in order: the row is (ROW_FIELDS, groups). The
-/// Python `Run` stores rows in this layout (`neural_mechanics.run.COLUMNS`).
-pub const ROW_FIELDS: [&str; 13] = [
+/// Python `Run` stores rows in this layout (`neural_mechanics.run.COLUMNS`). After `residual`:
+/// the ledger split of the step (`decay`, `drive`, `breaking`, docs/theory.md §5.5) and, for
+/// scale groups, the live equilibrium (`effective_lr`, `angular_update` and their §5.4 values,
+/// §5.6). New fields go at the end: saved runs without them load them as NaN.
+pub const ROW_FIELDS: [&str; 20] = [
     "lr",
     "momentum",
     "dampening",
@@ -40,6 +43,13 @@ pub const ROW_FIELDS: [&str; 13] = [
     "update_sum",
     "magnitude",
     "residual",
+    "decay",
+    "drive",
+    "breaking",
+    "effective_lr",
+    "angular_update",
+    "effective_lr_eq",
+    "angular_update_eq",
 ];
 
 /// A group whose |ĝ_A|² is at most this fraction of its layer's |ĝ_L|² (the |ĝ|² of the layer's

@@ -9,11 +9,25 @@ use crate::error::{Error, Result};
 use crate::theory::Kind;
 
 /// How many values one part (and one column, and one group) carries per step: see [`field`].
-pub const FIELDS: usize = 9;
+pub const FIELDS: usize = 14;
 
 /// The names of the [`field`]s, in order (`_native.COLUMN_FIELDS`).
-pub const FIELD_NAMES: [&str; FIELDS] =
-    ["charge", "flux", "grad_sq", "update_sq", "update_dot", "drive", "update_sum", "buffer_dot", "change"];
+pub const FIELD_NAMES: [&str; FIELDS] = [
+    "charge",
+    "flux",
+    "grad_sq",
+    "update_sq",
+    "update_dot",
+    "drive",
+    "update_sum",
+    "buffer_dot",
+    "change",
+    "decay_term",
+    "drive_term",
+    "breaking_term",
+    "step_dot",
+    "step_sq",
+];
 
 /// The per-part values of one step, summed with the part's sign into columns and groups.
 pub mod field {
@@ -35,6 +49,17 @@ pub mod field {
     pub const BUFFER_DOT: usize = 7;
     /// The measured change of the charge over the step (optimizers other than SGD).
     pub const CHANGE: usize = 8;
+    /// The step's change of the charge split in three (docs/theory.md §5.5), adding up to it
+    /// exactly: the weight-decay term, ...
+    pub const DECAY_TERM: usize = 9;
+    /// ... the η²|u|² drive term (0 for translation), ...
+    pub const DRIVE_TERM: usize = 10;
+    /// ... and the term that breaks the symmetry (with SGD momentum, also the buffer's inertia).
+    pub const BREAKING_TERM: usize = 11;
+    /// ⟨θ_n, d_n⟩ with d_n = θ_n − θ_{n+1} (scale, rescale side): the step along θ (§5.6).
+    pub const STEP_DOT: usize = 12;
+    /// |d_n|²: the step's squared length (§5.6).
+    pub const STEP_SQ: usize = 13;
 }
 
 /// The sums of one part's rows, in the kernel's order (`stats::Sums::NAMES`), zero past `k`.
@@ -220,6 +245,10 @@ impl Plan {
         self.column_param_group[self.group_first_column[g]]
     }
     /// Whether column `c` is a whole group (the paper's closed form applies only then).
+    /// The number of columns of group `g` (1: all its parts share one param_group).
+    pub fn group_columns(&self, g: usize) -> usize {
+        self.group_columns[g]
+    }
     pub fn is_whole_group(&self, c: usize) -> bool {
         self.group_columns[self.column_group[c]] == 1
     }
@@ -356,7 +385,14 @@ mod tests {
     fn rows_add_into_parts_columns_and_groups_with_signs() {
         let plan = small();
         let rows: Vec<f64> = (0..5).flat_map(|r| [r as f64, 10.0 * r as f64]).collect();
-        let s = plan.sum(&rows, 2, None, |_, _, s, _| [s[0], s[1], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).unwrap();
+        let s = plan
+            .sum(&rows, 2, None, |_, _, s, _| {
+                let mut v = [0.0; FIELDS];
+                v[0] = s[0];
+                v[1] = s[1];
+                v
+            })
+            .unwrap();
         assert_eq!(s.columns.iter().map(|c| c[0]).collect::<Vec<_>>(), vec![0.0, 1.0, 2.0 + 3.0 - 4.0]);
         assert_eq!(s.groups.iter().map(|g| g[1]).collect::<Vec<_>>(), vec![10.0, 10.0]);
         assert_eq!(s.unsigned[1].x, 90.0); // unsigned: 20 + 30 + 40
@@ -387,7 +423,14 @@ mod tests {
         // |ĝ|² of the three groups: 1, 1e-12 (rounding next to group 0), 1e-12 (alone).
         let gg: [f64; 3] = [1.0, 1e-12, 1e-12];
         let rows: Vec<f64> = gg.iter().flat_map(|&g| [0.0, 1.0, 0.0, g, 1e-3 * g.sqrt()]).collect();
-        let s = plan.sum(&rows, 5, None, |_, _, s, _| [s[0], s[4], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).unwrap();
+        let s = plan
+            .sum(&rows, 5, None, |_, _, s, _| {
+                let mut v = [0.0; FIELDS];
+                v[0] = s[0];
+                v[1] = s[4];
+                v
+            })
+            .unwrap();
         assert_eq!(s.unsigned[0].layer_gg, 1.0 + 1e-12);
         let residual: Vec<f64> = (0..3).map(|g| plan.residual(g, s.groups[g][1], &s.unsigned[g])).collect();
         assert!((residual[0] - 1e-3).abs() < 1e-12 && (residual[2] - 1e-3).abs() < 1e-12, "{residual:?}");

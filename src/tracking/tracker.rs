@@ -12,11 +12,12 @@
 //! step), then advances the clock and both theories past the step. Everything here is O(rows +
 //! parts + groups) and independent of the thread count.
 
-use super::algebra::{self, sgd_part, update_part};
+use super::algebra::{self, sgd_part, split_decay, update_part};
 use super::lanes::{Exact, Lanes};
 use super::plan::{field, Plan, Summed, FIELDS};
 use super::ROW_FIELDS;
 use crate::error::{Error, Result};
+use crate::theory::equilibrium;
 use crate::theory::ledger::LedgerState;
 use crate::theory::paper::PaperState;
 use crate::theory::propagator::regime;
@@ -77,8 +78,11 @@ pub struct Tracker {
     plan: Plan,
     lanes: Vec<LaneSpec>,
     exact: ExactMode,
-    /// The optimizer is torch.optim.SGD: the paper's closed forms apply.
-    paper: bool,
+    /// The optimizer is torch.optim.SGD: the paper's closed forms and the ledger apply as such;
+    /// any other optimizer gets the paper's first-order forms driven by its measured update.
+    sgd: bool,
+    /// Any other optimizer: how its update is read (docs/theory.md §5.5, §5.6).
+    rule: UpdateRule,
     /// The theory streams, from the first measured step on.
     streams: Option<Lanes>,
     /// t per param_group: Σ η_k(1 − d_k) over past steps (d ignored without momentum).
@@ -89,6 +93,23 @@ pub struct Tracker {
     regimes_for: Option<Vec<ParamGroupHyper>>,
     /// The per-column sums of the last measured step (for inspection and tests).
     last_columns: Vec<[f64; FIELDS]>,
+}
+
+/// How the update of an optimizer other than torch.optim.SGD is read (set once per run).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateRule {
+    /// Weight decay is decoupled (θ ← (1−ηλ)θ − ηu: AdamW, `decoupled_weight_decay=True`), so
+    /// it is taken out of the update; coupled decay (added to the gradient) stays in u.
+    pub decoupled: bool,
+    /// Adam's first-moment coefficient β1 (0 for optimizers without one): the §5.4 equilibrium
+    /// of decoupled weight decay depends on it.
+    pub beta1: f64,
+}
+
+impl Default for UpdateRule {
+    fn default() -> Self {
+        UpdateRule { decoupled: false, beta1: 0.0 }
+    }
 }
 
 fn take(values: &[f64], cols: &[usize]) -> Vec<f64> {
@@ -125,13 +146,43 @@ impl Tracker {
             plan,
             lanes,
             exact,
-            paper: sgd,
+            sgd,
+            rule: UpdateRule::default(),
             streams: None,
             clock: Vec::new(),
             held_drive: vec![0.0; columns],
             regimes_for: None,
             last_columns: Vec::new(),
         }
+    }
+
+    /// How the update of an optimizer other than torch.optim.SGD is read (default: coupled
+    /// weight decay, β1 = 0). Set before the first step.
+    pub fn set_update_rule(&mut self, rule: UpdateRule) -> Result<()> {
+        if !(0.0..1.0).contains(&rule.beta1) {
+            return Err(Error::InvalidArgument(format!("beta1 must be in [0, 1), got {}", rule.beta1)));
+        }
+        self.rule = rule;
+        Ok(())
+    }
+
+    /// The hyperparameters the theories see: torch.optim.SGD's own; for any other optimizer the
+    /// first-order model of its update (no momentum, no dampening, the decay taken out of the
+    /// update: docs/theory.md §5.5), which also sets the clock t = Σ η.
+    fn model_hyper(&self, hyper: &[ParamGroupHyper]) -> Vec<ParamGroupHyper> {
+        if self.sgd {
+            return hyper.to_vec();
+        }
+        hyper
+            .iter()
+            .map(|h| ParamGroupHyper {
+                lr: h.lr,
+                momentum: 0.0,
+                dampening: 0.0,
+                weight_decay: split_decay(h, self.rule.decoupled),
+                nesterov: false,
+            })
+            .collect()
     }
 
     pub fn plan(&self) -> &Plan {
@@ -159,8 +210,9 @@ impl Tracker {
         }
         // Every param_group the plan reads is checked before anything moves: a bad value is an
         // error that leaves the state as it was, never a half-advanced step.
+        let model = self.model_hyper(hyper);
         for lane in &self.lanes {
-            let h = hyper[lane.param_group];
+            let h = model[lane.param_group];
             h.hyper().validate(None)?;
             if h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0) {
                 return Err(Error::InvalidArgument(format!(
@@ -204,7 +256,7 @@ impl Tracker {
         if self.streams.is_none() {
             self.start_streams(&summed, has_buffer, hyper)?;
         }
-        let mut report = self.record(&summed, hyper, out);
+        let mut report = self.record(&summed, hyper, hyper, out);
         self.held_drive = summed.columns.iter().map(|c| c[field::DRIVE]).collect();
         report.notes = self.advance_paper(step, hyper)?;
         if self.exact == ExactMode::Ledger {
@@ -218,9 +270,11 @@ impl Tracker {
 
     /// One measured step of any other optimizer. `rows`: (rows × 8) fused sums of
     /// (θ_n, ĝ_n, d_n), d_n = θ_n − θ_{n+1}; `extra`: the plain sums of d_n over the plan's
-    /// extra rows; `hyper` and `out` as for [`Tracker::step_sgd`].
+    /// extra rows; `hyper` and `out` as for [`Tracker::step_sgd`]. `step`: the step's index
+    /// (for notes).
     pub fn step_update(
         &mut self,
+        step: usize,
         rows: &[f64],
         k: usize,
         extra: Option<&[f64]>,
@@ -232,17 +286,22 @@ impl Tracker {
             return Err(Error::Shape(format!("a measured update needs the sums of (θ, ĝ, d): 8 per row, got {k}")));
         }
         let update_sums = self.plan.scatter_extra(extra.unwrap_or(&[]))?;
+        let model = self.model_hyper(hyper);
         let plan = &self.plan;
-        let summed =
-            plan.sum(rows, k, Some(&update_sums), |c, kind, s, ds| update_part(kind, s, ds, hyper[plan.column_param_group[c]].lr))?;
+        let summed = plan.sum(rows, k, Some(&update_sums), |c, kind, s, ds| {
+            let h = &model[plan.column_param_group[c]];
+            update_part(kind, s, ds, h.lr, h.weight_decay)
+        })?;
         if self.streams.is_none() {
-            self.start_streams(&summed, false, hyper)?;
+            self.start_streams(&summed, false, &model)?;
         }
-        let report = self.record(&summed, hyper, out);
+        let mut report = self.record(&summed, hyper, &model, out);
+        self.held_drive = summed.columns.iter().map(|c| c[field::DRIVE]).collect();
+        report.notes = self.advance_paper(step, &model)?;
         if self.exact == ExactMode::Measured {
             self.streams.as_mut().expect("started above").advance_measured(&summed.columns)?;
         }
-        self.advance_clock(hyper);
+        self.advance_clock(&model);
         self.last_columns = summed.columns;
         Ok(report)
     }
@@ -251,8 +310,9 @@ impl Tracker {
     /// the last measured drive. Returns notes (a closed form that stopped).
     pub fn skip(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
         self.check(hyper, None)?;
-        let notes = self.advance_paper(step, hyper)?;
-        self.advance_clock(hyper);
+        let model = self.model_hyper(hyper);
+        let notes = self.advance_paper(step, &model)?;
+        self.advance_clock(&model);
         Ok(notes)
     }
 
@@ -290,7 +350,7 @@ impl Tracker {
                 ExactMode::Measured => Exact::Measured(take(&y0, &lane.cols)),
                 ExactMode::None => Exact::None,
             };
-            let paper = if self.paper && !lane.paper_cols.is_empty() {
+            let paper = if !lane.paper_cols.is_empty() {
                 let h = hyper[lane.param_group];
                 // ẏ(0) = −2⟨θ_0, b_{−1}⟩/(1−d) (translation: −⟨1, b_{−1}⟩/(1−d)).
                 let factor = if lane.kind == Kind::Translation { -1.0 } else { -2.0 };
@@ -311,18 +371,21 @@ impl Tracker {
     }
 
     /// Write the row of θ_n (if asked) and the regimes to report; the theories are not moved.
-    fn record(&mut self, summed: &Summed, hyper: &[ParamGroupHyper], out: Option<&mut [f64]>) -> StepReport {
-        let report = StepReport { time: self.time(), notes: Vec::new(), regimes: self.regimes(hyper) };
+    /// `hyper`: the optimizer's hyperparameters (the row's); `model`: the theories'
+    /// ([`Tracker::model_hyper`]).
+    fn record(&mut self, summed: &Summed, hyper: &[ParamGroupHyper], model: &[ParamGroupHyper], out: Option<&mut [f64]>) -> StepReport {
+        let report = StepReport { time: self.time(), notes: Vec::new(), regimes: self.regimes(model) };
         let (Some(out), Some(streams)) = (out, &self.streams) else { return report };
         let plan = &self.plan;
         let groups = plan.groups();
         let (paper, exact) = streams.predictions();
         let mut rows = out.chunks_exact_mut(groups.max(1));
         let mut next = || rows.next().unwrap_or_default();
-        let [lr, momentum, dampening, weight_decay, measured, paper_row, exact_row, grad_sq, update_sq, flux, update_sum, magnitude, residual] =
+        let [lr, momentum, dampening, weight_decay, measured, paper_row, exact_row, grad_sq, update_sq, flux, update_sum, magnitude, residual, decay, drive, breaking, effective_lr, angular_update, effective_lr_eq, angular_update_eq] =
             std::array::from_fn(|_| next());
         for (g, (values, u)) in summed.groups.iter().zip(&summed.unsigned).enumerate() {
-            let h = hyper[plan.group_param_group(g)];
+            let pg = plan.group_param_group(g);
+            let h = hyper[pg];
             lr[g] = h.lr;
             momentum[g] = h.momentum;
             dampening[g] = h.dampening;
@@ -336,8 +399,45 @@ impl Tracker {
             update_sum[g] = if plan.group_kind[g] == Kind::Translation { values[field::UPDATE_SUM] } else { f64::NAN };
             magnitude[g] = plan.magnitude(g, u);
             residual[g] = plan.residual(g, values[field::FLUX], u);
+            decay[g] = values[field::DECAY_TERM];
+            drive[g] = values[field::DRIVE_TERM];
+            breaking[g] = values[field::BREAKING_TERM];
+            let angular = self.angular(g, values, &h, &model[pg]);
+            effective_lr[g] = angular[0];
+            angular_update[g] = angular[1];
+            effective_lr_eq[g] = angular[2];
+            angular_update_eq[g] = angular[3];
         }
         report
+    }
+
+    /// A scale group's (effective angular learning rate, angle of the step, and their §5.4
+    /// equilibrium values), docs/theory.md §5.6; NaN for other groups, and the equilibrium NaN
+    /// where §5.4 predicts none (λ = 0, coupled decay under a preconditioner, a group whose
+    /// parts sit in param_groups with different hyperparameters).
+    fn angular(&self, g: usize, values: &[f64; FIELDS], h: &ParamGroupHyper, model: &ParamGroupHyper) -> [f64; 4] {
+        if self.plan.group_kind[g] != Kind::Scale {
+            return [f64::NAN; 4];
+        }
+        let x = values[field::CHARGE];
+        let (td, dd) = (values[field::STEP_DOT], values[field::STEP_SQ]);
+        // The step's component across θ_n over its component along θ_n: no cancellation when
+        // the angle is tiny (1 − cos would lose it all).
+        let across = (dd - td * td / x).max(0.0).sqrt();
+        let angle = across.atan2((x - td) / x.sqrt());
+        let effective = if self.sgd { h.lr / x } else { h.lr / x.sqrt() };
+        let one_column = self.plan.group_columns(g) == 1;
+        let eq = if !one_column || model.weight_decay <= 0.0 {
+            None
+        } else if self.sgd {
+            equilibrium::sgd(h.lr, h.weight_decay, values[field::GRAD_SQ] * x, h.momentum, h.dampening).ok()
+        } else if self.rule.decoupled {
+            equilibrium::adamw(h.lr, h.weight_decay, values[field::DRIVE], self.rule.beta1).ok()
+        } else {
+            None
+        };
+        let (lr_eq, angle_eq) = eq.map_or((f64::NAN, f64::NAN), |e| (e.effective_lr, e.angular_update));
+        [effective, angle, lr_eq, angle_eq]
     }
 
     /// (symmetry, regime) of every lane's hyperparameters (the last lane of a kind wins), when
@@ -418,7 +518,7 @@ mod tests {
     fn a_step_writes_the_row_then_moves_clock_and_theories() {
         let mut t = Tracker::new(plan(), true, 1);
         let rows = [1.0, 2.0, 0.1, 0.5, 0.0, /* */ -1.0, 3.0, 0.2, 0.5, 0.0, /* */ 0.5, 1.0, 0.0, 0.3, 0.1];
-        let mut out = vec![f64::NAN; 13 * 2];
+        let mut out = vec![f64::NAN; ROW_FIELDS.len() * 2];
         let report = t.step_sgd(0, &rows, 5, None, &[sgd(0.1, 0.0)], Some(&mut out)).unwrap();
         assert_eq!(report.time, 0.0);
         assert_eq!(report.regimes, vec![("translation", "first-order"), ("scale", "first-order")]);
@@ -452,13 +552,45 @@ mod tests {
     fn bad_input_is_an_error_and_leaves_the_state() {
         let mut t = Tracker::new(plan(), false, 1);
         let h = [sgd(0.1, 0.0)];
-        assert!(matches!(t.step_update(&[0.0; 15], 5, None, &h, None), Err(Error::Shape(_))));
-        assert!(matches!(t.step_update(&[0.0; 24], 8, None, &h, None), Err(Error::Shape(_)))); // extra rows missing
-        assert!(matches!(t.step_update(&[0.0; 24], 8, Some(&[0.0; 2]), &[], None), Err(Error::Shape(_))));
-        assert!(matches!(t.step_update(&[0.0; 24], 8, Some(&[0.0; 2]), &h, Some(&mut [0.0; 3])), Err(Error::Shape(_))));
+        assert!(matches!(t.step_update(0, &[0.0; 15], 5, None, &h, None), Err(Error::Shape(_))));
+        assert!(matches!(t.step_update(0, &[0.0; 24], 8, None, &h, None), Err(Error::Shape(_)))); // extra rows missing
+        assert!(matches!(t.step_update(0, &[0.0; 24], 8, Some(&[0.0; 2]), &[], None), Err(Error::Shape(_))));
+        assert!(matches!(t.step_update(0, &[0.0; 24], 8, Some(&[0.0; 2]), &h, Some(&mut [0.0; 3])), Err(Error::Shape(_))));
         assert!(t.final_row(&[0.0; 6], 2).unwrap().is_none());
         assert_eq!(t.time(), 0.0);
-        t.step_update(&[0.0; 24], 8, Some(&[0.0; 2]), &h, None).unwrap();
+        t.step_update(0, &[0.0; 24], 8, Some(&[0.0; 2]), &h, None).unwrap();
         assert!((t.time() - 0.1).abs() < 1e-15);
+    }
+    #[test]
+    fn another_optimizer_gets_the_paper_form_on_its_update_and_the_split() {
+        // One scale group (two parts) and one translation group; AdamW-like decoupled decay.
+        let mut t = Tracker::new(plan(), false, 1);
+        assert!(matches!(t.set_update_rule(UpdateRule { decoupled: true, beta1: 1.0 }), Err(Error::InvalidArgument(_))));
+        t.set_update_rule(UpdateRule { decoupled: true, beta1: 0.9 }).unwrap();
+        let h = [ParamGroupHyper { lr: 0.1, momentum: 0.0, dampening: 0.0, weight_decay: 0.5, nesterov: false }];
+        // Per row: Σθ, Σθ², Σĝ, Σĝ², Σθĝ, Σd², Σθd, Σĝd.
+        let rows = [
+            1.0, 2.0, 0.1, 0.5, 0.0, 0.02, 0.1, 0.0, /* */ -1.0, 3.0, 0.2, 0.5, 0.0, 0.03, 0.15, 0.0, /* */ 0.5, 1.0, 0.0, 0.3,
+            0.1, 0.0, 0.0, 0.0,
+        ];
+        let mut out = vec![f64::NAN; ROW_FIELDS.len() * 2];
+        t.step_update(0, &rows, 8, Some(&[0.05, 0.0]), &h, Some(&mut out)).unwrap();
+        let at = |out: &[f64], field: &str, g: usize| out[ROW_FIELDS.iter().position(|f| *f == field).unwrap() * 2 + g];
+        // The split adds up to the change −2⟨θ, d⟩ + |d|² (scale) and −⟨1, d⟩ (translation).
+        let split = |out: &[f64], g: usize| at(out, "decay", g) + at(out, "drive", g) + at(out, "breaking", g);
+        assert!((split(&out, 0) - (-2.0 * 0.25 + 0.05)).abs() < 1e-15);
+        assert!((split(&out, 1) + 0.05).abs() < 1e-15);
+        assert!((at(&out, "decay", 0) - ((1.0 - 0.05f64).powi(2) - 1.0) * 5.0).abs() < 1e-15);
+        // The angle of the step and the AdamW equilibrium (scale only).
+        let (x, td, dd) = (5.0f64, 0.25, 0.05);
+        let angle = (dd - td * td / x).sqrt().atan2((x - td) / x.sqrt());
+        assert!((at(&out, "angular_update", 0) - angle).abs() < 1e-15);
+        assert!((at(&out, "angular_update_eq", 0) - (2.0 * 0.1 * 0.5 * 0.1 / 1.9f64).sqrt()).abs() < 1e-15);
+        assert_eq!(at(&out, "effective_lr", 0), 0.1 / x.sqrt());
+        assert!(at(&out, "angular_update", 1).is_nan() && at(&out, "effective_lr_eq", 1).is_nan());
+        // The paper's form runs (first order, t = Σ η): translation decays as e^{−λt}.
+        t.step_update(1, &rows, 8, Some(&[0.05, 0.0]), &h, Some(&mut out)).unwrap();
+        assert!((at(&out, "paper", 1) - 0.5 * (-0.5f64 * 0.1).exp()).abs() < 1e-15);
+        assert!(at(&out, "paper", 0).is_finite());
     }
 }

@@ -8,7 +8,8 @@ torch optimizer inside accelerate's wrapper). The groups are found at the first 
 the model's main input (``model.main_input_name``, e.g. ``input_ids``: the Trainer calls models
 with keyword arguments), unless ``symmetries=`` is given. Any optimizer other than
 torch.optim.SGD is measured through its applied update (docs/tracking.md): ``exact`` is
-bookkeeping of the update, ``paper`` NaN, and the effective learning rate of scale groups is
+bookkeeping of the update, ``paper`` the paper's form applied to it (docs/theory.md §5.5), and
+the effective learning rate of scale groups is
 η/|θ_A| (docs/theory.md §5.4).
 
 Logging goes through ``on_log``, at the Trainer's ``logging_steps``: the scalars of the newest

@@ -4,7 +4,8 @@
   everything the theories need about the step (docs/theory.md §5.3), so nothing is copied.
 - ``UpdatePath`` (any other optimizer): θ_n is copied before the step (one copy of the tracked
   parameters, plus a temporary of the same size after it) and the applied update is measured
-  after it; the exact column is then bookkeeping and the paper column NaN.
+  after it; the exact column is then bookkeeping, the paper column the paper's first-order form
+  driven by the measured update (docs/theory.md §5.5).
 
 A measured step crosses into Rust twice: the reducer's one call (the fused sums of every
 reduction), then ``_native.TrackerCore.step_*``, which sums rows into parts, columns and
@@ -174,7 +175,7 @@ class UpdatePath(_Path):
 
     def _process(self, pending: Pending, hyper: list[ParamGroupHyper], step: int) -> None:
         main, extra = pending.result()
-        self._record(step, lambda row: self.core.step_update(main, extra, hyper, row))
+        self._record(step, lambda row: self.core.step_update(main, extra, hyper, row, step=step))
 
 
 def _zeros(p: Any) -> Any:

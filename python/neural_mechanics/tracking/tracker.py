@@ -150,7 +150,8 @@ class Tracker:
         view = self._dist.view if self._dist is not None else (lambda r: r.view)
         reads = Reads(plan.reductions, plan.names, plan.params, plan.translation_reductions, view)
         reducer = choose([plan.params[n] for n in plan.names], self._reducer_kind)
-        core = _native.TrackerCore(plan.native_arrays(), sgd=self._sgd, every=self.every)
+        decoupled, beta1 = update_rule(self.optimizer)
+        core = _native.TrackerCore(plan.native_arrays(), sgd=self._sgd, every=self.every, decoupled=decoupled, beta1=beta1)
         info = GroupInfo.from_groups(kept, plan.group_size, _layer_labels(self.model, {str(g.layer) for g in kept}))
         run = self._run = Run(
             groups=info,
@@ -204,10 +205,13 @@ class Tracker:
                 "parts in param_groups with different hyperparameters: no closed form (docs/theory.md §5.3); exact sums per-part ledgers"
             )
         if not self._sgd:
+            decoupled, _ = update_rule(self.optimizer)
+            decay = "decoupled weight decay taken out of it" if decoupled else "coupled weight decay left in it"
             for g in plan.groups:
-                run.paper_notes[(g.symmetry, g.layer)] = (
-                    f"closed forms hold for torch.optim.SGD only; {type(self.optimizer).__name__}: "
-                    "exact is bookkeeping of the measured update (see theory.equilibrium_*)"
+                run.paper_notes.setdefault(
+                    (g.symmetry, g.layer),
+                    f"{PAPER_FORM_LABEL} ({type(self.optimizer).__name__}, {decay}; docs/theory.md §5.5); "
+                    "exact is bookkeeping of the measured update",
                 )
         elif any(g.get("nesterov", False) for g in self.optimizer.param_groups):
             for g in plan.groups:
@@ -353,6 +357,28 @@ def _coverage(named: dict[str, Any], kept: list[Any], skipped: dict[str, str]) -
             reason = skipped.get(n) or dropped.get(n) or "no tracked symmetry group contains it"
             uncovered[n] = [int(p.numel()), reason]
     return {"parameters": len(trainable), "entries": int(sum(int(p.numel()) for p in trainable.values())), "uncovered": uncovered}
+
+
+#: How summary() labels the paper column of an optimizer other than torch.optim.SGD.
+PAPER_FORM_LABEL = "the paper's form applied to the optimizer's update"
+
+
+def update_rule(optimizer: Any) -> tuple[bool, float]:
+    """(decoupled, beta1) of an optimizer other than torch.optim.SGD (docs/theory.md §5.5):
+    whether its weight decay is decoupled (θ ← (1 − ηλ)θ − ηu: torch.optim.AdamW, and Adam,
+    NAdam, RAdam with ``decoupled_weight_decay=True``) rather than added to the gradient, and
+    its first-moment β1 (``betas[0]``; 0 without betas). Read from the first param_group at
+    set-up."""
+    import torch
+
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+    betas = group.get("betas")
+    try:
+        beta1 = float(betas[0]) if betas is not None else 0.0
+    except (TypeError, ValueError, IndexError):
+        beta1 = 0.0
+    return decoupled, beta1 if 0.0 <= beta1 < 1.0 else 0.0
 
 
 def _plain_hyper(param_group: dict[str, Any]) -> dict[str, Any]:
