@@ -11,7 +11,7 @@ import pytest
 from neural_mechanics import _native
 from neural_mechanics.errors import InvalidArgumentError, RunFormatError, UnknownColumnError
 from neural_mechanics.run import COLUMNS, HYPER_COLUMNS, LAYER_FIELDS, GroupInfo, Run, load_run
-from neural_mechanics.storage import LR_CHANGE
+from neural_mechanics.storage import LR_CHANGE, PER_GROUP_RATES
 
 # Groups of three layers, interleaved (not layer by layer), so the aggregates must gather.
 SYMMETRY = np.array(["scale", "rescale", "scale", "translation", "rescale", "scale", "translation"], dtype=object)
@@ -59,8 +59,10 @@ def test_per_layer_aggregates_are_the_layer_sums_maxima_and_first_values():
                 np.testing.assert_array_equal(got[c], want[:, 0])
             elif c == "residual":
                 np.testing.assert_array_equal(got[c], np.fmax.reduce(want, axis=1))
-            else:
-                np.testing.assert_allclose(got[c], want.sum(axis=1), rtol=1e-15, atol=0)
+            elif c in PER_GROUP_RATES:
+                np.testing.assert_allclose(got[c], want.mean(axis=1), rtol=1e-13, atol=1e-15)
+            else:  # a sum in another order: rounding up to ~1e-15 of the terms' size
+                np.testing.assert_allclose(got[c], want.sum(axis=1), rtol=1e-13, atol=1e-15 * np.nanmax(np.abs(want).sum(axis=1)))
         residual = run.array("residual")[:, mask]
         assert got["residual_groups"].tolist() == np.isfinite(residual).sum(axis=1).tolist()
         # The error fields bound Run.errors() from above (they divide by the magnitude so far).
@@ -158,7 +160,8 @@ def test_compression_gives_every_bit_back_and_shrinks_the_file(tmp_path):
     for c in COLUMNS:
         a, b = run.array(c), back.array(c)
         assert a.tobytes() == b.tobytes(), c  # bit for bit, NaNs included
-    raw = 401 * (len(COLUMNS) * len(SYMMETRY) * 8 + 16)
+    pairs = len(set(zip(SYMMETRY, LAYER)))
+    raw = 401 * ((len(COLUMNS) * len(SYMMETRY) + len(LAYER_FIELDS) * pairs) * 8 + 16)  # rows and aggregates
     assert os.path.getsize(path) < raw  # even random-normal test columns shrink (hyperparameters, NaN)
     assert _native.RUN_FORMAT_VERSION == 2
 

@@ -33,12 +33,18 @@ from .errors import InvalidArgumentError
 LR_CHANGE = 0.1
 
 
+#: Per-group rates (docs/theory.md §5.6) that a sum over a layer would not mean anything for: a
+#: layer's value is their mean over its groups that have one (scale groups; NaN elsewhere).
+PER_GROUP_RATES = ("effective_lr", "angular_update", "effective_lr_eq", "angular_update_eq")
+
+
 def layer_fields(columns: tuple[str, ...], hyper: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """(field, how) for every per-layer aggregate, in order: one per row column (hyperparameters:
-    the layer's first group's value; ``residual``: the largest; any other column: the sum over
+    the layer's first group's value; ``residual``: the largest; the per-group rates of
+    :data:`PER_GROUP_RATES`: their mean over the groups that have one; any other column: the sum over
     the layer's groups), then the derived fields. Built from the columns, so that a column added
     to the row (src/tracking/mod.rs ROW_FIELDS) is aggregated (summed) without a change here."""
-    fields = [(c, "first" if c in hyper else "max" if c == "residual" else "sum") for c in columns]
+    fields = [(c, "first" if c in hyper else "max" if c == "residual" else "mean" if c in PER_GROUP_RATES else "sum") for c in columns]
     fields += [
         ("magnitude_max", "max"),  # the largest group magnitude in the layer
         ("residual_groups", "count"),  # groups whose residual is finite (they had a gradient)
@@ -79,6 +85,7 @@ class LayerAggregator:
         self.fields = layer_fields(columns, hyper)
         col = {c: j for j, c in enumerate(columns)}
         self._hyper = np.array([col[c] for c in hyper], dtype=np.int64)
+        self._means = [c for c, how in self.fields if how == "mean"]
         self._col = col
         self._n_columns = len(columns)
         fid = {f: i for i, (f, _) in enumerate(self.fields)}
@@ -96,6 +103,10 @@ class LayerAggregator:
         with np.errstate(invalid="ignore"):
             out[: self._n_columns] = np.add.reduceat(r, starts, axis=1)
             out[self._hyper] = r[self._hyper][:, starts]
+            for c in self._means:
+                values = r[col[c]]
+                finite = np.isfinite(values)
+                out[fid[c]] = np.add.reduceat(np.where(finite, values, 0.0), starts) / np.add.reduceat(finite, starts)
             residual = r[col["residual"]]
             out[fid["residual"]] = np.fmax.reduceat(residual, starts)
             out[fid["residual_groups"]] = np.add.reduceat(np.isfinite(residual), starts)
