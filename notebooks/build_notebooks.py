@@ -394,10 +394,10 @@ report_transformer.transformer_figure(run)"""
         new_markdown_cell(
             "## AdamW: what the charges do, and what is not a theory\n\n"
             "The transformer's usual optimizer. The symmetries still hold (the verdicts' residuals are float32 "
-            "rounding), but no closed form predicts the charges here: `exact` re-adds the measured update, a bookkeeping "
-            "check (verdict `bookkeeping only`), and `paper` is NaN unless the tracker applies the paper's form to the "
-            "optimizer's update. `models_gpt.train_gpt` is the demo's training function (recipe, tracking, losses, a "
-            "sample of text, the panels)."
+            "rounding). `exact` re-adds the measured update, a bookkeeping check, not a theory; `paper` is the paper's "
+            "first-order form driven by AdamW's own update (docs/theory.md §5.5), and the `breaking` column shows how "
+            "far Adam's preconditioner breaks the symmetry that form assumes. `models_gpt.train_gpt` is the demo's "
+            "training function (recipe, tracking, losses, a sample of text, the panels)."
         ),
         new_code_cell(
             """\
