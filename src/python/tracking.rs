@@ -2,6 +2,7 @@
 
 use crate::error::Error;
 use crate::tracking::plan::{PlanArrays, FIELDS, FIELD_NAMES};
+use crate::tracking::snapshot::Snapshot;
 use crate::tracking::tracker::FinalRow;
 use crate::tracking::{ParamGroupHyper, Plan, StepReport, Tracker, ROW_FIELDS};
 use numpy::ndarray::Array2;
@@ -110,7 +111,7 @@ fn report(r: StepReport) -> Report {
     (r.time, r.notes, r.regimes)
 }
 
-/// TrackerCore(plan, *, sgd, every): one run's per-step state (clock, held drive, theory
+/// TrackerCore(plan, *, sgd, every, strict=False): one run's per-step state (clock, held drive, theory
 /// streams) and the one call per optimizer step that turns the fused sums into the run's row.
 /// See crate::tracking and docs/architecture.md ("Data flow of one tracked step").
 #[pyclass(module = "neural_mechanics._native", name = "TrackerCore")]
@@ -121,9 +122,33 @@ struct TrackerCore {
 #[pymethods]
 impl TrackerCore {
     #[new]
-    #[pyo3(signature = (plan, *, sgd, every))]
-    fn new(plan: PyPlan<'_>, sgd: bool, every: usize) -> PyResult<Self> {
-        Ok(TrackerCore { inner: Tracker::new(Plan::new(plan.arrays())?, sgd, every.max(1)) })
+    #[pyo3(signature = (plan, *, sgd, every, strict = false))]
+    fn new(plan: PyPlan<'_>, sgd: bool, every: usize, strict: bool) -> PyResult<Self> {
+        let mut inner = Tracker::new(Plan::new(plan.arrays())?, sgd, every.max(1));
+        inner.set_strict(strict);
+        Ok(TrackerCore { inner })
+    }
+
+    /// lose(step, hyper): a step the tracker could not measure (the caller notes why): the
+    /// clock moves; paper and exact are NaN until they restart at the next good step.
+    fn lose(&mut self, step: usize, hyper: Vec<PyHyper>) -> PyResult<()> {
+        Ok(self.inner.lose(step, &hypers(&hyper))?)
+    }
+
+    /// export_state() -> dict[str, ndarray]: the state between two steps as named float64
+    /// arrays (crate::tracking::snapshot), for `Tracker.state_dict()`.
+    fn export_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (key, values) in self.inner.export().0 {
+            out.set_item(key, values.into_pyarray(py))?;
+        }
+        Ok(out)
+    }
+
+    /// import_state(state): continue from `export_state()` of a tracker with the same plan; a
+    /// state of another plan, version or shape is an error that leaves this one as it was.
+    fn import_state(&mut self, state: std::collections::BTreeMap<String, Vec<f64>>) -> PyResult<()> {
+        Ok(self.inner.import(&Snapshot(state))?)
     }
 
     /// step_sgd(step, rows, extra, hyper, out=None) -> (time, notes, regimes): one measured

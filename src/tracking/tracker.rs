@@ -14,7 +14,8 @@
 
 use super::algebra::{self, sgd_part, update_part};
 use super::lanes::{Exact, Lanes};
-use super::plan::{field, Plan, Summed, FIELDS};
+use super::plan::{field, Plan, Summed, FIELDS, FIELD_NAMES};
+use super::snapshot::Snapshot;
 use super::ROW_FIELDS;
 use crate::error::{Error, Result};
 use crate::theory::ledger::LedgerState;
@@ -89,6 +90,27 @@ pub struct Tracker {
     regimes_for: Option<Vec<ParamGroupHyper>>,
     /// The per-column sums of the last measured step (for inspection and tests).
     last_columns: Vec<[f64; FIELDS]>,
+    /// Non-finite sums are an error that leaves the state as it was (`on_error="raise"`);
+    /// otherwise that step's predictions are NaN and the theories restart (see `restart_after`).
+    strict: bool,
+    /// Some(step): the theories lost the run at that step (non-finite sums, or a step the
+    /// tracker could not measure): predictions are NaN until the next measured step with finite
+    /// sums, where every lane restarts from the measured charges.
+    restart_after: Option<usize>,
+    /// The step after the last one seen (every step crosses into the tracker once: measured,
+    /// skipped or lost), for the notes of `step_update`, which is not told its step.
+    next_step: usize,
+}
+
+/// The layout of [`Tracker::export`]: a checkpoint of another version is refused.
+const STATE_VERSION: f64 = 1.0;
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 fn take(values: &[f64], cols: &[usize]) -> Vec<f64> {
@@ -131,7 +153,79 @@ impl Tracker {
             held_drive: vec![0.0; columns],
             regimes_for: None,
             last_columns: Vec::new(),
+            strict: false,
+            restart_after: None,
+            next_step: 0,
         }
+    }
+
+    /// `on_error="raise"`: non-finite sums are an error (the state unchanged) instead of a note.
+    pub fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    /// A step the tracker could not measure (its error is the caller's note): the clock moves,
+    /// and the theories are NaN until they restart at the next measured step with finite sums.
+    pub fn lose(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<()> {
+        self.check(hyper, None)?;
+        self.next_step = step;
+        self.restart_after.get_or_insert(step);
+        self.advance_clock(hyper);
+        Ok(())
+    }
+
+    /// The first non-finite per-column sum, in words; None when all are finite.
+    fn non_finite(&self, summed: &Summed) -> Option<String> {
+        let bad = |c: &[f64; FIELDS]| c.iter().position(|v| !v.is_finite());
+        let first = summed.columns.iter().enumerate().find_map(|(c, v)| bad(v).map(|f| (c, f, v[f])))?;
+        let mut groups: Vec<usize> =
+            summed.columns.iter().enumerate().filter(|(_, v)| bad(v).is_some()).map(|(c, _)| self.plan.column_group[c]).collect();
+        groups.dedup();
+        let (c, f, v) = first;
+        Some(format!(
+            "non-finite sums in {} of {} groups (group {}: {} is {v}; a NaN/Inf gradient or parameter)",
+            groups.len(),
+            self.plan.groups(),
+            self.plan.column_group[c],
+            FIELD_NAMES[f]
+        ))
+    }
+
+    /// A measured step whose sums are not finite: an error (strict, nothing moved), or its row
+    /// with NaN predictions, the clock moved and the theories held until they can restart.
+    fn non_finite_step(
+        &mut self,
+        step: usize,
+        why: String,
+        summed: &Summed,
+        hyper: &[ParamGroupHyper],
+        out: Option<&mut [f64]>,
+    ) -> Result<StepReport> {
+        if self.strict {
+            return Err(Error::NonFinite(format!("step {step}: {why}")));
+        }
+        let newly = self.restart_after.is_none();
+        self.restart_after.get_or_insert(step);
+        let mut report = self.record(summed, hyper, out);
+        if newly {
+            report.notes.push(format!(
+                "step {step}: {why}; paper and exact are NaN from this step and restart from the measured charges                  at the next step whose sums are finite"
+            ));
+        }
+        self.advance_clock(hyper);
+        Ok(report)
+    }
+
+    /// Start the theory streams at the first measured step, or restart them after a loss.
+    fn start_or_restart(&mut self, step: usize, summed: &Summed, has_buffer: bool, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
+        if self.streams.is_some() && self.restart_after.is_none() {
+            return Ok(Vec::new());
+        }
+        self.start_streams(summed, has_buffer, hyper)?;
+        Ok(match self.restart_after.take() {
+            Some(lost) => vec![format!("step {step}: paper and exact restart from the measured charges (lost at step {lost})")],
+            None => Vec::new(),
+        })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -193,6 +287,7 @@ impl Tracker {
         out: Option<&mut [f64]>,
     ) -> Result<StepReport> {
         self.check(hyper, out.as_deref())?;
+        self.next_step = step;
         if k != 5 && k != 8 {
             return Err(Error::Shape(format!("an SGD step needs the sums of (θ, ĝ) or (θ, ĝ, b): 5 or 8 per row, got {k}")));
         }
@@ -201,15 +296,25 @@ impl Tracker {
         let plan = &self.plan;
         let summed = plan
             .sum(rows, k, buffer_sums.as_deref(), |c, kind, s, bs| sgd_part(kind, s, bs, has_buffer, &hyper[plan.column_param_group[c]]))?;
-        if self.streams.is_none() {
-            self.start_streams(&summed, has_buffer, hyper)?;
+        if let Some(why) = self.non_finite(&summed) {
+            return self.non_finite_step(step, why, &summed, hyper, out);
         }
+        let restarted = self.start_or_restart(step, &summed, has_buffer, hyper)?;
         let mut report = self.record(&summed, hyper, out);
         self.held_drive = summed.columns.iter().map(|c| c[field::DRIVE]).collect();
-        report.notes = self.advance_paper(step, hyper)?;
+        report.notes = restarted;
+        report.notes.extend(self.advance_paper(step, hyper)?);
         if self.exact == ExactMode::Ledger {
             let lane_hyper = self.lane_hyper(hyper);
-            self.streams.as_mut().expect("started above").advance_ledger(&summed.columns, &lane_hyper)?;
+            if let Err(err) = self.streams.as_mut().expect("started above").advance_ledger(&summed.columns, &lane_hyper) {
+                // A lane may have moved before another failed: every lane restarts at the next
+                // good step. Strict: the clock stays, so a retried step counts once.
+                self.restart_after = Some(step);
+                if self.strict {
+                    return Err(err);
+                }
+                report.notes.push(format!("step {step}: the exact ledger failed ({err}); paper and exact restart at the next good step"));
+            }
         }
         self.advance_clock(hyper);
         self.last_columns = summed.columns;
@@ -235,10 +340,13 @@ impl Tracker {
         let plan = &self.plan;
         let summed =
             plan.sum(rows, k, Some(&update_sums), |c, kind, s, ds| update_part(kind, s, ds, hyper[plan.column_param_group[c]].lr))?;
-        if self.streams.is_none() {
-            self.start_streams(&summed, false, hyper)?;
+        let step = self.next_step; // step_update is not told its step: every step crosses here once
+        if let Some(why) = self.non_finite(&summed) {
+            return self.non_finite_step(step, why, &summed, hyper, out);
         }
-        let report = self.record(&summed, hyper, out);
+        let restarted = self.start_or_restart(step, &summed, false, hyper)?;
+        let mut report = self.record(&summed, hyper, out);
+        report.notes = restarted;
         if self.exact == ExactMode::Measured {
             self.streams.as_mut().expect("started above").advance_measured(&summed.columns)?;
         }
@@ -251,9 +359,150 @@ impl Tracker {
     /// the last measured drive. Returns notes (a closed form that stopped).
     pub fn skip(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
         self.check(hyper, None)?;
+        self.next_step = step;
         let notes = self.advance_paper(step, hyper)?;
         self.advance_clock(hyper);
         Ok(notes)
+    }
+
+    /// The run's state between two steps as named arrays (a checkpoint: [`Tracker::import`]
+    /// continues it bit for bit). A lane field added later: one `put` here, one `get` there.
+    pub fn export(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.put_scalar("version", STATE_VERSION);
+        s.put("plan", self.fingerprint());
+        s.put("clock", self.clock.clone());
+        s.put("held_drive", self.held_drive.clone());
+        s.put_scalar("next_step", self.next_step as f64);
+        s.put("restart_after", self.restart_after.map(|n| vec![n as f64]).unwrap_or_default());
+        if let Some(hyper) = &self.regimes_for {
+            let flat = hyper.iter().flat_map(|h| [h.lr, h.momentum, h.dampening, h.weight_decay, flag(h.nesterov)]).collect();
+            s.put("regimes_for", flat);
+        }
+        s.put_scalar("streams", flag(self.streams.is_some()));
+        for (i, (exact, paper)) in self.streams.iter().flat_map(Lanes::states).enumerate() {
+            let key = |name: &str| format!("lane.{i}.{name}");
+            match exact {
+                Exact::None => s.put_scalar(key("exact"), 0.0),
+                Exact::Ledger(l) => {
+                    s.put_scalar(key("exact"), 1.0);
+                    s.put(key("ledger.y"), l.y().to_vec());
+                    s.put(key("ledger.m"), l.buffer_dot().to_vec());
+                    s.put_scalar(key("ledger.has_buffer"), flag(l.has_buffer()));
+                    s.put_scalar(key("ledger.steps"), l.steps() as f64);
+                }
+                Exact::Measured(y) => {
+                    s.put_scalar(key("exact"), 2.0);
+                    s.put(key("measured.y"), y.clone());
+                }
+            }
+            s.put_scalar(key("paper"), flag(paper.is_some()));
+            if let Some(p) = paper {
+                s.put(key("paper.y"), p.y().to_vec());
+                s.put(key("paper.ydot"), p.ydot().to_vec());
+                s.put_scalar(key("paper.steps"), p.steps() as f64);
+                s.put_scalar(key("paper.t"), p.time());
+                s.put_scalar(key("paper.momentum"), p.momentum().map_or(-1.0, flag));
+            }
+        }
+        s
+    }
+
+    /// Continue from an [`Tracker::export`] of a tracker with the same plan, optimizer kind and
+    /// `every`. Everything is read and checked first: a bad state is an error naming what is
+    /// wrong and leaves this tracker as it was.
+    pub fn import(&mut self, s: &Snapshot) -> Result<()> {
+        let bad = |what: String| Error::InvalidArgument(format!("tracker state: {what}"));
+        let version = s.scalar("version")?;
+        if version != STATE_VERSION {
+            return Err(bad(format!("version {version}, this tracker reads version {STATE_VERSION}")));
+        }
+        if s.get("plan")? != self.fingerprint().as_slice() {
+            return Err(bad(format!(
+                "it was saved by a tracker of another plan or optimizer (rows, parts, columns, groups, lanes, exact, paper: {:?}, here {:?})",
+                s.get("plan")?,
+                self.fingerprint()
+            )));
+        }
+        let clock = s.finite("clock", s.get("clock")?.len())?.to_vec();
+        let held_drive = s.finite("held_drive", self.plan.columns())?.to_vec();
+        let next_step = s.count("next_step")?;
+        let restart_after = match s.get("restart_after")?.len() {
+            0 => None,
+            _ => Some(s.count("restart_after")?),
+        };
+        let regimes_for = if s.has("regimes_for") {
+            let flat = s.get("regimes_for")?;
+            if flat.len() % 5 != 0 || flat.iter().any(|v| !v.is_finite()) {
+                return Err(bad("\"regimes_for\" must hold 5 finite values per param_group".into()));
+            }
+            Some(
+                flat.chunks_exact(5)
+                    .map(|h| ParamGroupHyper { lr: h[0], momentum: h[1], dampening: h[2], weight_decay: h[3], nesterov: h[4] != 0.0 })
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        let streams = if s.flag("streams")? { Some(self.import_lanes(s)?) } else { None };
+        (self.clock, self.held_drive, self.next_step, self.restart_after) = (clock, held_drive, next_step, restart_after);
+        (self.regimes_for, self.streams) = (regimes_for, streams);
+        self.last_columns.clear();
+        Ok(())
+    }
+
+    fn import_lanes(&self, s: &Snapshot) -> Result<Lanes> {
+        let mut lanes = Lanes::new(self.plan.column_group.clone(), self.plan.groups())?;
+        for (i, spec) in self.lanes.iter().enumerate() {
+            let key = |name: &str| format!("lane.{i}.{name}");
+            let n = spec.cols.len();
+            let exact = match s.scalar(&key("exact"))? {
+                0.0 => Exact::None,
+                1.0 => Exact::Ledger(LedgerState::from_parts(
+                    spec.kind,
+                    s.finite(&key("ledger.y"), n)?,
+                    s.finite(&key("ledger.m"), n)?,
+                    s.flag(&key("ledger.has_buffer"))?,
+                    s.count(&key("ledger.steps"))?,
+                )?),
+                2.0 => Exact::Measured(s.finite(&key("measured.y"), n)?.to_vec()),
+                v => return Err(Error::InvalidArgument(format!("tracker state: {:?} is {v}, not 0, 1 or 2", key("exact")))),
+            };
+            let paper = if s.flag(&key("paper"))? {
+                let m = spec.paper_cols.len();
+                let momentum = match s.scalar(&key("paper.momentum"))? {
+                    -1.0 => None,
+                    v => Some(v == 1.0),
+                };
+                Some(PaperState::from_parts(
+                    spec.kind,
+                    s.finite(&key("paper.y"), m)?,
+                    s.finite(&key("paper.ydot"), m)?,
+                    s.count(&key("paper.steps"))?,
+                    s.scalar(&key("paper.t"))?,
+                    momentum,
+                )?)
+            } else {
+                None
+            };
+            lanes.add(spec.kind, spec.cols.clone(), spec.paper_cols.clone(), exact, paper)?;
+        }
+        Ok(lanes)
+    }
+
+    /// What a state must match: the plan's shape, its lanes, and the kind of theories.
+    fn fingerprint(&self) -> Vec<f64> {
+        let p = &self.plan;
+        let exact = match self.exact {
+            ExactMode::None => 0.0,
+            ExactMode::Ledger => 1.0,
+            ExactMode::Measured => 2.0,
+        };
+        [p.rows(), p.parts(), p.columns(), p.groups(), self.lanes.len()]
+            .iter()
+            .map(|&n| n as f64)
+            .chain([exact, flag(self.paper)])
+            .collect()
     }
 
     /// The charges of the parameters now, from `rows` (rows × 2: Σθ, Σθ² per row), with the
@@ -265,7 +514,7 @@ impl Tracker {
             v[field::CHARGE] = if kind == Kind::Translation { s[0] } else { s[1] };
             v
         })?;
-        let (paper, exact) = streams.predictions();
+        let (paper, exact) = self.predictions(streams);
         Ok(Some(FinalRow {
             time: self.time(),
             measured: summed.groups.iter().map(|g| g[field::CHARGE]).collect(),
@@ -316,7 +565,7 @@ impl Tracker {
         let (Some(out), Some(streams)) = (out, &self.streams) else { return report };
         let plan = &self.plan;
         let groups = plan.groups();
-        let (paper, exact) = streams.predictions();
+        let (paper, exact) = self.predictions(streams);
         let mut rows = out.chunks_exact_mut(groups.max(1));
         let mut next = || rows.next().unwrap_or_default();
         let [lr, momentum, dampening, weight_decay, measured, paper_row, exact_row, grad_sq, update_sq, flux, update_sum, magnitude, residual] =
@@ -338,6 +587,15 @@ impl Tracker {
             residual[g] = plan.residual(g, values[field::FLUX], u);
         }
         report
+    }
+
+    /// The streams' (paper, exact) per group; NaN while the theories wait to restart.
+    fn predictions(&self, streams: &Lanes) -> (Vec<f64>, Vec<f64>) {
+        if self.restart_after.is_some() {
+            let nan = vec![f64::NAN; self.plan.groups()];
+            return (nan.clone(), nan);
+        }
+        streams.predictions()
     }
 
     /// (symmetry, regime) of every lane's hyperparameters (the last lane of a kind wins), when
@@ -364,6 +622,9 @@ impl Tracker {
     fn advance_paper(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
         let lane_hyper = self.lane_hyper(hyper);
         let Some(streams) = &mut self.streams else { return Ok(Vec::new()) };
+        if self.restart_after.is_some() {
+            return Ok(Vec::new()); // lost: the streams restart from the next good step's charges
+        }
         let failed = streams.advance_paper(&self.held_drive, &lane_hyper)?;
         Ok(failed
             .into_iter()
@@ -376,6 +637,7 @@ impl Tracker {
 
     /// t_{n+1} = t_n + η_n(1 − d_n) per param_group (PyTorch ignores dampening without momentum).
     fn advance_clock(&mut self, hyper: &[ParamGroupHyper]) {
+        self.next_step += 1;
         if self.clock.len() < hyper.len() {
             self.clock.resize(hyper.len(), 0.0); // optimizer.add_param_group() during training
         }
