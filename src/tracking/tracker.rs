@@ -711,6 +711,74 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_sums_hold_the_theories_then_restart_them() {
+        let mut t = Tracker::new(plan(), true, 1);
+        let h = [sgd(0.1, 0.0)];
+        let rows = [1.0, 2.0, 0.1, 0.5, 0.0, -1.0, 3.0, 0.2, 0.5, 0.0, 0.5, 1.0, 0.0, 0.3, 0.1];
+        t.step_sgd(0, &rows, 5, None, &h, None).unwrap();
+        let mut bad = rows;
+        bad[3] = f64::NAN; // |ĝ|² of row 0
+        let mut out = vec![0.0; 13 * 2];
+        let report = t.step_sgd(1, &bad, 5, None, &h, Some(&mut out)).unwrap();
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+        assert!(report.notes[0].starts_with("step 1: non-finite sums in 1 of 2 groups (group 0: grad_sq is NaN"));
+        let exact = ROW_FIELDS.iter().position(|f| *f == "exact").unwrap();
+        assert!(out[exact * 2].is_nan() && out[exact * 2 + 1].is_nan());
+        assert!((t.time() - 0.2).abs() < 1e-15, "the clock moves: the optimizer took the step");
+        // Still lost: no second note; then finite sums restart every lane from the measured charges.
+        assert!(t.step_sgd(2, &bad, 5, None, &h, None).unwrap().notes.is_empty());
+        let report = t.step_sgd(3, &rows, 5, None, &h, Some(&mut out)).unwrap();
+        assert_eq!(report.notes, vec!["step 3: paper and exact restart from the measured charges (lost at step 1)".to_string()]);
+        assert_eq!((out[exact * 2], out[exact * 2 + 1]), (5.0, 0.5));
+        // Strict: an error, and nothing moved.
+        let mut strict = Tracker::new(plan(), true, 1);
+        strict.set_strict(true);
+        strict.step_sgd(0, &rows, 5, None, &h, None).unwrap();
+        let before = strict.export();
+        assert!(matches!(strict.step_sgd(1, &bad, 5, None, &h, None), Err(Error::NonFinite(_))));
+        assert_eq!(strict.export(), before);
+        // A lost step: the clock moves, predictions are NaN until the next good step.
+        strict.lose(1, &h).unwrap();
+        assert!(strict.final_row(&[1.0, 2.0, -1.0, 3.0, 0.5, 1.0], 2).unwrap().unwrap().exact[0].is_nan());
+        assert!((strict.time() - 0.2).abs() < 1e-15);
+    }
+
+    #[test]
+    fn an_exported_state_continues_bit_for_bit_and_a_foreign_one_is_refused() {
+        let rows = |n: usize| -> Vec<f64> { (0..24).map(|i| 0.5 + ((i * 7 + n * 3) % 11) as f64 * 0.1).collect() };
+        let hyper = |n: usize| [sgd(0.1 / (1.0 + n as f64), if (3..5).contains(&n) { 0.0 } else { 0.9 })];
+        let run = |t: &mut Tracker, range: std::ops::Range<usize>| -> Vec<f64> {
+            let mut last = vec![0.0; 26];
+            for n in range {
+                let k = if n == 0 { 5 } else { 8 };
+                t.step_sgd(n, &rows(n)[..3 * k], k, (k == 8).then_some(&[0.3, 0.2][..]), &hyper(n), Some(&mut last)).unwrap();
+            }
+            last
+        };
+        let mut whole = Tracker::new(plan(), true, 1);
+        let expected = run(&mut whole, 0..8);
+        let mut first = Tracker::new(plan(), true, 1);
+        run(&mut first, 0..4);
+        let state = first.export();
+        let mut resumed = Tracker::new(plan(), true, 1);
+        resumed.import(&state).unwrap();
+        assert_eq!(resumed.export(), state);
+        let got = run(&mut resumed, 4..8);
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(resumed.time().to_bits(), whole.time().to_bits());
+        // Another kind of tracker, a missing entry, a bad value: refused, nothing moved.
+        let mut other = Tracker::new(plan(), false, 1);
+        assert!(other.import(&state).unwrap_err().to_string().contains("another plan"));
+        let mut broken = state.clone();
+        broken.0.remove("lane.0.ledger.m");
+        assert!(resumed.import(&broken).unwrap_err().to_string().contains("\"lane.0.ledger.m\" is missing"));
+        broken = state.clone();
+        broken.put("clock", vec![f64::NAN]);
+        assert!(resumed.import(&broken).is_err());
+        assert_eq!(resumed.export().0["clock"], whole.export().0["clock"]);
+    }
+
+    #[test]
     fn bad_input_is_an_error_and_leaves_the_state() {
         let mut t = Tracker::new(plan(), false, 1);
         let h = [sgd(0.1, 0.0)];
