@@ -251,10 +251,14 @@ class UpdatePath(_Path):
 
     _snapshot: dict[str, Any] | None = None
 
-    # Set by the tracker for optimizer.step(closure): the optimizer may run the closure again at
-    # moved parameters (LBFGS), so ĝ_n is kept as the first closure left it.
-    keep_grads = False
+    # ĝ_n, kept when the optimizer runs its closure a second time within one step (LBFGS
+    # evaluates it at moved parameters); None otherwise: p.grad is still ĝ_n after the step.
     _grads: dict[str, Any] | None = None
+
+    def keep_grads(self, step: int) -> None:
+        """Copy ĝ_n now, before the closure runs again (once per step; tracker.py calls it)."""
+        if self._grads is None and self._snapshot is not None:
+            self._grads = {n: self._grad(n, p, step).detach().clone() for n, p in self.plan.params.items()}
 
     def before_step(self, step: int) -> None:
         self.flush()
@@ -263,8 +267,6 @@ class UpdatePath(_Path):
             return
         try:
             self._snapshot = {name: p.detach().clone() for name, p in self.plan.params.items()}
-            if self.keep_grads:
-                self._grads = {n: self._grad(n, p, step).detach().clone() for n, p in self.plan.params.items()}
         except Exception as exc:
             if self.on_error == "raise":
                 raise

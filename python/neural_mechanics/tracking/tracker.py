@@ -103,7 +103,6 @@ class Tracker:
         self._closed = False
         self._closure_pending = False  # optimizer.step(closure): measured once the closure has run
         self._on_error = on_error
-        self._keep_grads = False  # optimizer.step(closure) seen: UpdatePath keeps ĝ_n (LBFGS)
         self._early_notes: list[str] = []  # notes from before the run exists (discovery pending)
         self._dtypes: list[Any] = []  # the tracked parameters' dtypes, to notice model.to(dtype)
         self._resume: dict[str, Any] | None = None  # load_state_dict() before discovery: applied at set-up
@@ -247,20 +246,21 @@ class Tracker:
         # torch hands the hook step's own arguments: (optimizer, closure?), {closure?}
         closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if not callable(closure):
-            self._before_step()
+            self._safely(self._before_step)
             return None
         # optimizer.step(closure) (Lightning, closure-style loops): the gradient of this step
         # exists only once the optimizer has run the closure, so measure right after its first
         # call, before the update (a pre-hook may hand the optimizer new arguments).
         self._closure_pending = True
-        if isinstance(self._path, UpdatePath) or self._path is None:
-            self._keep_grads = True  # the optimizer may run the closure again at moved parameters (LBFGS)
 
         def closure_then_measure() -> Any:
+            if not self._closure_pending and isinstance(self._path, UpdatePath):
+                # Called again (LBFGS evaluates at moved parameters): keep ĝ_n as the first call left it.
+                self._path.keep_grads(self._step)
             loss = closure()
             if self._closure_pending:
                 self._closure_pending = False
-                self._before_step()
+                self._safely(self._before_step)
             return loss
 
         if "closure" in kwargs:
@@ -281,8 +281,6 @@ class Tracker:
                 log.warning("neural_mechanics.track: %s; the step goes ahead untracked", message)
                 self._early_notes.append(message + "; the steps before discovery went untracked")
             return
-        if isinstance(self._path, UpdatePath) and self._keep_grads:
-            self._path.keep_grads = True
         self._check_dtypes()
         self._path.before_step(self._step)
 
@@ -300,15 +298,31 @@ class Tracker:
         _note_low_precision(self._run, params, f"from step {self._step}: ")
         self._dtypes = [p.dtype for p in params.values()]
 
+    def _safely(self, work: Any) -> None:
+        """Run a hook's work; under on_error="note" an exception the paths did not handle
+        themselves is noted (the step goes ahead) rather than raised into the training loop."""
+        try:
+            work()
+        except Exception as exc:
+            if self._on_error == "raise" or self._path is None:
+                raise
+            self._path._note_failure(self._step, "tracking the step", exc)
+
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._path is None:
             return
+        try:
+            self._after_step()
+        finally:
+            self._step += 1
+
+    def _after_step(self) -> None:
+        assert self._path is not None
         if self._closure_pending:  # an optimizer that never called its closure: the step went unmeasured
             self._closure_pending = False
             if self._run is not None:
                 self._run.notes.append(f"step {self._step}: optimizer.step(closure) never called the closure; the step was not measured")
-        self._path.after_step(self._step)
-        self._step += 1
+        self._safely(lambda: self._path.after_step(self._step))  # type: ignore[union-attr]
 
     # -- checkpoints (tracking/resume.py, docs/tracking.md "Resuming a run") -----------------
     def state_dict(self, rows: bool = True) -> dict[str, Any]:
