@@ -16,7 +16,6 @@ import neural_mechanics as nm
 from neural_mechanics import _native, theory
 from neural_mechanics.errors import (
     DeviceError,
-    DTypeError,
     InvalidArgumentError,
     ShapeError,
 )

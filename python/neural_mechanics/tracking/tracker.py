@@ -322,7 +322,8 @@ class Tracker:
             self._closure_pending = False
             if self._run is not None:
                 self._run.notes.append(f"step {self._step}: optimizer.step(closure) never called the closure; the step was not measured")
-        self._safely(lambda: self._path.after_step(self._step))  # type: ignore[union-attr]
+        path = self._path
+        self._safely(lambda: path.after_step(self._step))
 
     # -- checkpoints (tracking/resume.py, docs/tracking.md "Resuming a run") -----------------
     def state_dict(self, rows: bool = True) -> dict[str, Any]:
