@@ -70,13 +70,13 @@ class _Path:
         self._failures: dict[str, list[int]] = {}  # a failure's text -> [times seen, last step]
 
     # -- failures: noted (the default) or raised; never a changed step ----------------------
-    def failed(self, step: int, what: str, exc: BaseException) -> None:
+    def failed(self, step: int, what: str, exc: BaseException, hyper: list[ParamGroupHyper] | None = None) -> None:
         """A failure of the tracker at ``step`` (raised under on_error="raise"): noted once per
         distinct failure; the core is told the step is lost."""
         if self.on_error == "raise":
             raise exc
         self._note_failure(step, what, exc)
-        self._lose(step)
+        self._lose(step, hyper)
 
     def _note_failure(self, step: int, what: str, exc: BaseException) -> None:
         key = f"{what} ({type(exc).__name__}: {exc})"
@@ -92,14 +92,15 @@ class _Path:
 
             logging.getLogger("neural_mechanics").warning("neural_mechanics.track: step %d: %s (noted in run.notes)", step, key)
 
-    def _lose(self, step: int) -> None:
-        """The core learns that ``step`` went unmeasured; a kept row is all NaN."""
+    def _lose(self, step: int, hyper: list[ParamGroupHyper] | None = None) -> None:
+        """The core learns that ``step`` went unmeasured (``hyper``: the step's, when read a
+        step late); a kept row is all NaN."""
         if self._recorded(step):
             row = self.run.reserve_row()
             row[...] = np.nan
             self._commit(step, self.core.time, row)
         try:
-            self.core.lose(step, read_hyper(self.optimizer))
+            self.core.lose(step, hyper if hyper is not None else read_hyper(self.optimizer))
         except Exception as exc:  # noqa: BLE001 - hyperparameters the core refuses: noted, clock held
             self._note_failure(step, "reading the hyperparameters", exc)
 
@@ -136,13 +137,15 @@ class _Path:
         """Rows are kept at the measured steps that are multiples of ``record_every``."""
         return step % math.lcm(self.every, self.record_every) == 0
 
-    def _record(self, step: int, measure: Callable[[np.ndarray | None], tuple[float, list[str], list[tuple[str, str]]]]) -> None:
+    def _record(
+        self, step: int, measure: Callable[[np.ndarray | None], tuple[float, list[str], list[tuple[str, str]]]], hyper: list[ParamGroupHyper] | None = None
+    ) -> None:
         """Run one native measured step, writing its row straight into the run if it is kept."""
         row = self.run.reserve_row() if self._recorded(step) else None
         try:
             time, notes, regimes = measure(row)
         except Exception as exc:
-            self.failed(step, "measuring the step", exc)  # the core refused it: unchanged
+            self.failed(step, "measuring the step", exc, hyper)  # the core refused it: unchanged
             return
         if row is not None:
             self._commit(step, time, row)
@@ -241,9 +244,9 @@ class SgdPath(_Path):
         try:
             main, extra = pending.result()
         except Exception as exc:
-            self.failed(step, "reading the step's sums", exc)
+            self.failed(step, "reading the step's sums", exc, hyper)
             return
-        self._record(step, lambda row: self.core.step_sgd(step, main, extra if has_buffer else None, hyper, row))
+        self._record(step, lambda row: self.core.step_sgd(step, main, extra if has_buffer else None, hyper, row), hyper)
 
 
 class UpdatePath(_Path):
@@ -294,7 +297,7 @@ class UpdatePath(_Path):
             ]
             pending = self.reducer.reduce_plan(self.reads, tensors, True)
         except Exception as exc:
-            self.failed(step, "measuring the applied update", exc)
+            self.failed(step, "measuring the applied update", exc, hyper)
             return
         self._defer(lambda: self._process(pending, hyper, step))
 
@@ -302,9 +305,9 @@ class UpdatePath(_Path):
         try:
             main, extra = pending.result()
         except Exception as exc:
-            self.failed(step, "reading the step's sums", exc)
+            self.failed(step, "reading the step's sums", exc, hyper)
             return
-        self._record(step, lambda row: self.core.step_update(main, extra, hyper, row))
+        self._record(step, lambda row: self.core.step_update(main, extra, hyper, row), hyper)
 
 
 def _zeros(p: Any) -> Any:
