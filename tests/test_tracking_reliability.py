@@ -122,6 +122,36 @@ def test_after_a_non_finite_step_the_theories_restart_and_stay_exact():
     assert np.isfinite(run.array("paper")[after][:, run.groups.symmetry == "scale"]).all()
 
 
+@pytest.mark.parametrize("on_error", ["note", "raise"])
+def test_a_non_finite_step_seen_a_step_late_keeps_clock_and_rows_in_step(on_error):
+    """The delayed reducer (reducer="torch": the device path, here on the CPU) reads a step's
+    sums at the next step: a NaN there is noted (or raised, once the step has been taken into
+    account) with the clock and the rows in step with training."""
+    (m, opt), (twin, twin_opt) = twins(SGD)
+    tracker = nm.track(m, opt, reducer="torch", on_error=on_error)
+    raised = []
+    for step in range(8):
+        for model, o in ((m, opt), (twin, twin_opt)):
+            backward(model, o, step)
+            if step == 3:
+                model[0].weight.grad[0, 0] = float("inf")  # θ becomes non-finite from here on
+            try:
+                o.step()
+            except NonFiniteError:
+                raised.append(step)
+                o.step()  # the loop retries
+    if on_error == "raise":
+        with pytest.raises(NonFiniteError):
+            tracker.close()  # the last step's sums are read at close
+        assert raised == [4, 5, 6, 7]  # each seen at the next step, before that step's update
+    else:
+        tracker.close()
+        assert same_parameters(m, twin) and not raised
+    run = tracker.run
+    assert run.step_index[:8].tolist() == list(range(8)), "a step recorded twice or lost"
+    np.testing.assert_allclose(tracker._path.core.time, 8 * 0.05, rtol=1e-12)  # the clock counted every step once
+
+
 def test_on_error_raise_refuses_the_step_before_the_update_and_a_retry_is_recorded_once():
     m = mlp()
     opt = SGD(m)

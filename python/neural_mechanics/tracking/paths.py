@@ -71,12 +71,13 @@ class _Path:
 
     # -- failures: noted (the default) or raised; never a changed step ----------------------
     def failed(self, step: int, what: str, exc: BaseException, hyper: list[ParamGroupHyper] | None = None) -> None:
-        """A failure of the tracker at ``step`` (raised under on_error="raise"): noted once per
-        distinct failure; the core is told the step is lost."""
+        """A failure of the tracker after the optimizer took ``step``: the core is told the step
+        is lost (so the clock and the theories stay in step with training), then the failure
+        is noted once per distinct failure, or raised under on_error="raise"."""
+        self._lose(step, hyper)
         if self.on_error == "raise":
             raise exc
         self._note_failure(step, what, exc)
-        self._lose(step, hyper)
 
     def _note_failure(self, step: int, what: str, exc: BaseException) -> None:
         key = f"{what} ({type(exc).__name__}: {exc})"
