@@ -90,7 +90,7 @@ def test_a_non_finite_gradient_is_noted_and_the_step_goes_ahead_untouched(make_o
     assert sorted(set(run.step_index[:-1].tolist())) == list(range(6))
     notes = [n for n in run.notes if n.startswith("step 3: non-finite sums")]
     assert notes, run.notes
-    assert "restart" in notes[0]
+    assert "restart" in notes[0] and "[non-finite now: 0.weight" in notes[0], notes[0]
     rows = run.step_index == 3
     assert not np.isfinite(run.array("grad_sq")[rows]).all()
     assert np.isnan(run.array("exact")[rows]).all() and np.isnan(run.array("paper")[rows]).all()

@@ -152,9 +152,24 @@ class _Path:
             self._commit(step, time, row)
         for kind, regime in regimes:
             self.run.note_regime(kind, regime)
+        if any(n.startswith(f"step {step}: non-finite sums") for n in notes):
+            notes = [n + self._non_finite_parameters() if n.startswith(f"step {step}: non-finite sums") else n for n in notes]
         self.run.notes.extend(notes)
         if row is not None and self.on_row is not None:
             self.on_row(step, time, row)
+
+    def _non_finite_parameters(self) -> str:
+        """Which tracked parameters (or their gradients) hold a NaN/Inf now: read only when a
+        step's sums were not finite, to name them in the note."""
+        import torch
+
+        bad = []
+        for name, p in self.plan.params.items():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                bad.append(f"{name} (gradient)")
+            elif not bool(torch.isfinite(p.detach()).all()):
+                bad.append(name)
+        return f" [non-finite now: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}]" if bad else ""
 
     def _skip(self, step: int, hyper: list[ParamGroupHyper]) -> None:
         self.run.notes.extend(self.core.skip(step, hyper))
