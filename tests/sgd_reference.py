@@ -77,7 +77,9 @@ def step_quantities(p: PartSums, momentum: Any, dampening: Any, weight_decay: An
     uu = np.where(no_mom, ww, np.where(plain, bb_new, ww + 2 * beta * wb_new + beta * beta * bb_new))
     tu = np.where(no_mom, tw, np.where(plain, tb_new, tw + beta * tb_new))
     su = np.where(no_mom, sw, np.where(plain, sb_new, sw + beta * sb_new))
-    e = np.where(nest, wb_new + beta * bb_new, np.where(plain, bb_new, 0.0))
+    # β = 0: torch keeps the old buffer; e = ⟨u_n, b_{n−1}⟩ lets the ledger follow ⟨θ, b⟩.
+    kept = 0.0 if p.bb is None else p.gb + lam * p.tb
+    e = np.where(nest, wb_new + beta * bb_new, np.where(plain, bb_new, kept))
     drive = np.where(no_mom, p.gg, bb_new)
     return StepQuantities(uu=uu, tu=tu, su=su, drive=drive, e=e)
 

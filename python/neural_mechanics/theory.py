@@ -326,9 +326,11 @@ def ledger(
     (translation): the breaking fluxes, zero for an exact symmetry. ``update_sq`` (steps,
     groups): |u_n|² of the applied update (rescale: side difference), required for
     scale/rescale. ``update_dot``: e_n = ⟨u_n, b_n⟩, required with ``nesterov=True``
-    (scale/rescale). ``buffer_dot0`` (groups,): ⟨θ_0, b_{−1}⟩ (translation ⟨1, b_{−1}⟩) when
-    the optimizer already held a buffer; None = PyTorch's first-step rule b_0 = ĝ_0 + λθ_0.
-    Steps with momentum 0 follow PyTorch (dampening ignored, buffer untouched).
+    (scale/rescale); at a step with momentum 0 after a buffer existed, ⟨u_n, b_{n−1}⟩, which
+    moves ⟨θ, b⟩ with θ under the buffer PyTorch keeps (docs/theory.md §5.3). ``buffer_dot0``
+    (groups,): ⟨θ_0, b_{−1}⟩ (translation ⟨1, b_{−1}⟩) when the optimizer already held a buffer;
+    None = PyTorch's first-step rule b_0 = ĝ_0 + λθ_0. Steps with momentum 0 follow PyTorch
+    (dampening ignored, buffer untouched).
     """
     kind = _kind(kind)
     y = _vec(y0, "y0")

@@ -2,6 +2,7 @@
 
 use crate::error::Error;
 use crate::tracking::plan::{PlanArrays, FIELDS, FIELD_NAMES};
+use crate::tracking::snapshot::Snapshot;
 use crate::tracking::tracker::FinalRow;
 use crate::tracking::{ParamGroupHyper, Plan, StepReport, Tracker, UpdateRule, ROW_FIELDS};
 use numpy::ndarray::Array2;
@@ -110,10 +111,11 @@ fn report(r: StepReport) -> Report {
     (r.time, r.notes, r.regimes)
 }
 
-/// TrackerCore(plan, *, sgd, every, decoupled=False, beta1=0.0): one run's per-step state
-/// (clock, held drive, theory streams) and the one call per optimizer step that turns the fused
-/// sums into the run's row. `decoupled`, `beta1`: how an optimizer other than torch.optim.SGD
-/// is read (its weight decay decoupled, as AdamW's; Adam's β1), docs/theory.md §5.5–§5.6.
+/// TrackerCore(plan, *, sgd, every, decoupled=False, beta1=0.0, strict=False): one run's per-step
+/// state (clock, held drive, theory streams) and the one call per optimizer step that turns the
+/// fused sums into the run's row. `decoupled`, `beta1`: how an optimizer other than
+/// torch.optim.SGD is read (its weight decay decoupled, as AdamW's; Adam's β1), docs/theory.md
+/// §5.5–§5.6. `strict`: non-finite sums raise instead of becoming a note (`on_error="raise"`).
 /// See crate::tracking and docs/architecture.md ("Data flow of one tracked step").
 #[pyclass(module = "neural_mechanics._native", name = "TrackerCore")]
 struct TrackerCore {
@@ -123,11 +125,34 @@ struct TrackerCore {
 #[pymethods]
 impl TrackerCore {
     #[new]
-    #[pyo3(signature = (plan, *, sgd, every, decoupled = false, beta1 = 0.0))]
-    fn new(plan: PyPlan<'_>, sgd: bool, every: usize, decoupled: bool, beta1: f64) -> PyResult<Self> {
+    #[pyo3(signature = (plan, *, sgd, every, decoupled = false, beta1 = 0.0, strict = false))]
+    fn new(plan: PyPlan<'_>, sgd: bool, every: usize, decoupled: bool, beta1: f64, strict: bool) -> PyResult<Self> {
         let mut inner = Tracker::new(Plan::new(plan.arrays())?, sgd, every.max(1));
         inner.set_update_rule(UpdateRule { decoupled, beta1 })?;
+        inner.set_strict(strict);
         Ok(TrackerCore { inner })
+    }
+
+    /// lose(step, hyper): a step the tracker could not measure (the caller notes why): the
+    /// clock moves; paper and exact are NaN until they restart at the next good step.
+    fn lose(&mut self, step: usize, hyper: Vec<PyHyper>) -> PyResult<()> {
+        Ok(self.inner.lose(step, &hypers(&hyper))?)
+    }
+
+    /// export_state() -> dict[str, ndarray]: the state between two steps as named float64
+    /// arrays (crate::tracking::snapshot), for `Tracker.state_dict()`.
+    fn export_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (key, values) in self.inner.export().0 {
+            out.set_item(key, values.into_pyarray(py))?;
+        }
+        Ok(out)
+    }
+
+    /// import_state(state): continue from `export_state()` of a tracker with the same plan; a
+    /// state of another plan, version or shape is an error that leaves this one as it was.
+    fn import_state(&mut self, state: std::collections::BTreeMap<String, Vec<f64>>) -> PyResult<()> {
+        Ok(self.inner.import(&Snapshot(state))?)
     }
 
     /// step_sgd(step, rows, extra, hyper, out=None) -> (time, notes, regimes): one measured
@@ -152,8 +177,8 @@ impl TrackerCore {
 
     /// step_update(rows, extra, hyper, out=None, *, step=0) -> (time, notes, regimes): one
     /// measured step of any other optimizer, from the sums of (θ_n, ĝ_n, θ_n − θ_{n+1});
-    /// `step` names the step in notes.
-    #[pyo3(signature = (rows, extra, hyper, out = None, *, step = 0))]
+    /// `step` names the step in notes (default: the last step the core saw).
+    #[pyo3(signature = (rows, extra, hyper, out = None, *, step = None))]
     fn step_update(
         &mut self,
         py: Python<'_>,
@@ -161,13 +186,14 @@ impl TrackerCore {
         extra: Option<PyReadonlyArray2<'_, f64>>,
         hyper: Vec<PyHyper>,
         mut out: Option<PyReadwriteArray2<'_, f64>>,
-        step: usize,
+        step: Option<usize>,
     ) -> PyResult<Report> {
         let (rows, k) = block(&rows, "rows")?;
         let extra = extra.as_ref().map(|e| block(e, "extra").map(|b| b.0)).transpose()?;
         let out = row(&mut out)?;
         let hyper = hypers(&hyper);
         let inner = &mut self.inner;
+        let step = step.unwrap_or_else(|| inner.next_step());
         Ok(report(py.detach(|| inner.step_update(step, rows, k, extra, &hyper, out))?))
     }
 

@@ -16,10 +16,11 @@
 //! one state variable m carried between steps is ⟨θ_{n+1}, b_n⟩ (⟨1, b_n⟩ for translation),
 //! which is also what `buffer_dot0` gives when tracking starts on an existing buffer.
 //!
-//! A step with β = 0 leaves PyTorch's buffer untouched (it is neither read nor written), so m is
-//! kept as is; a later step with β > 0 then uses the first-step rule if no buffer ever existed.
-//! (If a buffer existed before a β = 0 step, θ moved under it and ⟨θ, b⟩ is no longer known:
-//! run such a schedule with the optimizer-agnostic identity.)
+//! A step with β = 0 leaves PyTorch's buffer untouched (it is neither read nor written), while θ
+//! moves under it: given e_n = ⟨u_n, b⟩ (`update_dot`, measured) the ledger follows
+//! m_{n+1} = m_n − η_n e_n (translation: m is unchanged), so momentum switched 0.9 → 0 → 0.9
+//! stays exact; without `update_dot` m is kept as is (exact only if no buffer existed yet). A
+//! later step with β > 0 uses the first-step rule if no buffer ever existed.
 
 use super::chunks;
 use super::{check_finite, check_len, result_buffer, Hyper, Interrupt, Kind, Schedule, Ticker};
@@ -45,13 +46,15 @@ struct Coeffs {
     me: f64,
 }
 
-fn coeffs(kind: Kind, hp: Hyper, nesterov: bool, has_buffer: bool) -> Coeffs {
+/// `follow`: with β = 0, move m under the kept buffer by −η e (e = ⟨u_n, b⟩ given).
+fn coeffs(kind: Kind, hp: Hyper, nesterov: bool, has_buffer: bool, follow: bool) -> Coeffs {
     let (eta, beta, lam) = (hp.lr, hp.momentum, hp.weight_decay);
     let quad = kind.is_quadratic();
     let (ky, kq) = if quad { (2.0 * eta, eta * eta) } else { (eta, 0.0) };
     if beta == 0.0 {
-        // PyTorch: u = ĝ + λθ, dampening ignored, buffer untouched.
-        return Coeffs { lam, am: 0.0, ag: 1.0, cg: 0.0, ca: 1.0, ky, kq, mm: 1.0, ma: 0.0, me: 0.0 };
+        // PyTorch: u = ĝ + λθ, dampening ignored, buffer untouched (θ moves under it).
+        let me = if quad && follow { eta } else { 0.0 };
+        return Coeffs { lam, am: 0.0, ag: 1.0, cg: 0.0, ca: 1.0, ky, kq, mm: 1.0, ma: 0.0, me };
     }
     let (am, ag) = if has_buffer { (beta, 1.0 - hp.dampening) } else { (0.0, 1.0) };
     let (cg, ca) = if nesterov { (1.0, beta) } else { (0.0, 1.0) };
@@ -121,6 +124,19 @@ impl LedgerState {
     pub fn groups(&self) -> usize {
         self.y.len()
     }
+    /// Whether a momentum buffer exists (b_{n−1} enters the next step).
+    pub fn has_buffer(&self) -> bool {
+        self.has_buffer
+    }
+
+    /// A state as [`LedgerState::y`], [`LedgerState::buffer_dot`], [`LedgerState::has_buffer`]
+    /// and [`LedgerState::steps`] read it (a checkpoint): continues bit for bit.
+    pub fn from_parts(kind: Kind, y: &[f64], m: &[f64], has_buffer: bool, steps: usize) -> Result<LedgerState> {
+        let mut state = LedgerState::new(kind, y, Some(m))?;
+        state.has_buffer = has_buffer;
+        state.steps = steps;
+        Ok(state)
+    }
 
     /// Advance one optimizer step; returns y_{n+1}. On error the state is unchanged.
     pub fn step(&mut self, inputs: LedgerInputs<'_>, hp: Hyper, nesterov: bool) -> Result<&[f64]> {
@@ -145,7 +161,9 @@ impl LedgerState {
         } else {
             &self.y
         };
-        let update_dot = if quad && nesterov && hp.momentum > 0.0 {
+        // β = 0 over an existing buffer: ⟨u_n, b⟩, when given, moves m with θ.
+        let follow = quad && hp.momentum == 0.0 && self.has_buffer && inputs.update_dot.is_some();
+        let update_dot = if quad && nesterov && hp.momentum > 0.0 || follow {
             let e = inputs.update_dot.ok_or_else(|| {
                 Error::InvalidArgument(format!("update_dot (⟨u_n, b_n⟩) is required with nesterov for {} charges", self.kind.name()))
             })?;
@@ -154,7 +172,7 @@ impl LedgerState {
         } else {
             update_sq
         };
-        let k = coeffs(self.kind, hp, nesterov, self.has_buffer);
+        let k = coeffs(self.kind, hp, nesterov, self.has_buffer, follow);
         let ok = chunks::run(
             groups,
             [&self.y, &self.m, inputs.flux, update_sq, update_dot],

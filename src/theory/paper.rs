@@ -93,6 +93,24 @@ impl PaperState {
     pub fn time(&self) -> f64 {
         self.t
     }
+    /// Fixed by the first step: Some(true) with momentum, Some(false) without, None before.
+    pub fn momentum(&self) -> Option<bool> {
+        self.momentum
+    }
+
+    /// A state as [`PaperState::y`], [`PaperState::ydot`], [`PaperState::steps`],
+    /// [`PaperState::time`] and [`PaperState::momentum`] read it (a checkpoint). The step
+    /// coefficients are recomputed from the next step's hyperparameters, the same values.
+    pub fn from_parts(kind: Kind, y: &[f64], ydot: &[f64], steps: usize, t: f64, momentum: Option<bool>) -> Result<PaperState> {
+        if !t.is_finite() {
+            return Err(Error::NonFinite("the model time of a paper state must be finite".into()));
+        }
+        let mut state = PaperState::new(kind, y, Some(ydot))?;
+        state.steps = steps;
+        state.t = t;
+        state.momentum = momentum;
+        Ok(state)
+    }
 
     /// Advance one step. `drive`: (groups,), required for scale/rescale, ignored for
     /// translation. Returns y_{n+1}.

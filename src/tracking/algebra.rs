@@ -2,7 +2,7 @@
 //!
 //! `torch.optim.SGD` (coupled weight decay): w_n = ĝ_n + λθ_n; the buffer b_0 = w_0 on its first
 //! step, then b_n = β b_{n−1} + (1−d) w_n; the step direction u_n = b_n, or w_n + β b_n with
-//! Nesterov, or w_n when β = 0; θ_{n+1} = θ_n − η_n u_n. Every inner product the theories need
+//! Nesterov, or w_n when β = 0 (an existing buffer is then kept as it is); θ_{n+1} = θ_n − η_n u_n. Every inner product the theories need
 //! follows by bilinearity from the sums of (θ_n, ĝ_n, b_{n−1}), before b_n exists.
 //! tests/sgd_reference.py is the readable numpy reference of [`sgd_part`], and the tests check
 //! both against what torch applies.
@@ -51,7 +51,10 @@ pub fn sgd_part(kind: Kind, s: &PartSums, buffer_sum: f64, has_buffer: bool, h: 
         (ww, sw, ww) // b_0 = w on the first step (no dampening)
     };
     let (uu, su, drive, e) = if beta == 0.0 {
-        (ww, sw, gg, 0.0)
+        // PyTorch keeps an existing buffer untouched while β = 0, but θ moves under it: the
+        // ledger follows ⟨θ, b⟩ with e = ⟨u_n, b_{n−1}⟩ = ⟨w_n, b_{n−1}⟩ (docs/theory.md §5.3).
+        let wb_old = if has_buffer { s[7] + lam * s[6] } else { 0.0 };
+        (ww, sw, gg, wb_old)
     } else if h.nesterov {
         (ww + 2.0 * beta * wb_new + beta * beta * bb_new, sw + beta * sb_new, bb_new, wb_new + beta * bb_new)
     } else {

@@ -54,6 +54,11 @@ impl Lanes {
         self.column_group.len()
     }
 
+    /// Every lane's (exact, paper) state in order, for a checkpoint (crate::tracking::snapshot).
+    pub fn states(&self) -> impl Iterator<Item = (&Exact, Option<&PaperState>)> {
+        self.lanes.iter().map(|l| (&l.exact, l.paper.as_ref()))
+    }
+
     /// The symmetry of lane `i` (for notes).
     pub fn kind(&self, i: usize) -> Option<Kind> {
         self.lanes.get(i).map(|l| l.kind)
@@ -97,7 +102,8 @@ impl Lanes {
             let quadratic = lane.kind.is_quadratic();
             let flux = gather(cols, field::FLUX, &lane.cols);
             let update_sq = quadratic.then(|| gather(cols, field::UPDATE_SQ, &lane.cols));
-            let update_dot = (quadratic && h.nesterov).then(|| gather(cols, field::UPDATE_DOT, &lane.cols));
+            // Nesterov's ⟨u_n, b_n⟩, or with β = 0 ⟨u_n, b_{n−1}⟩ of the buffer PyTorch keeps.
+            let update_dot = (quadratic && (h.nesterov || h.momentum == 0.0)).then(|| gather(cols, field::UPDATE_DOT, &lane.cols));
             let inputs = LedgerInputs { flux: &flux, update_sq: update_sq.as_deref(), update_dot: update_dot.as_deref() };
             ledger.step(inputs, h.hyper(), h.nesterov)?;
         }

@@ -8,6 +8,7 @@
 //!   what a measured update says for any other optimizer (docs/theory.md §5.3);
 //! - [`lanes`]: the theory streams (the paper's closed form and the exact ledger), one lane per
 //!   (symmetry, param_group);
+//! - [`snapshot`]: a tracker's state as named arrays, for checkpoints (export/import);
 //! - [`tracker`]: the run's state between steps (clock, held drive, streams) and the calls the
 //!   Python tracker makes: `step_sgd`, `step_update`, `skip`, `final_row`.
 //!
@@ -19,6 +20,7 @@
 pub mod algebra;
 pub mod lanes;
 pub mod plan;
+pub mod snapshot;
 pub mod tracker;
 
 pub use plan::Plan;

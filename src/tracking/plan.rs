@@ -39,7 +39,8 @@ pub mod field {
     pub const GRAD_SQ: usize = 2;
     /// |u|², the step direction's squared norm.
     pub const UPDATE_SQ: usize = 3;
-    /// ⟨u_n, b_n⟩ (the Nesterov ledger's input).
+    /// ⟨u_n, b_n⟩ (the Nesterov ledger's input); with β = 0 and an existing buffer, which
+    /// PyTorch keeps untouched, ⟨u_n, b_{n−1}⟩ (the ledger follows ⟨θ, b⟩ with it).
     pub const UPDATE_DOT: usize = 4;
     /// The paper's drive: |ĝ|² without momentum, |b_n|² with it.
     pub const DRIVE: usize = 5;

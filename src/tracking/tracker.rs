@@ -14,7 +14,8 @@
 
 use super::algebra::{self, sgd_part, split_decay, update_part};
 use super::lanes::{Exact, Lanes};
-use super::plan::{field, Plan, Summed, FIELDS};
+use super::plan::{field, Plan, Summed, FIELDS, FIELD_NAMES};
+use super::snapshot::Snapshot;
 use super::ROW_FIELDS;
 use crate::error::{Error, Result};
 use crate::theory::equilibrium;
@@ -93,6 +94,27 @@ pub struct Tracker {
     regimes_for: Option<Vec<ParamGroupHyper>>,
     /// The per-column sums of the last measured step (for inspection and tests).
     last_columns: Vec<[f64; FIELDS]>,
+    /// Non-finite sums are an error that leaves the state as it was (`on_error="raise"`);
+    /// otherwise that step's predictions are NaN and the theories restart (see `restart_after`).
+    strict: bool,
+    /// Some(step): the theories lost the run at that step (non-finite sums, or a step the
+    /// tracker could not measure): predictions are NaN until the next measured step with finite
+    /// sums, where every lane restarts from the measured charges.
+    restart_after: Option<usize>,
+    /// The index of the last step seen (every step crosses into the tracker once: measured,
+    /// skipped or lost): the default step of `step_update`'s notes, and part of a checkpoint.
+    next_step: usize,
+}
+
+/// The layout of [`Tracker::export`]: a checkpoint of another version is refused.
+const STATE_VERSION: f64 = 1.0;
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 /// How the update of an optimizer other than torch.optim.SGD is read (set once per run).
@@ -153,6 +175,9 @@ impl Tracker {
             held_drive: vec![0.0; columns],
             regimes_for: None,
             last_columns: Vec::new(),
+            strict: false,
+            restart_after: None,
+            next_step: 0,
         }
     }
 
@@ -183,6 +208,82 @@ impl Tracker {
                 nesterov: false,
             })
             .collect()
+    }
+
+    /// The index of the last step this tracker saw (measured, skipped or lost).
+    pub fn next_step(&self) -> usize {
+        self.next_step
+    }
+
+    /// `on_error="raise"`: non-finite sums are an error (the state unchanged) instead of a note.
+    pub fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    /// A step the tracker could not measure (its error is the caller's note): the clock moves,
+    /// and the theories are NaN until they restart at the next measured step with finite sums.
+    pub fn lose(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<()> {
+        self.check(hyper, None)?;
+        self.next_step = step;
+        self.restart_after.get_or_insert(step);
+        let model = self.model_hyper(hyper);
+        self.advance_clock(&model);
+        Ok(())
+    }
+
+    /// The first non-finite per-column sum, in words; None when all are finite.
+    fn non_finite(&self, summed: &Summed) -> Option<String> {
+        let bad = |c: &[f64; FIELDS]| c.iter().position(|v| !v.is_finite());
+        let first = summed.columns.iter().enumerate().find_map(|(c, v)| bad(v).map(|f| (c, f, v[f])))?;
+        let mut groups: Vec<usize> =
+            summed.columns.iter().enumerate().filter(|(_, v)| bad(v).is_some()).map(|(c, _)| self.plan.column_group[c]).collect();
+        groups.dedup();
+        let (c, f, v) = first;
+        Some(format!(
+            "non-finite sums in {} of {} groups (group {}: {} is {v}; a NaN/Inf gradient or parameter)",
+            groups.len(),
+            self.plan.groups(),
+            self.plan.column_group[c],
+            FIELD_NAMES[f]
+        ))
+    }
+
+    /// A measured step whose sums are not finite: an error (strict, nothing moved), or its row
+    /// with NaN predictions, the clock moved and the theories held until they can restart.
+    fn non_finite_step(
+        &mut self,
+        step: usize,
+        why: String,
+        summed: &Summed,
+        hyper: &[ParamGroupHyper],
+        model: &[ParamGroupHyper],
+        out: Option<&mut [f64]>,
+    ) -> Result<StepReport> {
+        if self.strict {
+            return Err(Error::NonFinite(format!("step {step}: {why}")));
+        }
+        let newly = self.restart_after.is_none();
+        self.restart_after.get_or_insert(step);
+        let mut report = self.record(summed, hyper, model, out);
+        if newly {
+            report.notes.push(format!(
+                "step {step}: {why}; paper and exact are NaN from this step and restart from the measured charges                  at the next step whose sums are finite"
+            ));
+        }
+        self.advance_clock(model);
+        Ok(report)
+    }
+
+    /// Start the theory streams at the first measured step, or restart them after a loss.
+    fn start_or_restart(&mut self, step: usize, summed: &Summed, has_buffer: bool, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
+        if self.streams.is_some() && self.restart_after.is_none() {
+            return Ok(Vec::new());
+        }
+        self.start_streams(summed, has_buffer, hyper)?;
+        Ok(match self.restart_after.take() {
+            Some(lost) => vec![format!("step {step}: paper and exact restart from the measured charges (lost at step {lost})")],
+            None => Vec::new(),
+        })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -245,6 +346,7 @@ impl Tracker {
         out: Option<&mut [f64]>,
     ) -> Result<StepReport> {
         self.check(hyper, out.as_deref())?;
+        self.next_step = step;
         if k != 5 && k != 8 {
             return Err(Error::Shape(format!("an SGD step needs the sums of (θ, ĝ) or (θ, ĝ, b): 5 or 8 per row, got {k}")));
         }
@@ -253,15 +355,25 @@ impl Tracker {
         let plan = &self.plan;
         let summed = plan
             .sum(rows, k, buffer_sums.as_deref(), |c, kind, s, bs| sgd_part(kind, s, bs, has_buffer, &hyper[plan.column_param_group[c]]))?;
-        if self.streams.is_none() {
-            self.start_streams(&summed, has_buffer, hyper)?;
+        if let Some(why) = self.non_finite(&summed) {
+            return self.non_finite_step(step, why, &summed, hyper, hyper, out);
         }
+        let restarted = self.start_or_restart(step, &summed, has_buffer, hyper)?;
         let mut report = self.record(&summed, hyper, hyper, out);
         self.held_drive = summed.columns.iter().map(|c| c[field::DRIVE]).collect();
-        report.notes = self.advance_paper(step, hyper)?;
+        report.notes = restarted;
+        report.notes.extend(self.advance_paper(step, hyper)?);
         if self.exact == ExactMode::Ledger {
             let lane_hyper = self.lane_hyper(hyper);
-            self.streams.as_mut().expect("started above").advance_ledger(&summed.columns, &lane_hyper)?;
+            if let Err(err) = self.streams.as_mut().expect("started above").advance_ledger(&summed.columns, &lane_hyper) {
+                // A lane may have moved before another failed: every lane restarts at the next
+                // good step. Strict: the clock stays, so a retried step counts once.
+                self.restart_after = Some(step);
+                if self.strict {
+                    return Err(err);
+                }
+                report.notes.push(format!("step {step}: the exact ledger failed ({err}); paper and exact restart at the next good step"));
+            }
         }
         self.advance_clock(hyper);
         self.last_columns = summed.columns;
@@ -292,12 +404,15 @@ impl Tracker {
             let h = &model[plan.column_param_group[c]];
             update_part(kind, s, ds, h.lr, h.weight_decay)
         })?;
-        if self.streams.is_none() {
-            self.start_streams(&summed, false, &model)?;
+        self.next_step = step;
+        if let Some(why) = self.non_finite(&summed) {
+            return self.non_finite_step(step, why, &summed, hyper, &model, out);
         }
+        let restarted = self.start_or_restart(step, &summed, false, &model)?;
         let mut report = self.record(&summed, hyper, &model, out);
         self.held_drive = summed.columns.iter().map(|c| c[field::DRIVE]).collect();
-        report.notes = self.advance_paper(step, &model)?;
+        report.notes = restarted;
+        report.notes.extend(self.advance_paper(step, &model)?);
         if self.exact == ExactMode::Measured {
             self.streams.as_mut().expect("started above").advance_measured(&summed.columns)?;
         }
@@ -310,10 +425,151 @@ impl Tracker {
     /// the last measured drive. Returns notes (a closed form that stopped).
     pub fn skip(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
         self.check(hyper, None)?;
+        self.next_step = step;
         let model = self.model_hyper(hyper);
         let notes = self.advance_paper(step, &model)?;
         self.advance_clock(&model);
         Ok(notes)
+    }
+
+    /// The run's state between two steps as named arrays (a checkpoint: [`Tracker::import`]
+    /// continues it bit for bit). A lane field added later: one `put` here, one `get` there.
+    pub fn export(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.put_scalar("version", STATE_VERSION);
+        s.put("plan", self.fingerprint());
+        s.put("clock", self.clock.clone());
+        s.put("held_drive", self.held_drive.clone());
+        s.put_scalar("next_step", self.next_step as f64);
+        s.put("restart_after", self.restart_after.map(|n| vec![n as f64]).unwrap_or_default());
+        if let Some(hyper) = &self.regimes_for {
+            let flat = hyper.iter().flat_map(|h| [h.lr, h.momentum, h.dampening, h.weight_decay, flag(h.nesterov)]).collect();
+            s.put("regimes_for", flat);
+        }
+        s.put_scalar("streams", flag(self.streams.is_some()));
+        for (i, (exact, paper)) in self.streams.iter().flat_map(Lanes::states).enumerate() {
+            let key = |name: &str| format!("lane.{i}.{name}");
+            match exact {
+                Exact::None => s.put_scalar(key("exact"), 0.0),
+                Exact::Ledger(l) => {
+                    s.put_scalar(key("exact"), 1.0);
+                    s.put(key("ledger.y"), l.y().to_vec());
+                    s.put(key("ledger.m"), l.buffer_dot().to_vec());
+                    s.put_scalar(key("ledger.has_buffer"), flag(l.has_buffer()));
+                    s.put_scalar(key("ledger.steps"), l.steps() as f64);
+                }
+                Exact::Measured(y) => {
+                    s.put_scalar(key("exact"), 2.0);
+                    s.put(key("measured.y"), y.clone());
+                }
+            }
+            s.put_scalar(key("paper"), flag(paper.is_some()));
+            if let Some(p) = paper {
+                s.put(key("paper.y"), p.y().to_vec());
+                s.put(key("paper.ydot"), p.ydot().to_vec());
+                s.put_scalar(key("paper.steps"), p.steps() as f64);
+                s.put_scalar(key("paper.t"), p.time());
+                s.put_scalar(key("paper.momentum"), p.momentum().map_or(-1.0, flag));
+            }
+        }
+        s
+    }
+
+    /// Continue from an [`Tracker::export`] of a tracker with the same plan, optimizer kind and
+    /// `every`. Everything is read and checked first: a bad state is an error naming what is
+    /// wrong and leaves this tracker as it was.
+    pub fn import(&mut self, s: &Snapshot) -> Result<()> {
+        let bad = |what: String| Error::InvalidArgument(format!("tracker state: {what}"));
+        let version = s.scalar("version")?;
+        if version != STATE_VERSION {
+            return Err(bad(format!("version {version}, this tracker reads version {STATE_VERSION}")));
+        }
+        if s.get("plan")? != self.fingerprint().as_slice() {
+            return Err(bad(format!(
+                "it was saved by a tracker of another plan or optimizer (rows, parts, columns, groups, lanes, exact, paper: {:?}, here {:?})",
+                s.get("plan")?,
+                self.fingerprint()
+            )));
+        }
+        let clock = s.finite("clock", s.get("clock")?.len())?.to_vec();
+        let held_drive = s.finite("held_drive", self.plan.columns())?.to_vec();
+        let next_step = s.count("next_step")?;
+        let restart_after = match s.get("restart_after")?.len() {
+            0 => None,
+            _ => Some(s.count("restart_after")?),
+        };
+        let regimes_for = if s.has("regimes_for") {
+            let flat = s.get("regimes_for")?;
+            if flat.len() % 5 != 0 || flat.iter().any(|v| !v.is_finite()) {
+                return Err(bad("\"regimes_for\" must hold 5 finite values per param_group".into()));
+            }
+            Some(
+                flat.chunks_exact(5)
+                    .map(|h| ParamGroupHyper { lr: h[0], momentum: h[1], dampening: h[2], weight_decay: h[3], nesterov: h[4] != 0.0 })
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        let streams = if s.flag("streams")? { Some(self.import_lanes(s)?) } else { None };
+        (self.clock, self.held_drive, self.next_step, self.restart_after) = (clock, held_drive, next_step, restart_after);
+        (self.regimes_for, self.streams) = (regimes_for, streams);
+        self.last_columns.clear();
+        Ok(())
+    }
+
+    fn import_lanes(&self, s: &Snapshot) -> Result<Lanes> {
+        let mut lanes = Lanes::new(self.plan.column_group.clone(), self.plan.groups())?;
+        for (i, spec) in self.lanes.iter().enumerate() {
+            let key = |name: &str| format!("lane.{i}.{name}");
+            let n = spec.cols.len();
+            let exact = match s.scalar(&key("exact"))? {
+                0.0 => Exact::None,
+                1.0 => Exact::Ledger(LedgerState::from_parts(
+                    spec.kind,
+                    s.finite(&key("ledger.y"), n)?,
+                    s.finite(&key("ledger.m"), n)?,
+                    s.flag(&key("ledger.has_buffer"))?,
+                    s.count(&key("ledger.steps"))?,
+                )?),
+                2.0 => Exact::Measured(s.finite(&key("measured.y"), n)?.to_vec()),
+                v => return Err(Error::InvalidArgument(format!("tracker state: {:?} is {v}, not 0, 1 or 2", key("exact")))),
+            };
+            let paper = if s.flag(&key("paper"))? {
+                let m = spec.paper_cols.len();
+                let momentum = match s.scalar(&key("paper.momentum"))? {
+                    -1.0 => None,
+                    v => Some(v == 1.0),
+                };
+                Some(PaperState::from_parts(
+                    spec.kind,
+                    s.finite(&key("paper.y"), m)?,
+                    s.finite(&key("paper.ydot"), m)?,
+                    s.count(&key("paper.steps"))?,
+                    s.scalar(&key("paper.t"))?,
+                    momentum,
+                )?)
+            } else {
+                None
+            };
+            lanes.add(spec.kind, spec.cols.clone(), spec.paper_cols.clone(), exact, paper)?;
+        }
+        Ok(lanes)
+    }
+
+    /// What a state must match: the plan's shape, its lanes, and the kind of theories.
+    fn fingerprint(&self) -> Vec<f64> {
+        let p = &self.plan;
+        let exact = match self.exact {
+            ExactMode::None => 0.0,
+            ExactMode::Ledger => 1.0,
+            ExactMode::Measured => 2.0,
+        };
+        [p.rows(), p.parts(), p.columns(), p.groups(), self.lanes.len()]
+            .iter()
+            .map(|&n| n as f64)
+            .chain([exact, flag(self.sgd), flag(self.rule.decoupled), self.rule.beta1])
+            .collect()
     }
 
     /// The charges of the parameters now, from `rows` (rows × 2: Σθ, Σθ² per row), with the
@@ -325,7 +581,7 @@ impl Tracker {
             v[field::CHARGE] = if kind == Kind::Translation { s[0] } else { s[1] };
             v
         })?;
-        let (paper, exact) = streams.predictions();
+        let (paper, exact) = self.predictions(streams);
         Ok(Some(FinalRow {
             time: self.time(),
             measured: summed.groups.iter().map(|g| g[field::CHARGE]).collect(),
@@ -378,7 +634,7 @@ impl Tracker {
         let (Some(out), Some(streams)) = (out, &self.streams) else { return report };
         let plan = &self.plan;
         let groups = plan.groups();
-        let (paper, exact) = streams.predictions();
+        let (paper, exact) = self.predictions(streams);
         let mut rows = out.chunks_exact_mut(groups.max(1));
         let mut next = || rows.next().unwrap_or_default();
         let [lr, momentum, dampening, weight_decay, measured, paper_row, exact_row, grad_sq, update_sq, flux, update_sum, magnitude, residual, decay, drive, breaking, effective_lr, angular_update, effective_lr_eq, angular_update_eq] =
@@ -440,6 +696,15 @@ impl Tracker {
         [effective, angle, lr_eq, angle_eq]
     }
 
+    /// The streams' (paper, exact) per group; NaN while the theories wait to restart.
+    fn predictions(&self, streams: &Lanes) -> (Vec<f64>, Vec<f64>) {
+        if self.restart_after.is_some() {
+            let nan = vec![f64::NAN; self.plan.groups()];
+            return (nan.clone(), nan);
+        }
+        streams.predictions()
+    }
+
     /// (symmetry, regime) of every lane's hyperparameters (the last lane of a kind wins), when
     /// they differ from the last report.
     fn regimes(&mut self, hyper: &[ParamGroupHyper]) -> Vec<(&'static str, &'static str)> {
@@ -464,6 +729,9 @@ impl Tracker {
     fn advance_paper(&mut self, step: usize, hyper: &[ParamGroupHyper]) -> Result<Vec<String>> {
         let lane_hyper = self.lane_hyper(hyper);
         let Some(streams) = &mut self.streams else { return Ok(Vec::new()) };
+        if self.restart_after.is_some() {
+            return Ok(Vec::new()); // lost: the streams restart from the next good step's charges
+        }
         let failed = streams.advance_paper(&self.held_drive, &lane_hyper)?;
         Ok(failed
             .into_iter()
@@ -476,6 +744,7 @@ impl Tracker {
 
     /// t_{n+1} = t_n + η_n(1 − d_n) per param_group (PyTorch ignores dampening without momentum).
     fn advance_clock(&mut self, hyper: &[ParamGroupHyper]) {
+        self.next_step += 1;
         if self.clock.len() < hyper.len() {
             self.clock.resize(hyper.len(), 0.0); // optimizer.add_param_group() during training
         }
@@ -546,6 +815,74 @@ mod tests {
         let report = t.step_sgd(1, &[1.0; 24], 8, Some(&[0.5, 0.25]), &[sgd(0.1, 0.0)], None).unwrap();
         assert_eq!(report.notes.len(), 2, "{:?}", report.notes);
         assert!(report.notes[0].starts_with("paper closed form stopped at step 1 for translation"));
+    }
+
+    #[test]
+    fn non_finite_sums_hold_the_theories_then_restart_them() {
+        let mut t = Tracker::new(plan(), true, 1);
+        let h = [sgd(0.1, 0.0)];
+        let rows = [1.0, 2.0, 0.1, 0.5, 0.0, -1.0, 3.0, 0.2, 0.5, 0.0, 0.5, 1.0, 0.0, 0.3, 0.1];
+        t.step_sgd(0, &rows, 5, None, &h, None).unwrap();
+        let mut bad = rows;
+        bad[3] = f64::NAN; // |ĝ|² of row 0
+        let mut out = vec![0.0; 13 * 2];
+        let report = t.step_sgd(1, &bad, 5, None, &h, Some(&mut out)).unwrap();
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+        assert!(report.notes[0].starts_with("step 1: non-finite sums in 1 of 2 groups (group 0: grad_sq is NaN"));
+        let exact = ROW_FIELDS.iter().position(|f| *f == "exact").unwrap();
+        assert!(out[exact * 2].is_nan() && out[exact * 2 + 1].is_nan());
+        assert!((t.time() - 0.2).abs() < 1e-15, "the clock moves: the optimizer took the step");
+        // Still lost: no second note; then finite sums restart every lane from the measured charges.
+        assert!(t.step_sgd(2, &bad, 5, None, &h, None).unwrap().notes.is_empty());
+        let report = t.step_sgd(3, &rows, 5, None, &h, Some(&mut out)).unwrap();
+        assert_eq!(report.notes, vec!["step 3: paper and exact restart from the measured charges (lost at step 1)".to_string()]);
+        assert_eq!((out[exact * 2], out[exact * 2 + 1]), (5.0, 0.5));
+        // Strict: an error, and nothing moved.
+        let mut strict = Tracker::new(plan(), true, 1);
+        strict.set_strict(true);
+        strict.step_sgd(0, &rows, 5, None, &h, None).unwrap();
+        let before = strict.export();
+        assert!(matches!(strict.step_sgd(1, &bad, 5, None, &h, None), Err(Error::NonFinite(_))));
+        assert_eq!(strict.export(), before);
+        // A lost step: the clock moves, predictions are NaN until the next good step.
+        strict.lose(1, &h).unwrap();
+        assert!(strict.final_row(&[1.0, 2.0, -1.0, 3.0, 0.5, 1.0], 2).unwrap().unwrap().exact[0].is_nan());
+        assert!((strict.time() - 0.2).abs() < 1e-15);
+    }
+
+    #[test]
+    fn an_exported_state_continues_bit_for_bit_and_a_foreign_one_is_refused() {
+        let rows = |n: usize| -> Vec<f64> { (0..24).map(|i| 0.5 + ((i * 7 + n * 3) % 11) as f64 * 0.1).collect() };
+        let hyper = |n: usize| [sgd(0.1 / (1.0 + n as f64), if (3..5).contains(&n) { 0.0 } else { 0.9 })];
+        let run = |t: &mut Tracker, range: std::ops::Range<usize>| -> Vec<f64> {
+            let mut last = vec![0.0; 26];
+            for n in range {
+                let k = if n == 0 { 5 } else { 8 };
+                t.step_sgd(n, &rows(n)[..3 * k], k, (k == 8).then_some(&[0.3, 0.2][..]), &hyper(n), Some(&mut last)).unwrap();
+            }
+            last
+        };
+        let mut whole = Tracker::new(plan(), true, 1);
+        let expected = run(&mut whole, 0..8);
+        let mut first = Tracker::new(plan(), true, 1);
+        run(&mut first, 0..4);
+        let state = first.export();
+        let mut resumed = Tracker::new(plan(), true, 1);
+        resumed.import(&state).unwrap();
+        assert_eq!(resumed.export(), state);
+        let got = run(&mut resumed, 4..8);
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(resumed.time().to_bits(), whole.time().to_bits());
+        // Another kind of tracker, a missing entry, a bad value: refused, nothing moved.
+        let mut other = Tracker::new(plan(), false, 1);
+        assert!(other.import(&state).unwrap_err().to_string().contains("another plan"));
+        let mut broken = state.clone();
+        broken.0.remove("lane.0.ledger.m");
+        assert!(resumed.import(&broken).unwrap_err().to_string().contains("\"lane.0.ledger.m\" is missing"));
+        broken = state.clone();
+        broken.put("clock", vec![f64::NAN]);
+        assert!(resumed.import(&broken).is_err());
+        assert_eq!(resumed.export().0["clock"], whole.export().0["clock"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ from ..run import GroupInfo, Run
 from ..storage import check_max_bytes
 from ..verdicts import coverage_line
 from .distributed import RunOnRankZero, attach
-from .paths import SgdPath, UpdatePath, read_hyper
+from .paths import SgdPath, UpdatePath
 from .plan import Plan, build_plan
 from .reducers import Reads, choose
 
@@ -43,6 +43,7 @@ class Tracker:
         log_histograms: bool = False,
         log_figures: bool = True,
         class_axis: int = 1,
+        on_error: str = "note",
     ):
         import operator
         import os
@@ -62,6 +63,8 @@ class Tracker:
                 raise InvalidArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
             return n
 
+        if on_error not in ("note", "raise"):
+            raise InvalidArgumentError(f"on_error must be 'note' or 'raise', got {on_error!r}")
         every = integer("every", every, 1)
         record_every = integer("record_every", record_every, 1)
         log_every = integer("log_every", log_every, 1)
@@ -102,6 +105,10 @@ class Tracker:
         self._step = 0
         self._closed = False
         self._closure_pending = False  # optimizer.step(closure): measured once the closure has run
+        self._on_error = on_error
+        self._early_notes: list[str] = []  # notes from before the run exists (discovery pending)
+        self._dtypes: list[Any] = []  # the tracked parameters' dtypes, to notice model.to(dtype)
+        self._resume: dict[str, Any] | None = None  # load_state_dict() before discovery: applied at set-up
         self._observers: Any = None  # loggers and the live view (neural_mechanics.integrations), if any
         if log_to is not None and (self._dist is None or self._dist.owns_run):
             from ..integrations.loggers import loggers_for
@@ -118,13 +125,24 @@ class Tracker:
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
     # -- set-up ------------------------------------------------------------------------------
-    def _discover(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _discover(self, module: Any, args: tuple, kwargs: dict | None = None) -> None:
+        global _DISCOVERING
         from ..symmetries import find_symmetries
 
+        # The forwards that another tracker's discovery runs are not the model's: wait for a real
+        # one. (torch may still call a hook removed during the forward that snapshotted it, then
+        # without kwargs: hence the default, and the check that this tracker is not set up.)
+        if _DISCOVERING or self._plan is not None or self._closed:
+            return
         self._handles[0].remove()  # one look at the example input is enough
         example = args[0] if len(args) == 1 and not kwargs else args
         finder = find_symmetries if self._dist is None else self._dist.find_symmetries
-        self._setup(finder(self.model, example, class_axis=self._class_axis))
+        _DISCOVERING += 1
+        try:
+            found = finder(self.model, example, class_axis=self._class_axis)
+        finally:
+            _DISCOVERING -= 1
+        self._setup(found)
 
     def _setup(self, symmetries: Any) -> None:
         named = dict(self.model.named_parameters()) if self._dist is None else self._dist.named_parameters()
@@ -151,7 +169,9 @@ class Tracker:
         reads = Reads(plan.reductions, plan.names, plan.params, plan.translation_reductions, view)
         reducer = choose([plan.params[n] for n in plan.names], self._reducer_kind)
         decoupled, beta1 = update_rule(self.optimizer)
-        core = _native.TrackerCore(plan.native_arrays(), sgd=self._sgd, every=self.every, decoupled=decoupled, beta1=beta1)
+        core = _native.TrackerCore(
+            plan.native_arrays(), sgd=self._sgd, every=self.every, decoupled=decoupled, beta1=beta1, strict=self._on_error == "raise"
+        )
         info = GroupInfo.from_groups(kept, plan.group_size, _layer_labels(self.model, {str(g.layer) for g in kept}))
         run = self._run = Run(
             groups=info,
@@ -167,8 +187,16 @@ class Tracker:
         self._coverage_line = coverage_line(len(info), len(set(info.layer)), run.coverage)
         log.info("neural_mechanics.track: %s", self._coverage_line)
         self._note_where_theories_apply(run, plan)
+        run.notes.extend(self._early_notes)
+        self._early_notes.clear()
+        self._dtypes = [p.dtype for p in plan.params.values()]
+        _note_low_precision(run, plan.params, "")
         path = SgdPath if self._sgd else UpdatePath
         self._path = path(plan, reads, reducer, core, run, self.optimizer, self.every, self.record_every)
+        self._path.on_error = self._on_error
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            self._apply_state(state)
         if self._observers is not None:
             self._observers.start(run)
             self._path.on_row = self._observers.on_row
@@ -228,7 +256,7 @@ class Tracker:
         # torch hands the hook step's own arguments: (optimizer, closure?), {closure?}
         closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if not callable(closure):
-            self._before_step()
+            self._safely(self._before_step)
             return None
         # optimizer.step(closure) (Lightning, closure-style loops): the gradient of this step
         # exists only once the optimizer has run the closure, so measure right after its first
@@ -236,10 +264,13 @@ class Tracker:
         self._closure_pending = True
 
         def closure_then_measure() -> Any:
+            if not self._closure_pending and isinstance(self._path, UpdatePath):
+                # Called again (LBFGS evaluates at moved parameters): keep ĝ_n as the first call left it.
+                self._path.keep_grads(self._step)
             loss = closure()
             if self._closure_pending:
                 self._closure_pending = False
-                self._before_step()
+                self._safely(self._before_step)
             return loss
 
         if "closure" in kwargs:
@@ -250,23 +281,93 @@ class Tracker:
         if self._closed:
             return
         if self._path is None:
-            raise NothingToTrackError(
+            message = (
                 "track(symmetries=None) discovers groups from the first forward pass of the model, "
-                "but optimizer.step() came before any forward pass"
+                f"but optimizer.step() came before any forward pass (step {self._step})"
             )
+            if self._on_error == "raise":
+                raise NothingToTrackError(message)
+            if not self._early_notes:
+                log.warning("neural_mechanics.track: %s; the step goes ahead untracked", message)
+                self._early_notes.append(message + "; the steps before discovery went untracked")
+            return
+        self._check_dtypes()
         self._path.before_step(self._step)
+
+    def _check_dtypes(self) -> None:
+        """A note when the tracked parameters change dtype mid-run (``model.to(torch.bfloat16)``)."""
+        params = self._plan.params if self._plan is not None else {}
+        if self._run is None or all(p.dtype == d for p, d in zip(params.values(), self._dtypes)):
+            return
+        old = {str(d).replace("torch.", "") for d in self._dtypes}
+        new = {str(p.dtype).replace("torch.", "") for p in params.values()}
+        self._run.notes.append(
+            f"step {self._step}: the tracked parameters changed dtype ({'/'.join(sorted(old))} → {'/'.join(sorted(new))}); "
+            "the sums are taken in the wider of each parameter's and its buffer's dtype"
+        )
+        _note_low_precision(self._run, params, f"from step {self._step}: ")
+        self._dtypes = [p.dtype for p in params.values()]
+
+    def _safely(self, work: Any) -> None:
+        """Run a hook's work; under on_error="note" an exception the paths did not handle
+        themselves is noted (the step goes ahead) rather than raised into the training loop."""
+        try:
+            work()
+        except Exception as exc:
+            if self._on_error == "raise" or self._path is None:
+                raise
+            self._path._note_failure(self._step, "tracking the step", exc)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._path is None:
             return
+        try:
+            self._after_step()
+        finally:
+            self._step += 1
+
+    def _after_step(self) -> None:
+        assert self._path is not None
         if self._closure_pending:  # an optimizer that never called its closure: the step went unmeasured
             self._closure_pending = False
-            if isinstance(self._path, SgdPath):
-                self._path._skip(self._step, read_hyper(self.optimizer))
             if self._run is not None:
                 self._run.notes.append(f"step {self._step}: optimizer.step(closure) never called the closure; the step was not measured")
-        self._path.after_step(self._step)
-        self._step += 1
+        path = self._path
+        self._safely(lambda: path.after_step(self._step))
+
+    # -- checkpoints (tracking/resume.py, docs/tracking.md "Resuming a run") -----------------
+    def state_dict(self, rows: bool = True) -> dict[str, Any]:
+        """The tracker's state between two steps, to save with the model's and the optimizer's
+        (``torch.save``; ``torch.load(weights_only=True)`` reads it back): the step, the native
+        core's clock and theory states, the run's notes and, unless ``rows=False``, its rows."""
+        from . import resume
+
+        if self._path is None or self._run is None:
+            raise NothingToTrackError("state_dict: nothing tracked yet (no forward pass / optimizer step has been seen)")
+        if self._dist is not None and not self._dist.owns_run:
+            raise InvalidArgumentError("state_dict: under torch.distributed the tracker's state lives on rank 0")
+        self._path.flush()
+        return resume.export(self, rows)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the run of ``state`` (from ``state_dict()``): call it right after ``track()``,
+        before the first step, with the same model, optimizer and settings (else a clear
+        InvalidArgumentError). With discovery (``symmetries=None``) the state is checked now and
+        applied at the first forward pass, once the groups are known."""
+        from . import resume
+
+        if self._closed or self._step > 0 or (self._run is not None and len(self._run.step_index)):
+            raise InvalidArgumentError("load_state_dict: call it right after track(), before the first optimizer step")
+        resume.parse(state)
+        if self._path is None:
+            self._resume = state
+        else:
+            resume.apply(self, state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        from . import resume
+
+        resume.apply(self, state)
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -306,6 +407,37 @@ class Tracker:
         state = "closed" if self._closed else "attached"
         what = getattr(self, "_coverage_line", None) or "? groups (discovered at the first forward)"
         return f"Tracker({state}, {what}, step {self._step}, every={self.every})"
+
+
+# Trackers discovering right now (their find_symmetries runs the model: other trackers' hooks
+# wait for a real forward).
+_DISCOVERING = 0
+
+# Relative rounding of one stored value (half an ulp at 1.0) per low-precision dtype name.
+_ROUNDING = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
+
+
+def _note_low_precision(run: Run, params: dict[str, Any], when: str) -> None:
+    """A note when tracked parameters are bfloat16/float16: every update is rounded to the
+    parameter's dtype, which bounds the agreement of exact (and of the paper) with the measured
+    charges (docs/tracking.md, "Low-precision parameters")."""
+    low = sorted({str(p.dtype).replace("torch.", "") for p in params.values()} & set(_ROUNDING))
+    if not low:
+        return
+    run.notes.append(
+        when
+        + f"parameters in {'/'.join(low)}: every update is rounded to the parameter's dtype (relative "
+        + ", ".join(f"{_ROUNDING[d]:.1e} per entry in {d}" for d in low)
+        + "), which the theories do not model: |exact − measured| / magnitude drifts by up to about "
+        + ", ".join(f"{_DRIFT[d]:.0e} per step in {d}" for d in low)
+        + " (float32: ~1e-7 over a run; docs/tracking.md, \"Low-precision parameters\")"
+    )
+
+
+# How fast exact drifts from the measured charges per dtype, as a fraction of the magnitude per
+# step: an upper bound of what SGD with momentum measured on the tests' MLP over 200 steps
+# (bfloat16 0.11, float16 0.034 after 200 steps; docs/tracking.md).
+_DRIFT = {"bfloat16": 1e-3, "float16": 3e-4}
 
 
 def _module_label(module: Any) -> str:
@@ -412,6 +544,7 @@ def track(
     log_histograms: bool = False,
     log_figures: bool = True,
     class_axis: int = 1,
+    on_error: str = "note",
 ) -> Tracker:
     """Track the symmetry charges of ``model`` while ``optimizer`` trains it.
 
@@ -441,6 +574,10 @@ def track(
             the charges only with ``log_histograms`` (docs/integrations.md).
         class_axis: the logits' class axis for discovery (``find_symmetries``): 1, PyTorch's
             convention, or -1 for ``(B, T, V)`` language-model logits.
+        on_error: what a failure of the tracker inside ``optimizer.step()`` does (NaN/Inf
+            gradients, a full disk while spilling, a dtype change): "note" (the default) records
+            it in ``run.notes``, leaves that step's values NaN and lets the step go ahead exactly
+            as untracked; "raise" raises it (non-finite sums before the optimizer moves anything).
 
     Use ``with track(model, opt) as tracker: ...`` and read ``tracker.run``.
     """
@@ -459,4 +596,5 @@ def track(
         log_histograms=log_histograms,
         log_figures=log_figures,
         class_axis=class_axis,
+        on_error=on_error,
     )

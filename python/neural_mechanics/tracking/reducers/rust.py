@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ... import _native
+from ...errors import DTypeError
 from .base import Blocks, Item, Pending, Reads
 
 
@@ -134,7 +135,13 @@ class RustReducer:
         if self._kernel is None or self._kernel[0] is not reads:
             self._kernel = (reads, KernelPlan(reads))
         keep: list[Any] = []
-        blocks = _native.reduce_ptrs(*self._kernel[1].specs(tensors, with_sums, keep))
+        try:
+            specs = self._kernel[1].specs(tensors, with_sums, keep)
+        except DTypeError:
+            # Another dtype than the plan was compiled for (model.to(dtype) mid-run, a buffer
+            # widened to match): the general path reads any dtype.
+            return self.submit_blocks(*reads.items(tensors, with_sums))
+        blocks = _native.reduce_ptrs(*specs)
         del keep
         return Pending(lambda: blocks)
 
