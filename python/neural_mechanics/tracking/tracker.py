@@ -14,6 +14,7 @@ from .. import _native
 from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from ..verdicts import coverage_line
+from .adam_path import AdamPath, fused_adam_applies
 from .distributed import RunOnRankZero, attach
 from .paths import SgdPath, UpdatePath, read_hyper
 from .plan import Plan, build_plan
@@ -162,7 +163,9 @@ class Tracker:
         self._coverage_line = coverage_line(len(info), len(set(info.layer)), run.coverage)
         log.info("neural_mechanics.track: %s", self._coverage_line)
         self._note_where_theories_apply(run, plan)
-        path = SgdPath if self._sgd else UpdatePath
+        # SGD: one pass before the step; Adam/AdamW on the CPU kernel: the update computed from
+        # the optimizer's state (adam_path.py); anything else: a snapshot (docs/tracking.md).
+        path = SgdPath if self._sgd else AdamPath if fused_adam_applies(self.optimizer, reducer) else UpdatePath
         self._path = path(plan, reads, reducer, core, run, self.optimizer, self.every, self.record_every)
         if self._observers is not None:
             self._observers.start(run)
