@@ -260,17 +260,17 @@ mod tests {
         // With m = v = 0, m' = (1−β1)g and √v' = √(1−β2)|g|: d = s·(1−β1)/√(1−β2)·c2·sign(g).
         let theta = [1.0f64, -2.0, 3.0];
         let grad = [0.5f64, -0.25, 2.0];
+        let h = AdamHyper { eps: 0.0, ..hyper() }; // ε would shift d by ~1e-7 relative
         let p = AdamParam {
             theta: Data::F64(&theta),
             grad: Some(Data::F64(&grad)),
             exp_avg: None,
             exp_avg_sq: None,
             max_exp_avg_sq: None,
-            hyper: hyper(),
+            hyper: h,
         };
         let out = adam_updates(&[p]).unwrap();
         let Update::F64(d) = &out[0] else { panic!("float64 in, float64 out") };
-        let h = hyper();
         let expected = h.step_size * (1.0 - h.beta1) / (1.0 - h.beta2).sqrt() * h.bias2_sqrt;
         for (x, g) in d.iter().zip(grad) {
             assert!((x - expected * g.signum()).abs() < 1e-9 * expected, "{x} vs {expected}");
