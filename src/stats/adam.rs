@@ -16,7 +16,6 @@
 //! the reduction (`_native.reduce_adam_ptrs`), so θ_n is never copied.
 
 use super::input::Data;
-use super::plan::{PARALLEL_MIN_ELEMS, TASK_ELEMS};
 use crate::error::{Error, Result};
 use crate::pool;
 use rayon::prelude::*;
@@ -115,16 +114,18 @@ impl AdamParam<'_> {
 }
 
 /// The element types the update is written in.
-trait UpdateFloat: Copy + Send + Sync {
+trait UpdateFloat: Copy + Send + Sync + 'static {
     fn to_f64(self) -> f64;
     fn from_f64(x: f64) -> Self;
     fn slice<'a>(d: Data<'a>) -> &'a [Self];
 }
 
 impl UpdateFloat for f32 {
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn from_f64(x: f64) -> f32 {
         x as f32
     }
@@ -137,9 +138,11 @@ impl UpdateFloat for f32 {
 }
 
 impl UpdateFloat for f64 {
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn from_f64(x: f64) -> f64 {
         x
     }
@@ -158,23 +161,89 @@ fn update_range<'a, E: UpdateFloat>(p: &AdamParam<'a>, start: usize, out: &mut [
         out.iter_mut().for_each(|d| *d = E::from_f64(0.0));
         return;
     };
-    let h = p.hyper;
-    let theta = &E::slice(p.theta)[start..end];
-    let grad = &E::slice(grad)[start..end];
-    let state = |d: Option<Data<'a>>| d.map(|d| &E::slice(d)[start..end]);
-    let (m, v, vmax) = (state(p.exp_avg), state(p.exp_avg_sq), state(p.max_exp_avg_sq));
-    let sign = if h.maximize { -1.0 } else { 1.0 };
-    for (j, d) in out.iter_mut().enumerate() {
-        let th = theta[j].to_f64();
-        let g = sign * grad[j].to_f64() + h.coupled_decay * th;
-        let m1 = h.beta1 * m.map_or(0.0, |m| m[j].to_f64()) + (1.0 - h.beta1) * g;
-        let mut v1 = h.beta2 * v.map_or(0.0, |v| v[j].to_f64()) + (1.0 - h.beta2) * g * g;
-        if h.amsgrad {
-            v1 = v1.max(vmax.map_or(0.0, |x| x[j].to_f64()));
+    let range = |d: Data<'a>| -> &'a [E] { &E::slice(d)[start..end] };
+    let arrays = [Some(p.theta), Some(grad), p.exp_avg, p.exp_avg_sq, p.max_exp_avg_sq].map(|d| d.map_or(&[][..], range));
+    // Before the first step (no state) m = v = 0, and max(0, v') = v': one loop body per case,
+    // each without a branch, so that the compiler vectorizes it.
+    let started = p.exp_avg.is_some();
+    let amsgrad = started && p.hyper.amsgrad && p.max_exp_avg_sq.is_some();
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked at run time just above).
+        unsafe {
+            match (started, amsgrad) {
+                (false, _) => body_avx512::<E, false, false>(arrays, &p.hyper, out),
+                (true, false) => body_avx512::<E, true, false>(arrays, &p.hyper, out),
+                (true, true) => body_avx512::<E, true, true>(arrays, &p.hyper, out),
+            }
         }
-        *d = E::from_f64(h.decoupled_decay * th + h.step_size * m1 / (v1.sqrt() / h.bias2_sqrt + h.eps));
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+        unsafe {
+            match (started, amsgrad) {
+                (false, _) => body_avx2::<E, false, false>(arrays, &p.hyper, out),
+                (true, false) => body_avx2::<E, true, false>(arrays, &p.hyper, out),
+                (true, true) => body_avx2::<E, true, true>(arrays, &p.hyper, out),
+            }
+        }
+        return;
+    }
+    match (started, amsgrad) {
+        (false, _) => body::<E, false, false>(arrays, &p.hyper, out),
+        (true, false) => body::<E, true, false>(arrays, &p.hyper, out),
+        (true, true) => body::<E, true, true>(arrays, &p.hyper, out),
     }
 }
+
+/// [`body`] compiled for AVX2 and FMA (wheels target generic x86-64: four float64 lanes of
+/// sqrt and division instead of two).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn body_avx2<E: UpdateFloat, const STARTED: bool, const AMSGRAD: bool>(arrays: [&[E]; 5], h: &AdamHyper, out: &mut [E]) {
+    body::<E, STARTED, AMSGRAD>(arrays, h, out)
+}
+
+/// [`body`] compiled for AVX-512F: eight float64 lanes (the loop is bound by sqrt and division).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn body_avx512<E: UpdateFloat, const STARTED: bool, const AMSGRAD: bool>(arrays: [&[E]; 5], h: &AdamHyper, out: &mut [E]) {
+    body::<E, STARTED, AMSGRAD>(arrays, h, out)
+}
+
+/// The loop over one range: `arrays` = (θ, ĝ, m, v, v̂max), the state ones read only if
+/// STARTED (and v̂max if AMSGRAD), each at least as long as `out`.
+#[inline(always)]
+fn body<E: UpdateFloat, const STARTED: bool, const AMSGRAD: bool>(arrays: [&[E]; 5], h: &AdamHyper, out: &mut [E]) {
+    let n = out.len();
+    let [theta, grad, m, v, vmax] = arrays;
+    let (theta, grad) = (&theta[..n], &grad[..n]);
+    let (m, v) = if STARTED { (&m[..n], &v[..n]) } else { (m, v) };
+    let vmax = if AMSGRAD { &vmax[..n] } else { vmax };
+    let sign = if h.maximize { -1.0 } else { 1.0 };
+    let (b1, b2, c1, c2) = (h.beta1, h.beta2, 1.0 - h.beta1, 1.0 - h.beta2);
+    let inv_bias2 = 1.0 / h.bias2_sqrt;
+    for j in 0..n {
+        let th = theta[j].to_f64();
+        let g = sign * grad[j].to_f64() + h.coupled_decay * th;
+        let (m0, v0) = if STARTED { (m[j].to_f64(), v[j].to_f64()) } else { (0.0, 0.0) };
+        let m1 = b1 * m0 + c1 * g;
+        let mut v1 = b2 * v0 + c2 * g * g;
+        if AMSGRAD {
+            let x = vmax[j].to_f64();
+            v1 = if x > v1 { x } else { v1 };
+        }
+        out[j] = E::from_f64(h.decoupled_decay * th + h.step_size * m1 / (v1.sqrt() * inv_bias2 + h.eps));
+    }
+}
+
+/// Elements per piece of work, and the least elements in a call worth waking the pool for: far
+/// fewer than the reductions' (plan.rs), since this loop costs a square root and a division per
+/// element rather than a memory read.
+const PIECE_ELEMS: usize = 1 << 13;
+const PARALLEL_MIN_ELEMS: usize = 1 << 14;
 
 /// One piece of work: elements [start, start + out.len()) of parameter `param`.
 struct Piece<'o, E> {
@@ -183,7 +252,7 @@ struct Piece<'o, E> {
     out: &'o mut [E],
 }
 
-/// Every parameter's update d (θ_{n+1} = θ_n − d), in θ's dtype: pieces of at most TASK_ELEMS
+/// Every parameter's update d (θ_{n+1} = θ_n − d), in θ's dtype: pieces of at most PIECE_ELEMS
 /// elements, on the pool when the call is large enough (each element is independent, so the
 /// result does not depend on the thread count).
 pub fn adam_updates(params: &[AdamParam<'_>]) -> Result<Vec<Update>> {
@@ -203,10 +272,10 @@ pub fn adam_updates(params: &[AdamParam<'_>]) -> Result<Vec<Update>> {
     for (param, out) in outs.iter_mut().enumerate() {
         match out {
             Update::F32(d) => {
-                f32_pieces.extend(d.chunks_mut(TASK_ELEMS).enumerate().map(|(c, out)| Piece { param, start: c * TASK_ELEMS, out }))
+                f32_pieces.extend(d.chunks_mut(PIECE_ELEMS).enumerate().map(|(c, out)| Piece { param, start: c * PIECE_ELEMS, out }))
             }
             Update::F64(d) => {
-                f64_pieces.extend(d.chunks_mut(TASK_ELEMS).enumerate().map(|(c, out)| Piece { param, start: c * TASK_ELEMS, out }))
+                f64_pieces.extend(d.chunks_mut(PIECE_ELEMS).enumerate().map(|(c, out)| Piece { param, start: c * PIECE_ELEMS, out }))
             }
         }
     }

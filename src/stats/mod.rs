@@ -28,7 +28,7 @@
 //!
 //! Dependencies point one way, with no cycle: this file → plan → segments, columns → kernels →
 //! sums; `input` uses only `sums`, and `bandwidth` only `plan`'s task sizes and `kernels`'
-//! CPU check; `adam` only `input` and `plan`'s task sizes.
+//! CPU check; `adam` only `input` and `kernels`' CPU check.
 
 mod adam;
 mod bandwidth;

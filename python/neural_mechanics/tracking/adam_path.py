@@ -42,7 +42,7 @@ class AdamPath(UpdatePath):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._fused_blocks: Pending | None = None  # this step's sums, computed before the step
-        self._kernel: KernelPlan | None = None
+        self._kernel: tuple[list[tuple], list[tuple]] | None = None  # the reductions, by element
         self._fallbacks_noted: set[str] = set()
 
     def before_step(self, step: int) -> None:
@@ -84,7 +84,7 @@ class AdamPath(UpdatePath):
     def _reduce_fused(self, step: int) -> Pending:
         """One native call: every tracked parameter's update, then the (θ, ĝ, d) sums."""
         if self._kernel is None:
-            self._kernel = KernelPlan(self.reads)
+            self._kernel = KernelPlan(self.reads).by_element(True)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         constants: dict[tuple[int, float], tuple] = {}
         keep: list[Any] = []  # contiguous copies must outlive the call
@@ -115,8 +115,7 @@ class AdamPath(UpdatePath):
                 _DTYPE_CODES[p.dtype],
             )
             params.append((tensors, c))
-        main, extra = self._kernel.by_element(True)
-        blocks = _native.reduce_adam_ptrs(params, main, extra)
+        blocks = _native.reduce_adam_ptrs(params, *self._kernel)
         del keep
         return Pending(lambda: blocks)
 
@@ -146,16 +145,16 @@ def _constants(group: dict[str, Any], t: float, optimizer: Any) -> tuple:
 
 
 def _address(t: Any, p: Any, name: str, what: str, keep: list[Any]) -> int:
-    """The address of ``t`` (of parameter ``p``), checked: CPU, p's dtype and shape, dense;
-    a non-contiguous tensor is read from a contiguous copy kept in ``keep``."""
-    if t.device.type != "cpu":
+    """The address of ``t`` (of parameter ``p``), checked: dense, CPU, p's dtype and shape; a
+    non-contiguous tensor is read from a contiguous copy kept in ``keep``."""
+    if t.layout is not _STRIDED:
+        raise ShapeError(f"{name}: its {what} is {t.layout}; the Adam path reads dense tensors")
+    if not t.is_cpu:
         raise DeviceError(f"{name}: the Adam path reads CPU tensors; its {what} is on {t.device}")
-    if t.dtype != p.dtype:
+    if t.dtype is not p.dtype:
         raise DTypeError(f"{name}: its {what} is {t.dtype}, the parameter {p.dtype}")
     if t.shape != p.shape:
         raise ShapeError(f"{name}: its {what} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
-    if t.layout is not _STRIDED:
-        raise ShapeError(f"{name}: its {what} is {t.layout}; the Adam path reads dense tensors")
     if not t.is_contiguous():
         t = t.contiguous()
         keep.append(t)
