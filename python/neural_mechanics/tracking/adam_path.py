@@ -86,7 +86,7 @@ class AdamPath(UpdatePath):
         if self._kernel is None:
             self._kernel = KernelPlan(self.reads).by_element(True)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        constants: dict[tuple[int, float], tuple] = {}
+        constants: dict[tuple[int, float, Any], tuple] = {}
         keep: list[Any] = []  # contiguous copies must outlive the call
         params = []
         for name in self.reads.names:
@@ -97,9 +97,9 @@ class AdamPath(UpdatePath):
             st = self.optimizer.state.get(p) or {}  # .get: the state is a defaultdict
             started = "exp_avg" in st
             t = float(st["step"]) + 1.0 if started else 1.0
-            key = (id(group), t)
+            key = (id(group), t, p.dtype)
             if key not in constants:
-                constants[key] = _constants(group, t, self.optimizer)
+                constants[key] = _constants(group, t, self.optimizer, p.dtype)
             c = constants[key]
             grad = p.grad
             if grad is None:
@@ -129,9 +129,11 @@ def _floats() -> tuple[Any, ...]:
 _FLOATS = _floats()
 
 
-def _constants(group: dict[str, Any], t: float, optimizer: Any) -> tuple:
+def _constants(group: dict[str, Any], t: float, optimizer: Any, dtype: Any) -> tuple:
     """(s, √(1 − β2^t), eps, β1, β2, coupled wd, lr·decoupled wd, maximize, amsgrad) of one
-    param_group at step t (torch's own bias corrections, in float64 as torch computes them)."""
+    param_group at step t for parameters of ``dtype`` (torch's own bias corrections, in float64
+    as torch computes them)."""
+    import numpy as np
     import torch
 
     lr, wd, eps = float(group["lr"]), float(group.get("weight_decay", 0.0)), float(group["eps"])
@@ -141,6 +143,11 @@ def _constants(group: dict[str, Any], t: float, optimizer: Any) -> tuple:
     step_size = lr / (1.0 - beta1**t)
     bias2_sqrt = (1.0 - beta2**t) ** 0.5
     coupled, decay = (0.0, lr * wd) if decoupled else (wd, 0.0)
+    if decoupled and dtype is torch.float32:
+        # Every implementation multiplies θ by 1 − lr·wd rounded to float32: with lr·wd = 1e-5 that
+        # rounding is up to 0.3% of the decay, the same sign at every step, so it is followed here
+        # (1 − the rounded factor is exact in float64); every other rounding of torch's is noise.
+        decay = 1.0 - float(np.float32(1.0 - lr * wd))
     return (step_size, bias2_sqrt, eps, beta1, beta2, coupled, decay, bool(group.get("maximize", False)), bool(group.get("amsgrad", False)))
 
 
