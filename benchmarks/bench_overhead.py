@@ -12,6 +12,11 @@ step, spread over every step of the block): the work the tracker adds, without t
     python benchmarks/bench_overhead.py --net gpt --opt adamw       # (d) a small GPT, CPU
 
 ``--opt`` chooses the optimizer: sgd (momentum 0.9, weight decay 5e-4; the default) or adamw.
+Under adamw a further configuration, ``snapshot``, tracks every step through the snapshot route
+(θ copied before the step, the update measured after it) instead of the update computed from
+AdamW's state (tracking/adam_path.py), in the same interleaved rounds:
+
+    python benchmarks/bench_overhead.py --net acceptance --opt adamw --every 1 --rounds 15
 """
 
 from __future__ import annotations
@@ -169,7 +174,7 @@ def main() -> None:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     symmetries = nm.find_symmetries(model, x, class_axis=-1 if args.net == "gpt" else 1)
-    configs = ["off"] + [f"every={int(k)}" for k in args.every.split(",")]
+    configs = ["off"] + [f"every={int(k)}" for k in args.every.split(",")] + (["snapshot"] if args.opt == "adamw" else [])
     times: dict[str, list[float]] = {c: [] for c in configs}
     hooks: dict[str, list[float]] = {c: [] for c in configs}  # seconds inside the pre-step hook
     run_block(model, opt, x, y, 3, args.device)  # warm-up: allocator, buffers, kernels
@@ -178,8 +183,10 @@ def main() -> None:
             if c == "off":
                 times[c].append(run_block(model, opt, x, y, args.block, args.device))
                 continue
-            k = int(c.split("=")[1])
+            k = 1 if c == "snapshot" else int(c.split("=")[1])
             with nm.track(model, opt, symmetries, every=k) as tracker:
+                if c == "snapshot":
+                    tracker._path.fused = False  # AdamPath: every step through the snapshot route
                 time_hook(tracker, opt, hooks[c])
                 n0 = len(hooks[c])
                 run_block(model, opt, x, y, 1, args.device)  # set-up step, not timed

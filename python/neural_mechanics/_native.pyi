@@ -30,6 +30,7 @@ __all__ = [
     "group_stats_ptrs",
     "layout",
     "reduce_ptrs",
+    "reduce_adam_ptrs",
     "load_run",
     "read_pass",
     "save_run",
@@ -151,6 +152,13 @@ _Hyper: TypeAlias = tuple[float, float, float, float, bool]
 ROW_FIELDS: list[str]
 COLUMN_FIELDS: list[str]
 def reduce_ptrs(main: list[_Spec], extra: list[_Spec]) -> tuple[_F64, _F64 | None]: ...
+
+# (θ, ĝ or 0, exp_avg or 0, exp_avg_sq or 0, max_exp_avg_sq or 0, numel, dtype code) and
+# (step size, √(1 − β2^t), eps, β1, β2, coupled wd, lr·decoupled wd, maximize, amsgrad)
+_AdamParam: TypeAlias = tuple[tuple[int, int, int, int, int, int, int], tuple[float, float, float, float, float, float, float, bool, bool]]
+_AdamReduction: TypeAlias = tuple[int, int, int, int, int, int]  # (parameter, offset, numel, outer, groups, seg)
+
+def reduce_adam_ptrs(params: list[_AdamParam], main: list[_AdamReduction], extra: list[_AdamReduction]) -> tuple[_F64, _F64 | None]: ...
 @final
 class TrackerCore:
     def __new__(

@@ -12,7 +12,7 @@
 
 use super::array2;
 use crate::error::Error;
-use crate::stats::{self, DType, Data, Item, Layout};
+use crate::stats::{self, AdamHyper, AdamParam, DType, Data, Item, Layout};
 use numpy::PyArray2;
 use pyo3::prelude::*;
 
@@ -94,8 +94,106 @@ fn reduce_ptrs<'py>(py: Python<'py>, main: Vec<RawSpec>, extra: Vec<RawSpec>) ->
     Ok((stacked(py, &main_items, outputs)?, extra_array))
 }
 
+/// (theta, grad or 0 (no gradient: no update), exp_avg or 0, exp_avg_sq or 0, max_exp_avg_sq or
+/// 0, numel, dtype code): one parameter as torch's Adam holds it (0: state not created yet).
+type AdamTensors = (usize, usize, usize, usize, usize, usize, u8);
+/// (step_size, √(1 − β2^t), eps, beta1, beta2, coupled weight decay, lr·decoupled weight decay,
+/// maximize, amsgrad): see `stats::AdamHyper`.
+type AdamConstants = (f64, f64, f64, f64, f64, f64, f64, bool, bool);
+/// (parameter index, element offset, numel, outer, groups, seg): a reduction of a parameter's
+/// (θ, ĝ, d) (main) or of its d alone (extra).
+type AdamReduction = (usize, usize, usize, usize, usize, usize);
+
+fn adam_param(i: usize, &((t, g, m, v, vmax, numel, code), c): &(AdamTensors, AdamConstants)) -> Result<AdamParam<'static>, Error> {
+    let dtype = DType::from_code(code).ok_or_else(|| Error::DType(format!("unknown dtype code {code}")))?;
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        return Err(Error::DType(format!("parameter {i}: the Adam path reads float32 or float64, got {}", dtype.name())));
+    }
+    let optional = |addr: usize| if addr != 0 { data(addr, numel, code).map(Some) } else { Ok(None) };
+    let hyper = AdamHyper {
+        step_size: c.0,
+        bias2_sqrt: c.1,
+        eps: c.2,
+        beta1: c.3,
+        beta2: c.4,
+        coupled_decay: c.5,
+        decoupled_decay: c.6,
+        maximize: c.7,
+        amsgrad: c.8,
+    };
+    if hyper.amsgrad && m != 0 && vmax == 0 {
+        return Err(Error::InvalidArgument(format!("parameter {i}: amsgrad needs max_exp_avg_sq once the state exists")));
+    }
+    Ok(AdamParam {
+        theta: data(t, numel, code)?,
+        grad: optional(g)?,
+        exp_avg: optional(m)?,
+        exp_avg_sq: optional(v)?,
+        max_exp_avg_sq: if hyper.amsgrad { optional(vmax)? } else { None },
+        hyper,
+    })
+}
+
+/// The (θ, ĝ, d) items (`with_grad`) or d items of `reductions`, reading the updates `d`.
+fn adam_items<'a>(
+    params: &[AdamParam<'a>],
+    d: &'a [stats::Update],
+    reductions: &[AdamReduction],
+    with_grad: bool,
+) -> Result<Vec<Item<'a>>, Error> {
+    let mut out = Vec::with_capacity(reductions.len());
+    for (r, &(pi, offset, numel, outer, groups, seg)) in reductions.iter().enumerate() {
+        let p = params.get(pi).ok_or_else(|| Error::InvalidArgument(format!("reduction {r}: no parameter {pi}")))?;
+        if offset.checked_add(numel).is_none_or(|end| end > p.theta.len()) {
+            return Err(Error::Shape(format!("reduction {r}: elements {offset}..+{numel} outside parameter {pi} of {}", p.theta.len())));
+        }
+        let layout = Layout { outer, groups, seg };
+        if layout.len() != numel {
+            return Err(Error::Shape(format!("reduction {r}: layout {layout:?} does not cover {numel} elements")));
+        }
+        let update = d[pi].data(offset, numel);
+        out.push(if with_grad {
+            // A parameter without a gradient: its update is 0, and ĝ is read as zeros.
+            let grad = p.grad.map(|g| g.slice(offset, offset + numel)).unwrap_or(update);
+            Item { theta: p.theta.slice(offset, offset + numel), grad: Some(grad), velocity: Some(update), layout }
+        } else {
+            Item { theta: update, grad: None, velocity: None, layout }
+        });
+    }
+    Ok(out)
+}
+
+/// reduce_adam_ptrs(params, main, extra) -> (main sums, extra sums or None): the Adam path's one
+/// native call per step. Computes every parameter's update d from torch's Adam state (see
+/// `stats::adam`), then reduces (θ, ĝ, d) for `main` and d alone for `extra`, exactly as
+/// [`reduce_ptrs`] reduces (θ, ĝ, d) handed in by the snapshot path; one GIL release.
+#[pyfunction]
+fn reduce_adam_ptrs<'py>(
+    py: Python<'py>,
+    params: Vec<(AdamTensors, AdamConstants)>,
+    main: Vec<AdamReduction>,
+    extra: Vec<AdamReduction>,
+) -> PyResult<Blocks<'py>> {
+    let params = params.iter().enumerate().map(|(i, p)| adam_param(i, p)).collect::<Result<Vec<_>, _>>()?;
+    let (outputs, n_main, main_groups, extra_groups) = py.detach(|| -> Result<_, Error> {
+        let d = stats::adam_updates(&params)?;
+        let main_items = adam_items(&params, &d, &main, true)?;
+        let extra_items = adam_items(&params, &d, &extra, false)?;
+        let groups = |items: &[Item<'_>]| items.iter().map(|i| i.layout.groups).sum::<usize>();
+        let (mg, eg) = (groups(&main_items), groups(&extra_items));
+        let n_main = main_items.len();
+        let all: Vec<Item<'_>> = main_items.into_iter().chain(extra_items).collect();
+        Ok((stats::group_stats_batch(&all)?, n_main, mg, eg))
+    })?;
+    let mut outputs = outputs;
+    let extra_out: Vec<f64> = outputs.split_off(n_main).into_iter().flatten().collect();
+    let extra_array = if extra.is_empty() { None } else { Some(array2(py, extra_out, extra_groups, 2)?) };
+    Ok((array2(py, outputs.into_iter().flatten().collect(), main_groups, 8)?, extra_array))
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_stats_ptrs, m)?)?;
     m.add_function(wrap_pyfunction!(reduce_ptrs, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce_adam_ptrs, m)?)?;
     Ok(())
 }

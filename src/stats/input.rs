@@ -94,7 +94,7 @@ impl<'a> Data<'a> {
         (addr, self.len(), self.dtype_name())
     }
 
-    pub(super) fn slice(self, start: usize, end: usize) -> Data<'a> {
+    pub(crate) fn slice(self, start: usize, end: usize) -> Data<'a> {
         match self {
             Data::F32(s) => Data::F32(&s[start..end]),
             Data::F64(s) => Data::F64(&s[start..end]),

@@ -22,12 +22,15 @@
 //! - `columns`: short segments, swept as tiles of columns;
 //! - `kernels`: the inner loops (portable, AVX2, AVX-512) and the run-time choice between them;
 //! - `sums`: which sums, in which order, and which product each one adds up (one table);
-//! - `bandwidth`: [`read_pass`], a plain read of the same bytes (the benchmarks' limit).
+//! - `bandwidth`: [`read_pass`], a plain read of the same bytes (the benchmarks' limit);
+//! - `adam`: [`adam_updates`], the update torch's Adam/AdamW is about to apply, computed from
+//!   its state so that the tracker reduces (θ, ĝ, d) without copying θ.
 //!
 //! Dependencies point one way, with no cycle: this file → plan → segments, columns → kernels →
 //! sums; `input` uses only `sums`, and `bandwidth` only `plan`'s task sizes and `kernels`'
-//! CPU check.
+//! CPU check; `adam` only `input` and `kernels`' CPU check.
 
+mod adam;
 mod bandwidth;
 mod columns;
 mod input;
@@ -39,6 +42,7 @@ mod sums;
 #[cfg(test)]
 mod tests;
 
+pub use adam::{adam_updates, AdamHyper, AdamParam, Update};
 pub use bandwidth::read_pass;
 pub use input::{fmt_bytes, fmt_shape, DType, Data, Item, Layout, MAX_EMPTY_GROUPS};
 pub use sums::Sums;

@@ -15,6 +15,7 @@ from ..errors import InvalidArgumentError, NothingToTrackError
 from ..run import GroupInfo, Run
 from ..storage import check_max_bytes
 from ..verdicts import coverage_line
+from .adam_path import AdamPath, fused_adam_applies
 from .distributed import RunOnRankZero, attach
 from .paths import SgdPath, UpdatePath
 from .plan import Plan, build_plan
@@ -191,7 +192,9 @@ class Tracker:
         self._early_notes.clear()
         self._dtypes = [p.dtype for p in plan.params.values()]
         _note_low_precision(run, plan.params, "")
-        path = SgdPath if self._sgd else UpdatePath
+        # SGD: one pass before the step; Adam/AdamW on the CPU kernel: the update computed from
+        # the optimizer's state (adam_path.py); anything else: a snapshot (docs/tracking.md).
+        path = SgdPath if self._sgd else AdamPath if fused_adam_applies(self.optimizer, reducer) else UpdatePath
         self._path = path(plan, reads, reducer, core, run, self.optimizer, self.every, self.record_every)
         self._path.on_error = self._on_error
         if self._resume is not None:

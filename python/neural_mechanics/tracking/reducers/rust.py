@@ -41,6 +41,7 @@ class KernelPlan:
         # None: a dtype the kernel does not read, so that the first step reports it
         self.expected = [(params[n].shape, params[n].dtype if params[n].dtype in _DTYPE_CODES else None) for n in reads.names]
         index = {n: i for i, n in enumerate(reads.names)}
+        self._itemsize = [params[n].element_size() for n in reads.names]
         self._static = [self._static_spec(r, params[r.name], index[r.name]) for r in reads.reductions]
         self._sum_third = [s for s, wanted in zip(self._static, reads.sum_third) if wanted]
 
@@ -55,6 +56,16 @@ class KernelPlan:
             shape = (r.rows[1] - r.rows[0],) + shape[1:]
         numel = int(np.prod(shape))
         return param_index, offset, (numel, *_native.layout(shape, r.axis, r.block), _DTYPE_CODES.get(p.dtype, 0))
+
+    def by_element(self, with_sums: bool) -> tuple[list[tuple], list[tuple]]:
+        """Every reduction (and, if asked, every plain sum of a third array) as (parameter index,
+        element offset, numel, outer, groups, seg): the form ``_native.reduce_adam_ptrs`` reads,
+        where the third array is computed in Rust rather than passed by address."""
+
+        def of(static: list[tuple]) -> list[tuple]:
+            return [(i, offset // self._itemsize[i], *rest[:4]) for i, offset, rest in static]
+
+        return of(self._static), of(self._sum_third) if with_sums else []
 
     def specs(self, tensors: Sequence[Sequence[Any]], with_sums: bool, keep: list[Any]) -> tuple[list[tuple], list[tuple]]:
         """The kernel's specs of every reduction (and the third arrays' plain sums if asked)
