@@ -825,7 +825,7 @@ mod tests {
         t.step_sgd(0, &rows, 5, None, &h, None).unwrap();
         let mut bad = rows;
         bad[3] = f64::NAN; // |ĝ|² of row 0
-        let mut out = vec![0.0; 13 * 2];
+        let mut out = vec![0.0; ROW_FIELDS.len() * 2];
         let report = t.step_sgd(1, &bad, 5, None, &h, Some(&mut out)).unwrap();
         assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
         assert!(report.notes[0].starts_with("step 1: non-finite sums in 1 of 2 groups (group 0: grad_sq is NaN"));
@@ -855,7 +855,7 @@ mod tests {
         let rows = |n: usize| -> Vec<f64> { (0..24).map(|i| 0.5 + ((i * 7 + n * 3) % 11) as f64 * 0.1).collect() };
         let hyper = |n: usize| [sgd(0.1 / (1.0 + n as f64), if (3..5).contains(&n) { 0.0 } else { 0.9 })];
         let run = |t: &mut Tracker, range: std::ops::Range<usize>| -> Vec<f64> {
-            let mut last = vec![0.0; 26];
+            let mut last = vec![0.0; ROW_FIELDS.len() * 2];
             for n in range {
                 let k = if n == 0 { 5 } else { 8 };
                 t.step_sgd(n, &rows(n)[..3 * k], k, (k == 8).then_some(&[0.3, 0.2][..]), &hyper(n), Some(&mut last)).unwrap();
