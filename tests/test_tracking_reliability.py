@@ -389,7 +389,8 @@ RESUME_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import neural_mechanics as nm
     from test_tracking_reliability import _make, _train
-    kind, ckpt, out = sys.argv[1:4]
+    kind, ckpt, out, threads = sys.argv[1:5]
+    torch.set_num_threads(int(threads))  # the parent's: float32 kernels sum in a thread-dependent order
     state = torch.load(ckpt, weights_only=True)
     m, opt, sched = _make(kind)
     m.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"])
@@ -415,7 +416,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(kind, tmp_path):
     torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "tracker": first.state_dict()}, ckpt)
     out = tmp_path / "resumed.nmrun"
     script = RESUME_SCRIPT.format(tests=os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-c", script, kind, str(ckpt), str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script, kind, str(ckpt), str(out), str(torch.get_num_threads())], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = nm.load_run(out)
     a, b = whole.run, resumed
