@@ -316,7 +316,9 @@ def plot_errors(run: Any, ax: Any = None, *, x: str = DEFAULT_X, title: str | No
             if not mask.any() or not np.isfinite(err[:, mask]).any():
                 continue
             drawn.add(which)
-            worst = np.nanmax(np.where(np.isfinite(err[:, mask]), err[:, mask], np.nan), axis=1)
+            finite = np.where(np.isfinite(err[:, mask]), err[:, mask], -np.inf)
+            worst = finite.max(axis=1)
+            worst[worst == -np.inf] = np.nan  # a step where no group of the symmetry has an error
             ax.plot(xs, np.maximum(worst, LOG_FLOOR), color=SYMMETRY_COLOR[sym], ls=ls, lw=1.4, label=f"{_theory_name(which, bookkeeping)}, {sym}")
             if getattr(run, "thinned", False):
                 _every_step_errors(ax, run, which, sym, x, ls)
