@@ -17,18 +17,10 @@ import time
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from bench_overhead import acceptance_net  # the same network as the overhead grid
 
 import neural_mechanics as nm
-
-
-def acceptance_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
-    )  # fmt: skip
 
 
 class TimedCore:
