@@ -46,46 +46,19 @@ class Tracker:
         class_axis: int = 1,
         on_error: str = "note",
     ):
-        import operator
-        import os
-
         import torch
 
-        from ..errors import RunIOError
-
         # Every argument is checked here, when it is given, not at the first spill or forward.
-        def integer(name: str, value: Any, least: int) -> int:
-            """Any integer type (int, np.int64: whatever has __index__), never a bool or a float."""
-            try:
-                n = operator.index(value) if not isinstance(value, bool) else None
-            except TypeError:
-                n = None
-            if n is None or n < least:
-                raise InvalidArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
-            return n
-
         if on_error not in ("note", "raise"):
             raise InvalidArgumentError(f"on_error must be 'note' or 'raise', got {on_error!r}")
-        every = integer("every", every, 1)
-        record_every = integer("record_every", record_every, 1)
-        log_every = integer("log_every", log_every, 1)
+        every = _integer("every", every, 1)
+        record_every = _integer("record_every", record_every, 1)
+        log_every = _integer("log_every", log_every, 1)
         if memory_limit is not None:
-            memory_limit = integer("memory_limit", memory_limit, Run.MIN_MEMORY_LIMIT)
+            memory_limit = _integer("memory_limit", memory_limit, Run.MIN_MEMORY_LIMIT)
         self._max_bytes = check_max_bytes(max_bytes)
         if spill_dir is not None:
-            if isinstance(spill_dir, bytes) or not isinstance(spill_dir, (str, os.PathLike)):
-                raise InvalidArgumentError(f"spill_dir must be a folder path (str or os.PathLike) or None, got {spill_dir!r}")
-            spill_dir = os.fspath(spill_dir)
-            if not isinstance(spill_dir, str) or not spill_dir:
-                raise InvalidArgumentError(f"spill_dir must be a folder path, got {spill_dir!r}")
-            if os.path.exists(spill_dir) and not os.path.isdir(spill_dir):
-                raise InvalidArgumentError(f"spill_dir {spill_dir!r} exists and is not a folder")
-            try:
-                os.makedirs(spill_dir, exist_ok=True)
-            except OSError as exc:
-                raise RunIOError(f"spill_dir {spill_dir!r}: cannot create the folder ({exc})") from None
-            if not os.access(spill_dir, os.W_OK | os.X_OK):
-                raise RunIOError(f"spill_dir {spill_dir!r}: the folder is not writable")
+            spill_dir = _spill_folder(spill_dir)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidArgumentError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         # torch.distributed (DDP / FSDP2): None for an ordinary model. DDP: track the wrapped module.
@@ -601,3 +574,38 @@ def track(
         class_axis=class_axis,
         on_error=on_error,
     )
+
+
+def _integer(name: str, value: Any, least: int) -> int:
+    """Any integer type (int, np.int64: whatever has __index__), never a bool or a float."""
+    import operator
+
+    try:
+        n = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < least:
+        raise InvalidArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
+    return n
+
+
+def _spill_folder(spill_dir: Any) -> str:
+    """``spill_dir`` as a writable folder path (created if missing), or a clear error now."""
+    import os
+
+    from ..errors import RunIOError
+
+    if isinstance(spill_dir, bytes) or not isinstance(spill_dir, (str, os.PathLike)):
+        raise InvalidArgumentError(f"spill_dir must be a folder path (str or os.PathLike) or None, got {spill_dir!r}")
+    path = os.fspath(spill_dir)
+    if not isinstance(path, str) or not path:
+        raise InvalidArgumentError(f"spill_dir must be a folder path, got {spill_dir!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgumentError(f"spill_dir {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise RunIOError(f"spill_dir {path!r}: cannot create the folder ({exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunIOError(f"spill_dir {path!r}: the folder is not writable")
+    return path
