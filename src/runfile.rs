@@ -292,10 +292,10 @@ pub fn write_atomic(path: &Path, meta_json: &str, arrays: &[ArrayRef<'_>]) -> Re
     w.finish(meta_json)
 }
 
-/// O_NONBLOCK where its value is known: opening a FIFO for reading then returns at once instead
-/// of waiting for a writer (the regular-file check that follows refuses it). Elsewhere the check
-/// made before opening stands alone.
-#[cfg(all(
+/// O_NONBLOCK where its value is known (0 elsewhere): opening a FIFO for reading then returns at
+/// once instead of waiting for a writer (the regular-file check that follows refuses it).
+/// Elsewhere the check made before opening stands alone.
+const O_NONBLOCK: i32 = if cfg!(all(
     target_os = "linux",
     any(
         target_arch = "x86_64",
@@ -306,30 +306,13 @@ pub fn write_atomic(path: &Path, meta_json: &str, arrays: &[ArrayRef<'_>]) -> Re
         target_arch = "powerpc64",
         target_arch = "s390x"
     )
-))]
-const O_NONBLOCK: i32 = 0o4000;
-#[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd", target_os = "openbsd", target_os = "netbsd"))]
-const O_NONBLOCK: i32 = 0x0004;
-#[cfg(not(any(
-    all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "x86",
-            target_arch = "aarch64",
-            target_arch = "arm",
-            target_arch = "riscv64",
-            target_arch = "powerpc64",
-            target_arch = "s390x"
-        )
-    ),
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd"
-)))]
-const O_NONBLOCK: i32 = 0;
+)) {
+    0o4000
+} else if cfg!(any(target_os = "macos", target_os = "ios", target_os = "freebsd", target_os = "openbsd", target_os = "netbsd")) {
+    0x0004
+} else {
+    0
+};
 
 /// Open `path` for reading if it is a regular file (checked before opening and again on the
 /// open file); returns the file and its size.
